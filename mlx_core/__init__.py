@@ -1,0 +1,1 @@
+"""loraforge engine: Mistral on MLX, LoRA training and batched generation. No HTTP, no database."""

@@ -1,0 +1,396 @@
+"""Continuous-batching generation: requests join and leave one running batch between decode steps.
+
+One thread owns an Engine and calls `step()` in a loop; other threads only `add_request`, `abort`
+and `call` (all thread-safe). A step launches the next batched decode before it reads back the
+tokens of the previous one, so Python's work overlaps the accelerator's (MLX evaluates lazily).
+Rows that finished in the meantime are dropped afterwards; their extra token is discarded.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import KVCache
+from .model import Mistral
+from .prefix_cache import PrefixCache
+from .sampling import RowSampler, SampleResult, SamplingParams, StopMatcher, sample
+from .tokenizer import Tokenizer
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take; the message says what to change."""
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # adapter id resident in the engine's slots (None: base model)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class GenerationOutput:
+    """What happened to one request during one step (new text, and maybe its end)."""
+
+    request_id: str
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class _Sequence:
+    req: GenerationRequest
+    sampler: RowSampler
+    detok: object
+    stop: StopMatcher
+    slot: int = 0
+    generated: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    finish: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.req.prompt) + len(self.generated)
+
+
+@dataclass
+class _Prefill:
+    """Sequences being prefilled together (left-padded), possibly over several steps."""
+
+    seqs: list[_Sequence]
+    cache: KVCache
+    tokens: np.ndarray  # (B, L) left-padded token ids still to feed, from `pos`
+    pos: int = 0
+
+
+class AdapterSlots:
+    """What the engine needs from the multi-LoRA layers (implemented in lora.py)."""
+
+    def acquire(self, adapter: str) -> int | None:  # slot index, loading if needed; None: all pinned
+        raise NotImplementedError
+
+    def release(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def activate(self, slots: Sequence[int]) -> None:  # slot per batch row for the next forward
+        raise NotImplementedError
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Mistral,
+        tokenizer: Tokenizer,
+        *,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 512,
+        prefill_budget: int = 4096,
+        kv_budget_tokens: int | None = None,
+        prefix_cache_tokens: int = 32768,
+        adapter_slots: AdapterSlots | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = min(max_model_len or model.args.max_context, model.args.max_context)
+        self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
+        self.kv_budget_tokens = kv_budget_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self.adapter_slots = adapter_slots
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: deque[_Sequence] = deque()
+        self.prefilling: list[_Prefill] = []
+        self.running: list[_Sequence] = []
+        self.cache: KVCache | None = None
+        self._pending: list[tuple[SampleResult, list[_Sequence]]] = []
+        self._aborted: set[str] = set()
+
+    # -- thread-safe entry points ----------------------------------------------------------------
+    def add_request(self, req: GenerationRequest) -> None:
+        self.check_request(req)
+        self._inbox.put(("add", req))
+
+    def check_request(self, req: GenerationRequest) -> None:
+        n = len(req.prompt)
+        if n == 0:
+            raise EngineError("the prompt is empty: send at least one token")
+        bad = [t for t in req.prompt if not 0 <= t < self.model.args.vocab_size]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})")
+        if n + req.params.max_tokens > self.max_model_len:
+            raise EngineError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {n + req.params.max_tokens} tokens ({n} in the prompt, "
+                f"{req.params.max_tokens} for the completion). Please reduce the prompt or max_tokens."
+            )
+        try:
+            req.params.validate(self.model.args.vocab_size)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread between two steps (it owns all MLX state)."""
+        fut: Future = Future()
+        self._inbox.put(("call", fn, fut))
+        return fut
+
+    # -- the loop --------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or not self._inbox.empty())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + sum(len(p.seqs) for p in self.prefilling)
+
+    def step(self) -> list[GenerationOutput]:
+        outs: list[GenerationOutput] = []
+        self._drain_inbox(outs)
+        launched = self._launch_decode() if self.running and not self._all_done() else None
+        for result, seqs in self._pending:
+            outs.extend(self._resolve(result, seqs))
+        self._pending = [launched] if launched else []
+        self._drop_finished(outs)
+        self._admit()
+        self._advance_prefills()
+        return outs
+
+    def generate(self, prompt: list[int], params: SamplingParams, adapter: str | None = None,
+                 request_id: str = "gen") -> Iterator[GenerationOutput]:
+        """Run one request to the end (used by the CLI and benchmarks)."""
+        self.add_request(GenerationRequest(request_id, prompt, params, adapter))
+        while self.has_work():
+            for out in self.step():
+                if out.request_id == request_id:
+                    yield out
+
+    # -- internals -------------------------------------------------------------------------------
+    def _drain_inbox(self, outs: list[GenerationOutput]) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                self.waiting.append(self._new_sequence(msg[1]))
+            elif msg[0] == "abort":
+                self._abort(msg[1], outs)
+            else:
+                _, fn, fut = msg
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # the caller's future carries it
+                    fut.set_exception(e)
+
+    def _new_sequence(self, req: GenerationRequest) -> _Sequence:
+        return _Sequence(req, RowSampler(req.params), self.tokenizer.detokenizer(),
+                         StopMatcher(req.params.stop))
+
+    def _abort(self, request_id: str, outs: list[GenerationOutput]) -> None:
+        for seq in list(self.waiting):
+            if seq.req.request_id == request_id:
+                self.waiting.remove(seq)
+                outs.append(self._output(seq, "", [], None, "abort"))
+        for seq in self.running + [s for p in self.prefilling for s in p.seqs]:
+            if seq.req.request_id == request_id and seq.finish is None:
+                seq.finish = "abort"
+                outs.append(self._output(seq, "", [], None, "abort"))
+
+    def _all_done(self) -> bool:
+        return all(s.finish for s in self.running)
+
+    def _activate(self, seqs: Sequence[_Sequence]) -> None:
+        if self.adapter_slots is not None:
+            self.adapter_slots.activate([s.slot for s in seqs])
+
+    def _launch_decode(self) -> tuple[SampleResult, list[_Sequence]]:
+        inputs = mx.concatenate([r.tokens for r, _ in self._pending])[:, None]
+        self._activate(self.running)
+        logits = self.model(inputs, cache=self.cache)[:, -1, :]
+        result = sample(logits, [s.sampler for s in self.running])
+        mx.async_eval(_arrays(result))
+        return result, list(self.running)
+
+    def _resolve(self, result: SampleResult, seqs: list[_Sequence]) -> list[GenerationOutput]:
+        tokens = result.tokens.tolist()
+        chosen = result.logprobs.tolist() if result.logprobs is not None else None
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_vals = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        outs = []
+        for i, seq in enumerate(seqs):
+            if seq.finish:
+                continue
+            tok = tokens[i]
+            lp = None
+            if seq.req.params.logprobs is not None and chosen is not None:
+                k = seq.req.params.logprobs
+                top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids and k else []
+                lp = [TokenLogprob(tok, chosen[i], top)]
+            outs.append(self._accept(seq, tok, lp))
+        return outs
+
+    def _accept(self, seq: _Sequence, tok: int, lp: list[TokenLogprob] | None) -> GenerationOutput:
+        seq.generated.append(tok)
+        seq.sampler.observe(tok)
+        p = seq.req.params
+        if tok == self.tokenizer.eos_id and not p.ignore_eos:
+            text = seq.stop.feed(seq.detok.flush())[0] + seq.stop.flush()
+            seq.finish = "stop"
+            return self._output(seq, text, [tok], lp, "stop")
+        text, hit = seq.stop.feed(seq.detok.add(tok))
+        if hit:
+            seq.finish = "stop"
+        elif len(seq.generated) >= p.max_tokens or seq.length >= self.max_model_len:
+            text += seq.stop.feed(seq.detok.flush())[0] + seq.stop.flush()
+            seq.finish = "length"
+        return self._output(seq, text, [tok], lp, seq.finish)
+
+    def _output(self, seq, text, tokens, lp, finish) -> GenerationOutput:
+        return GenerationOutput(seq.req.request_id, text, tokens, lp, finish, len(seq.req.prompt),
+                                len(seq.generated), seq.cached_tokens)
+
+    def _drop_finished(self, outs: list[GenerationOutput]) -> None:
+        keep = [i for i, s in enumerate(self.running) if not s.finish]
+        if len(keep) == len(self.running):
+            return
+        for s in self.running:
+            if s.finish:
+                self._release(s)
+        if not keep:
+            self.running, self.cache, self._pending = [], None, []
+            return
+        self.cache.filter(keep)
+        idx = mx.array(keep, dtype=mx.int32)
+        self._pending = [(_take_rows(r, idx), [seqs[i] for i in keep]) for r, seqs in self._pending]
+        self.running = [self.running[i] for i in keep]
+
+    def _release(self, seq: _Sequence) -> None:
+        if self.adapter_slots is not None and seq.slot:
+            self.adapter_slots.release(seq.slot)
+            seq.slot = 0
+
+    # -- admission and prefill -------------------------------------------------------------------
+    def _kv_tokens_in_use(self) -> int:
+        seqs = self.running + [s for p in self.prefilling for s in p.seqs]
+        return sum(len(s.req.prompt) + s.req.params.max_tokens for s in seqs)
+
+    def _admit(self) -> None:
+        group: list[_Sequence] = []
+        used = self._kv_tokens_in_use()
+        while self.waiting and self.num_running + len(group) < self.max_num_seqs:
+            seq = self.waiting[0]
+            need = len(seq.req.prompt) + seq.req.params.max_tokens
+            if self.kv_budget_tokens and used + need > self.kv_budget_tokens and (self.num_running or group):
+                break  # wait for memory; a lone request is always admitted (it fit the limits)
+            if seq.req.adapter is not None:
+                slot = self.adapter_slots.acquire(seq.req.adapter) if self.adapter_slots else None
+                if slot is None:
+                    break  # every adapter slot is pinned by running work: wait in the queue
+                seq.slot = slot
+            self.waiting.popleft()
+            used += need
+            prefix = self.prefix_cache.lookup(seq.req.adapter or "", seq.req.prompt, self.model.args.sliding_window)
+            if prefix is not None:
+                seq.cached_tokens = prefix.offset
+                rest = np.array([seq.req.prompt[prefix.offset :]], dtype=np.int32)
+                self.prefilling.append(_Prefill([seq], prefix, rest))
+            else:
+                group.append(seq)
+        if group:
+            longest = max(len(s.req.prompt) for s in group)
+            pad = [longest - len(s.req.prompt) for s in group]
+            tokens = np.zeros((len(group), longest), dtype=np.int32)
+            for i, s in enumerate(group):
+                tokens[i, pad[i] :] = s.req.prompt
+            self.prefilling.append(_Prefill(group, self.model.new_cache(len(group), pad), tokens))
+
+    def _advance_prefills(self) -> None:
+        budget = self.prefill_budget
+        while self.prefilling and budget > 0:
+            job = self.prefilling[0]
+            if all(s.finish for s in job.seqs):  # everyone aborted meanwhile
+                self.prefilling.pop(0)
+                for s in job.seqs:
+                    self._release(s)
+                continue
+            B, L = job.tokens.shape
+            n = min(self.prefill_chunk, L - job.pos, max(1, budget // B))
+            chunk = mx.array(job.tokens[:, job.pos : job.pos + n])
+            self._activate(job.seqs)
+            # Only the last position's logits are ever needed; earlier chunks just fill the cache.
+            logits = self.model(chunk, cache=job.cache, last_only=True)
+            job.pos += n
+            budget -= B * n
+            if job.pos < L:
+                mx.eval(job.cache.keys + job.cache.values)
+                continue
+            self.prefilling.pop(0)
+            result = sample(logits[:, -1, :], [s.sampler for s in job.seqs])
+            mx.async_eval(_arrays(result))
+            for row, seq in enumerate(job.seqs):
+                self.prefix_cache.store(seq.req.adapter or "", seq.req.prompt, job.cache, row)
+            self._join(job, result)
+
+    def _join(self, job: _Prefill, result: SampleResult) -> None:
+        if self.cache is None:
+            self.cache = job.cache
+        else:
+            self.cache = KVCache.merge([self.cache, job.cache])
+        self.running += job.seqs
+        self._pending.append((result, list(job.seqs)))
+
+
+def _arrays(r: SampleResult) -> list[mx.array]:
+    return [a for a in (r.tokens, r.logprobs, r.top_ids, r.top_logprobs) if a is not None]
+
+
+def _take_rows(r: SampleResult, idx: mx.array) -> SampleResult:
+    def take(a: mx.array | None) -> mx.array | None:
+        return None if a is None else a[idx]
+
+    return SampleResult(take(r.tokens), take(r.logprobs), take(r.top_ids), take(r.top_logprobs))
+
+
+def timed_generate(engine: Engine, prompt: list[int], params: SamplingParams,
+                   adapter: str | None = None) -> tuple[str, dict[str, float]]:
+    """Generate one completion; return the text and prompt/generation tokens per second."""
+    start = time.perf_counter()
+    first = None
+    text, n = [], 0
+    for out in engine.generate(prompt, params, adapter):
+        if first is None:
+            first = time.perf_counter()
+        text.append(out.text)
+        n = out.completion_tokens
+    end = time.perf_counter()
+    first = first or end
+    stats = {
+        "prompt_tokens": len(prompt),
+        "generation_tokens": n,
+        "prompt_tps": len(prompt) / max(first - start, 1e-9),
+        "generation_tps": (n - 1) / max(end - first, 1e-9) if n > 1 else 0.0,
+    }
+    return "".join(text), stats

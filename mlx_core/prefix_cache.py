@@ -1,0 +1,99 @@
+"""Reuse the keys/values of prompt prefixes seen before.
+
+A RAG app resends the same `table/columns` header with every question; its KV is computed once.
+Prompts are cut into blocks of `block` tokens; a block is stored once, keyed by its parent block
+and its own tokens (and the adapter, since LoRA on k/v changes the keys), so two prompts that share
+a header share its blocks. Least recently used blocks are evicted past `max_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+from .cache import KVCache
+
+BlockKey = tuple[int, str, tuple[int, ...]]  # (parent block id, adapter id, tokens)
+Layers = list[tuple[mx.array, mx.array]]
+
+
+class PrefixCache:
+    def __init__(self, max_tokens: int, block: int = 16) -> None:
+        self.block = block
+        self.max_blocks = max(0, max_tokens // block)
+        self._ids: dict[BlockKey, int] = {}
+        self._blocks: OrderedDict[int, tuple[BlockKey, Layers]] = OrderedDict()
+        self._next_id = 1
+        self.hits = 0
+        self.hit_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def _chain(self, adapter: str, tokens: Sequence[int], n_blocks: int) -> list[int]:
+        """Ids of the stored blocks that start `tokens`, in order (stops at the first miss)."""
+        ids, parent = [], 0
+        for j in range(n_blocks):
+            key = (parent, adapter, tuple(tokens[j * self.block : (j + 1) * self.block]))
+            bid = self._ids.get(key)
+            if bid is None:
+                break
+            ids.append(bid)
+            parent = bid
+        return ids
+
+    def lookup(self, adapter: str, tokens: Sequence[int], window: int | None) -> KVCache | None:
+        """A one-row cache holding the longest stored prefix of `tokens` (leaving at least one
+        token to compute, whose logits start generation), or None."""
+        if not self.max_blocks:
+            return None
+        ids = self._chain(adapter, tokens, (len(tokens) - 1) // self.block)
+        if not ids:
+            return None
+        for bid in reversed(ids):  # parents end up most recent: they are evicted last
+            self._blocks.move_to_end(bid)
+        n_layers = len(self._blocks[ids[0]][1])
+        layers = [
+            (mx.concatenate([self._blocks[b][1][i][0] for b in ids], axis=2),
+             mx.concatenate([self._blocks[b][1][i][1] for b in ids], axis=2))
+            for i in range(n_layers)
+        ]
+        self.hits += 1
+        self.hit_tokens += len(ids) * self.block
+        return KVCache.from_prefix(layers, window)
+
+    def store(self, adapter: str, tokens: Sequence[int], cache: KVCache, row: int) -> None:
+        """Keep the full blocks of a prefilled prompt (row `row` of `cache`)."""
+        n_blocks = (len(tokens) - 1) // self.block
+        if not self.max_blocks or n_blocks == 0:
+            return
+        known = self._chain(adapter, tokens, n_blocks)
+        if len(known) == n_blocks:
+            return
+        held = cache.row_prefix(row, n_blocks * self.block)
+        if held is None:  # part of the prompt already left the sliding window
+            return
+        parent = known[-1] if known else 0
+        for j in range(len(known), n_blocks):
+            a, b = j * self.block, (j + 1) * self.block
+            key = (parent, adapter, tuple(tokens[a:b]))
+            # Copies, so a stored block does not keep the whole batch buffer alive.
+            layers = [(mx.contiguous(k[:, :, a:b, :]), mx.contiguous(v[:, :, a:b, :])) for k, v in held]
+            mx.eval(layers)
+            bid = self._next_id
+            self._next_id += 1
+            self._ids[key] = bid
+            self._blocks[bid] = (key, layers)
+            parent = bid
+        while len(self._blocks) > self.max_blocks:
+            _, (key, _) = self._blocks.popitem(last=False)
+            del self._ids[key]
+
+    def clear(self, adapter: str | None = None) -> None:
+        """Forget every block (or those of one adapter, when it is unloaded or replaced)."""
+        for bid, (key, _) in list(self._blocks.items()):
+            if adapter is None or key[1] == adapter:
+                del self._blocks[bid]
+                del self._ids[key]

@@ -1,0 +1,570 @@
+"""WikiSQL notation: parse it, translate it to SQLite, and judge predictions by execution.
+
+WikiSQL answers look like SQL but are not: column names are unquoted and may contain spaces,
+slashes, dots and parentheses; aggregates are written ``SELECT COUNT School/Club Team``; values
+are quoted with single quotes that are *not* escaped inside the value (``'Patrick O'Bryant'``) or
+are bare numbers. This module is the one place that reads that notation; everything that runs
+generated SQL goes through :func:`parse_query` and :func:`to_sqlite`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import sqlite3
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import dataclass
+
+AGGREGATES = ("COUNT", "MAX", "MIN", "SUM", "AVG")
+OPERATORS = ("=", ">", "<")
+_KEYWORDS = ("SELECT", "FROM", "WHERE", "AND", *AGGREGATES)
+
+
+class SqlParseError(ValueError):
+    """The SQL is not valid WikiSQL notation for the given table."""
+
+
+class ExampleFormatError(ValueError):
+    """The example text is not in the ``table: / columns: / Q: / A:`` format."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    column: str
+    op: str
+    value: str | float  # str when quoted in the SQL, float when written as a bare number
+
+
+@dataclass(frozen=True)
+class Query:
+    table: str
+    select: str
+    agg: str | None
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class SqlExample:
+    table: str
+    columns: tuple[str, ...]
+    question: str
+    answer: str | None  # None for a prompt (no answer after "A:")
+
+
+@dataclass(frozen=True)
+class SqlScores:
+    n: int
+    exact: float  # fraction of predictions equal to the gold after normalization
+    execution: float  # fraction whose results equal the gold's on synthesized tables
+
+
+# --- examples -----------------------------------------------------------------------------------
+
+_EXAMPLE_HINT = (
+    "expected lines 'table: <id>', 'columns: <a>, <b>, ...', 'Q: <question>', 'A: <sql>'"
+)
+
+
+def parse_example(text: str) -> SqlExample:
+    """Split a ``table:/columns:/Q:/A:`` example; ``answer`` is None when nothing follows "A:"."""
+    lines = text.split("\n")
+    if len(lines) < 3 or not lines[0].startswith("table:") or not lines[1].startswith("columns:"):
+        raise ExampleFormatError(f"not a text-to-SQL example: {text[:80]!r}; {_EXAMPLE_HINT}")
+    if not lines[2].startswith("Q:"):
+        raise ExampleFormatError(f"third line must start with 'Q:', got {lines[2][:80]!r}")
+    table = lines[0][len("table:") :].strip()
+    columns = tuple(c.strip() for c in lines[1][len("columns:") :].split(", "))
+    if not table or not all(columns):
+        raise ExampleFormatError(
+            f"empty table id or column name in {text[:120]!r}; {_EXAMPLE_HINT}"
+        )
+    rest = "\n".join(lines[2:])[len("Q:") :]
+    question, sep, answer = rest.partition("\nA:")
+    answer = answer.strip() if sep else ""
+    return SqlExample(table, columns, question.strip(), answer or None)
+
+
+def prompt_of(example_text: str) -> str:
+    """The part of an example the model is given: everything up to and including "A:"."""
+    q_at = example_text.find("\nQ:")
+    a_at = example_text.find("\nA:", max(q_at, 0))
+    if q_at < 0 or a_at < 0:
+        raise ExampleFormatError(
+            f"no 'Q:' line followed by an 'A:' line in {example_text[:80]!r}; {_EXAMPLE_HINT}"
+        )
+    return example_text[: a_at + len("\nA:")]
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def _column_candidates(columns: Sequence[str]) -> dict[str, str]:
+    """Lower-cased name -> canonical name, longest names first.
+
+    The ``columns:`` line joins names with ", ", so a real column such as "Power, continuous" is
+    listed as two entries; runs of consecutive entries are therefore candidates too. A run only
+    matches if the SQL literally contains it, so this cannot mis-read a normal query.
+    """
+    names: dict[str, str] = {}
+    for start in range(len(columns)):
+        for stop in range(start + 1, len(columns) + 1):
+            name = ", ".join(columns[start:stop])
+            names.setdefault(name.lower(), name)
+    return dict(sorted(names.items(), key=lambda kv: -len(kv[0])))
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_AND = re.compile(r"\s+and\s+", re.IGNORECASE)
+_OP = re.compile(r"\s*(=|>|<)(?![=>])\s*")
+
+
+class _Parser:
+    """Backtracking reader: column names and quoted values are ambiguous without lookahead."""
+
+    def __init__(self, sql: str, columns: Sequence[str], table: str | None) -> None:
+        self.text = sql
+        self.lower = sql.lower()
+        self.columns = _column_candidates(columns)
+        self.listed = ", ".join(columns)
+        self.table = table
+        self.furthest = (-1, "")  # where parsing got furthest and what it expected there
+        self.memo: dict[int, tuple[Condition, ...] | None] = {}
+
+    def expect(self, pos: int, what: str) -> None:
+        if pos > self.furthest[0]:
+            self.furthest = (pos, what)
+
+    def columns_at(self, pos: int) -> list[tuple[str, int]]:
+        found = [
+            (name, pos + len(low))
+            for low, name in self.columns.items()
+            if self.lower.startswith(low, pos)
+        ]
+        if not found:
+            self.expect(pos, f"a column name from: {self.listed}")
+        return found
+
+    def parse(self) -> Query:
+        head = re.match(r"\s*select\s+", self.text, re.IGNORECASE)
+        if head is None:
+            raise SqlParseError(
+                f"{self.text[:60]!r} does not start with SELECT; write 'SELECT ...'"
+            )
+        pos = head.end()
+        agg = re.match(r"(count|max|min|sum|avg)(\s*\(\s*|\s+)", self.text[pos:], re.IGNORECASE)
+        # "SELECT Count FROM t" may name a column called Count, so both readings are tried.
+        readings: list[tuple[str | None, int, bool]] = []
+        if agg:
+            readings.append((agg.group(1).upper(), pos + agg.end(), "(" in agg.group(2)))
+        readings.append((None, pos, False))
+        for agg_name, start, paren in readings:
+            for column, end in self.columns_at(start):
+                if paren:
+                    close = re.match(r"\s*\)", self.text[end:])
+                    if close is None:
+                        self.expect(end, "')' after the aggregated column")
+                        continue
+                    end += close.end()
+                query = self.after_select(agg_name, column, end)
+                if query is not None:
+                    return query
+        pos, what = self.furthest
+        raise SqlParseError(
+            f"cannot read WikiSQL at position {pos} ({self.text[pos : pos + 30]!r}) of "
+            f"{self.text!r}: expected {what}"
+        )
+
+    def after_select(self, agg: str | None, column: str, pos: int) -> Query | None:
+        m = re.match(r"\s+from\s+", self.text[pos:], re.IGNORECASE)
+        if m is None:
+            self.expect(pos, "' FROM <table>' after the selected column")
+            return None
+        pos += m.end()
+        word = re.match(r"\S+", self.text[pos:])
+        if word is None:
+            self.expect(pos, "a table id after FROM")
+            return None
+        table = word.group(0)
+        if self.table is not None:
+            if table.lower() != self.table.lower():
+                self.expect(pos, f"table {self.table} (the example's table id), not {table}")
+                return None
+            table = self.table
+        pos += word.end()
+        if pos == len(self.text):
+            return Query(table, column, agg, ())
+        m = re.match(r"\s+where\s+", self.text[pos:], re.IGNORECASE)
+        if m is None:
+            self.expect(pos, "' WHERE <column> <op> <value>' or the end of the query")
+            return None
+        conditions = self.conditions(pos + m.end())
+        return None if conditions is None else Query(table, column, agg, conditions)
+
+    def conditions(self, pos: int) -> tuple[Condition, ...] | None:
+        # Memoized by position: quoted values may end at any later quote, and without the memo
+        # a long malformed prediction would make the backtracking exponential.
+        if pos not in self.memo:
+            self.memo[pos] = self._conditions(pos)
+        return self.memo[pos]
+
+    def _conditions(self, pos: int) -> tuple[Condition, ...] | None:
+        for column, end in self.columns_at(pos):
+            op = _OP.match(self.text, end)
+            if op is None:
+                self.expect(end, "an operator (=, > or <) after the column")
+                continue
+            start = op.end()
+            for value, after in self.values_at(start):
+                rest = self.rest_after_value(after)
+                if rest is not None:
+                    return (Condition(column, op.group(1), value), *rest)
+        return None
+
+    def values_at(self, pos: int) -> list[tuple[str | float, int]]:
+        if self.text.startswith("'", pos):
+            # Quotes inside WikiSQL values are not escaped, so every later quote may close it;
+            # the caller keeps the first one after which the rest of the query parses.
+            ends = [m.start() for m in re.finditer("'", self.text[pos + 1 :])]
+            if not ends:
+                self.expect(len(self.text), "a closing single quote after the value")
+            return [
+                (self.text[pos + 1 : pos + 1 + e].replace("''", "'"), pos + e + 2) for e in ends
+            ]
+        number = _NUMBER.match(self.text, pos)
+        if number is None:
+            self.expect(pos, "a value: a number or text in single quotes like 'Ann Lee'")
+            return []
+        return [(float(number.group(0)), number.end())]
+
+    def rest_after_value(self, pos: int) -> tuple[Condition, ...] | None:
+        if pos == len(self.text):
+            return ()
+        m = _AND.match(self.text, pos)
+        if m is None:
+            self.expect(pos, "' AND <column> <op> <value>' or the end of the query")
+            return None
+        return self.conditions(m.end())
+
+
+def _strip_sql(sql: str) -> str:
+    return sql.strip().rstrip(";").rstrip()
+
+
+def parse_query(sql: str, columns: Sequence[str], table: str | None = None) -> Query:
+    """Read WikiSQL notation against the table's columns; raises SqlParseError saying where.
+
+    Column names are matched case-insensitively, longest first (names contain spaces); keyword
+    case, extra whitespace and a trailing ";" are tolerated. With ``table`` given, the query must
+    read from that table.
+    """
+    if not columns:
+        raise SqlParseError("no columns given; pass the names from the example's 'columns:' line")
+    return _Parser(_strip_sql(sql), columns, table).parse()
+
+
+# --- SQLite -------------------------------------------------------------------------------------
+
+
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str | float) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if not math.isfinite(value):  # a bare number too long for a float; SQLite reads 9e999 as inf
+        return "9e999" if value > 0 else "-9e999"
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def to_sqlite(query: Query) -> str:
+    """The query as SQLite SQL with quoted identifiers and escaped string literals."""
+    column = _identifier(query.select)
+    select = f"{query.agg}({column})" if query.agg else column
+    sql = f"SELECT {select} FROM {_identifier(query.table)}"
+    if query.conditions:
+        where = " AND ".join(
+            f"{_identifier(c.column)} {c.op} {_literal(c.value)}" for c in query.conditions
+        )
+        sql += f" WHERE {where}"
+    return sql
+
+
+def to_wikisql(query: Query) -> str:
+    """The query in WikiSQL notation, as the model writes it (the inverse of parse_query)."""
+
+    def value(v: str | float) -> str:
+        # WikiSQL leaves quotes inside values unescaped; parse_query reads them back.
+        return f"'{v}'" if isinstance(v, str) else _literal(v)
+
+    select = f"{query.agg} {query.select}" if query.agg else query.select
+    sql = f"SELECT {select} FROM {query.table}"
+    if query.conditions:
+        sql += " WHERE " + " AND ".join(
+            f"{c.column} {c.op} {value(c.value)}" for c in query.conditions
+        )
+    return sql
+
+
+# --- execution match ----------------------------------------------------------------------------
+
+_LOW, _MIDDLE, _FILLER, _HIGH = (100, 999), (1000, 9999), (10_000, 99_999), (100_000, 999_999)
+_FILLER_WORDS = ("Amber", "Birch", "Cobalt", "Delta", "Ember", "Falcon", "Granite", "Harbor")
+
+
+def _as_number(value: str | float) -> float | None:
+    if isinstance(value, float):
+        return value
+    return float(value) if _NUMBER.fullmatch(value.strip()) else None
+
+
+def _store(number: float) -> int | float:
+    # Integers SQLite cannot hold in 64 bits stay floats instead of overflowing on insert.
+    return int(number) if number.is_integer() and abs(number) < 2**62 else number
+
+
+def _holds(value: object, cond: Condition) -> bool:
+    """Python mirror of the SQLite comparison, used only to pick which rows to synthesize."""
+    target = _as_number(cond.value)
+    if isinstance(value, int | float):
+        if target is None:
+            return cond.op == "<"  # SQLite orders every number before every text
+        left = float(value)
+        return {"=": left == target, ">": left > target, "<": left < target}[cond.op]
+    if target is not None:
+        return cond.op == ">"
+    a, b = str(value).lower(), str(cond.value).lower()  # the columns are COLLATE NOCASE
+    return {"=": a == b, ">": a > b, "<": a < b}[cond.op]
+
+
+class _RowMaker:
+    """Synthesizes rows that tell apart queries over one table.
+
+    Per query: rows that satisfy all its conditions, then for each condition rows that violate
+    just that one ("near misses"); then random filler. A constrained column draws from the
+    literals of both queries, their neighbours (off-by-one, the boundary itself) and fresh
+    values; rows of one batch take different values where they can, so COUNT, MAX, MIN, SUM and
+    AVG of the batch all differ.
+    """
+
+    def __init__(self, columns: Sequence[str], queries: Sequence[Query], rng: random.Random):
+        self.rng = rng
+        self.columns = list(columns)
+        self.numbers: dict[str, list[float]] = {c: [] for c in columns}
+        self.near: dict[str, list[object]] = {c: [] for c in columns}
+        self.numeric = {
+            c: any(q.select == c and q.agg in AGGREGATES[1:] for q in queries) for c in columns
+        }
+        for cond in (c for q in queries for c in q.conditions):
+            # The literal itself and, for numbers, the values either side of it.
+            n = _as_number(cond.value)
+            if n is None:
+                self.near[cond.column].append(cond.value)
+            else:
+                step = 1.0 if n.is_integer() else 0.5
+                self.near[cond.column] += [_store(n + d) for d in (-step, 0.0, step)]
+                self.numbers[cond.column].append(n)
+            self.numeric[cond.column] |= cond.op != "=" or n is not None
+
+    def fresh(self, column: str, band: tuple[int, int]) -> object:
+        if not self.numeric[column]:
+            return f"{self.rng.choice(_FILLER_WORDS)} {self.rng.randint(10, 9999)}"
+        numbers = self.numbers[column]
+        if numbers and self.rng.random() < 0.7:
+            n = self.rng.choice(numbers)
+            step = 1.0 if n.is_integer() else 0.5
+            return _store(n + self.rng.choice((-1, 1)) * self.rng.randint(1, 300) * step)
+        return self.rng.randint(*band)
+
+    @staticmethod
+    def fitting(
+        values: list[object], need: Sequence[Condition], broken: Condition | None
+    ) -> list[object]:
+        kept = [v for v in values if all(_holds(v, c) for c in need)]
+        if broken is not None:
+            kept = [v for v in kept if not _holds(v, broken)]
+        return list(dict.fromkeys(kept))  # distinct, in order
+
+    def batch(
+        self,
+        k: int,
+        band: tuple[int, int],
+        required: Sequence[Condition],
+        broken: Condition | None = None,
+        literals: bool = True,
+    ) -> list[list[object]]:
+        by_column = []
+        for column in self.columns:
+            need = [c for c in required if c.column == column]
+            breaks = broken if broken is not None and broken.column == column else None
+            near = self.near[column] if literals else []
+            if not need and breaks is None:  # free: literals (of either query) or fresh values
+                picks = [
+                    self.rng.choice(near) if near and self.rng.random() < 0.5 else v
+                    for v in (self.fresh(column, band) for _ in range(k))
+                ]
+                by_column.append(picks)
+                continue
+            near = self.fitting(near, need, breaks)
+            self.rng.shuffle(near)
+            fresh = self.fitting([self.fresh(column, band) for _ in range(2 * k + 2)], need, breaks)
+            # Values next to the literals come first, so boundaries such as "> 5" against "> 6"
+            # always get a row that only one of the two queries selects.
+            picks = (near + fresh)[:k]
+            while len(picks) < k:  # an "=" leaves one value; a contradiction leaves none
+                picks.append(self.rng.choice(picks) if picks else self.fresh(column, band))
+            self.rng.shuffle(picks)
+            by_column.append(picks)
+        return [list(row) for row in zip(*by_column, strict=True)]
+
+    def rows(self, queries: Sequence[Query]) -> list[list[object]]:
+        # Unconstrained numbers come from a different magnitude band per kind of row, so MAX,
+        # MIN, SUM and AVG over rows that satisfy a query differ from the same aggregate over
+        # a set that also holds its near misses (a prediction missing a condition).
+        rows: list[list[object]] = []
+        # Each query gets its own number of satisfying rows, so COUNT tells apart queries that
+        # select different rows; filler never uses the literals, so it cannot even that out.
+        sizes = self.rng.sample(range(2, 7), len(queries))
+        for query, size in zip(queries, sizes, strict=True):
+            rows += self.batch(size, _MIDDLE, query.conditions)
+            for cond in query.conditions:
+                others = [c for c in query.conditions if c is not cond]
+                rows += self.batch(1, _LOW, others, broken=cond)
+                rows += self.batch(1, _HIGH, others, broken=cond)
+        for _ in range(self.rng.randint(6, 16)):
+            rows += self.batch(1, _FILLER, (), literals=False)
+        return rows
+
+
+def _sort_key(value: object) -> tuple[int, float, str]:
+    if isinstance(value, int | float):
+        return (0, float(value), "")
+    return (1, 0.0, repr(value))
+
+
+def _same_results(a: list[tuple[object, ...]], b: list[tuple[object, ...]]) -> bool:
+    if len(a) != len(b):
+        return False
+    a_sorted = sorted(a, key=lambda row: [_sort_key(v) for v in row])
+    b_sorted = sorted(b, key=lambda row: [_sort_key(v) for v in row])
+    for row_a, row_b in zip(a_sorted, b_sorted, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            if isinstance(x, int | float) and isinstance(y, int | float):
+                if not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9):
+                    return False
+            elif x != y:
+                return False
+    return True
+
+
+def _table_columns(example: SqlExample, queries: Sequence[Query]) -> list[str]:
+    """Listed columns plus comma-joined names the queries use, one per SQLite name."""
+    names: dict[str, str] = {}
+    used = [q.select for q in queries] + [c.column for q in queries for c in q.conditions]
+    for name in [*example.columns, *used]:
+        names.setdefault(name.lower(), name)  # SQLite column names are case-insensitive
+    return list(names.values())
+
+
+_TABLES_PER_MATCH = 3
+
+
+def _run(db: sqlite3.Connection, query: Query) -> list[tuple[object, ...]]:
+    return db.execute(to_sqlite(query)).fetchall()
+
+
+def execution_match(example: SqlExample, predicted_sql: str, gold_sql: str, seed: int = 0) -> bool:
+    """True when both queries return the same multiset of rows on synthesized tables.
+
+    The table gets the example's columns and rows built to separate the two queries (see
+    _RowMaker); text comparisons ignore case, as in WikiSQL's own evaluation. A prediction that
+    does not parse or run gives False; a gold answer that does not parse raises SqlParseError.
+    """
+    gold = parse_query(gold_sql, example.columns, example.table)
+    try:
+        predicted = parse_query(predicted_sql, example.columns, example.table)
+    except SqlParseError:
+        return False
+    queries = [gold, predicted]
+    columns = _table_columns(example, queries)
+    # NUMERIC affinity stores numeric-looking text as numbers, so '3' and 3 compare equal and
+    # > / < compare numerically; NOCASE makes 'SOUTH AUSTRALIA' = 'South Australia'.
+    schema = ", ".join(f"{_identifier(c)} NUMERIC COLLATE NOCASE" for c in columns)
+    table = _identifier(example.table)
+    insert = f"INSERT INTO {table} VALUES ({', '.join('?' for _ in columns)})"
+    # Several independent tables: a wrong query that agrees with the gold on one table by chance
+    # (say, the same row count) is very unlikely to agree on all of them.
+    for table_no in range(_TABLES_PER_MATCH):
+        rng = random.Random(f"{seed}\x00{table_no}\x00{gold_sql}\x00{predicted_sql}")
+        rows = _RowMaker(columns, queries, rng).rows(queries)
+        with closing(sqlite3.connect(":memory:")) as db:
+            db.execute(f"CREATE TABLE {table} ({schema})")
+            db.executemany(insert, rows)
+            expected = _run(db, gold)  # errors here are bugs in this module, so they propagate
+            try:
+                got = _run(db, predicted)
+            except sqlite3.Error:
+                return False
+        if not _same_results(expected, got):
+            return False
+    return True
+
+
+# --- exact match --------------------------------------------------------------------------------
+
+
+def _closes_string(text: str, at: int) -> bool:
+    """Whether the quote at ``at`` ends a value: only the end, ';' or AND may follow it."""
+    rest = text[at + 1 :]
+    return not rest.strip(" ;") or _AND.match(rest) is not None
+
+
+def _normalize(sql: str) -> str:
+    """Whitespace collapsed and keywords upper-cased outside quoted values, which stay verbatim."""
+    text = _strip_sql(sql)
+    parts: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "'":
+            j = i + 1
+            while j < len(text) and not (text[j] == "'" and _closes_string(text, j)):
+                j += 1
+            parts.append(text[i : j + 1])
+            i = j + 1
+        else:
+            j = text.find("'", i)
+            j = len(text) if j < 0 else j
+            words = re.sub(r"\s+", " ", text[i:j]).split(" ")
+            parts.append(" ".join(w.upper() if w.upper() in _KEYWORDS else w for w in words))
+            i = j
+    return "".join(parts)
+
+
+def exact_match(predicted_sql: str, gold_sql: str) -> bool:
+    """Equal after normalizing whitespace and keyword case outside values and a trailing ";"."""
+    return _normalize(predicted_sql) == _normalize(gold_sql)
+
+
+def score_predictions(examples: Sequence[str], predictions: Sequence[str]) -> SqlScores:
+    """Exact and execution accuracy of ``predictions`` (SQL only) against the examples' answers."""
+    if len(examples) != len(predictions):
+        raise ValueError(
+            f"{len(examples)} examples but {len(predictions)} predictions; pass one prediction "
+            "per example, in the same order"
+        )
+    if not examples:
+        raise ValueError("no examples to score; check that the evaluation file is not empty")
+    exact = execution = 0
+    for text, predicted in zip(examples, predictions, strict=True):
+        example = parse_example(text)
+        if example.answer is None:
+            raise ExampleFormatError(
+                f"example for table {example.table} has no answer after 'A:'; score only "
+                "examples that carry their gold SQL"
+            )
+        exact += exact_match(predicted, example.answer)
+        execution += execution_match(example, predicted, example.answer)
+    n = len(examples)
+    return SqlScores(n=n, exact=exact / n, execution=execution / n)

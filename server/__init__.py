@@ -1,0 +1,1 @@
+"""loraforge service: the OpenAI-compatible Litestar app, adapter registry and fine-tune jobs."""

@@ -1,0 +1,234 @@
+"""Every failure leaves the server as an OpenAI error object, with the right 4xx/5xx status.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens",
+               "code": null}}
+
+Routes raise `APIError` subclasses; `exception_handlers()` also translates what Litestar and
+msgspec raise themselves (bad JSON, wrong field types, unknown routes, oversize bodies), and turns
+anything unexpected into a 500 whose message hides internals: the traceback goes to the log only.
+The `openai` SDK maps these statuses to its own exceptions (401 -> AuthenticationError, 404 ->
+NotFoundError, 429 -> RateLimitError, ...), so clients can catch them by type.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from server.schemas import ErrorBody, ErrorDetail
+
+log = logging.getLogger("loraforge.errors")
+
+
+class APIError(Exception):
+    """An error the client should see, as OpenAI shapes it; subclasses fix the status and type."""
+
+    status_code: int = 400
+    type: str = "invalid_request_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        if type is not None:
+            self.type = type
+        self.headers = dict(headers or {})
+
+    def to_body(self) -> ErrorBody:
+        return ErrorBody(ErrorDetail(self.message, self.type, self.param, self.code))
+
+
+class BadRequestError(APIError):
+    status_code = 400
+
+
+class AuthenticationError(APIError):
+    # OpenAI answers a bad key with type invalid_request_error and code invalid_api_key.
+    status_code = 401
+
+    def __init__(self, message: str, *, code: str = "invalid_api_key") -> None:
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFoundError(APIError):
+    status_code = 404
+
+
+class ConflictError(APIError):
+    # Note: the openai SDK retries 409s (like 429s) a few times before raising ConflictError.
+    status_code = 409
+
+
+class RequestTooLargeError(APIError):
+    status_code = 413
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str = "rate_limit_exceeded"):
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class ServerError(APIError):
+    status_code = 500
+    type = "server_error"
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None, code: str | None = None):
+        headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+        super().__init__(message, code=code, headers=headers)
+
+
+def error_response(error: APIError) -> Response[ErrorBody]:
+    return Response(error.to_body(), status_code=error.status_code, headers=error.headers)
+
+
+# -- translating what the framework raises ----------------------------------------------------
+
+# msgspec: "Expected `int`, got `str` - at `$.data.max_tokens`" (Litestar wraps the body as
+# `data`); the part before " - at" is the problem, the path names the field.
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_FIELD_IN_MESSAGE = re.compile(r"field `(?P<name>[^`]+)`")
+
+
+def _param_path(path: str) -> str:
+    path = path.removeprefix(".data").removeprefix(".")
+    return path
+
+
+def validation_error(exc: msgspec.ValidationError | str, source: str = "body") -> APIError:
+    """The 400 for a request that decoded but does not fit its schema, naming the field.
+
+    `param` is the JSON path of the offending field ("max_tokens", "messages[0].content");
+    unknown and missing fields are named even though msgspec reports them at their parent.
+    """
+    match = _AT.match(str(exc))
+    what, path = (match["what"], _param_path(match["path"] or "")) if match else (str(exc), "")
+    named = _FIELD_IN_MESSAGE.search(what)
+    if named and ("unknown field" in what or "missing required field" in what):
+        path = f"{path}.{named['name']}" if path else named["name"]
+    if "unknown field" in what:
+        message = (
+            f"Unrecognized request argument supplied: {path}. Remove it: loraforge accepts the "
+            "OpenAI API's fields (see /openapi.json for this server's list)."
+        )
+    elif "missing required field" in what:
+        message = f"Missing required parameter: '{path}'. Add it to the request {source}."
+    else:
+        where = f" for '{path}'" if path else ""
+        message = f"Invalid value{where}: {what}. Fix it and send the request again."
+    return BadRequestError(message, param=path or None)
+
+
+def _litestar_validation(exc: ValidationException) -> APIError:
+    cause = exc.__cause__
+    if isinstance(cause, msgspec.ValidationError):
+        if str(cause).startswith("Object missing required field `data`"):
+            return BadRequestError(
+                "The request body is empty: send a JSON object with "
+                "Content-Type: application/json."
+            )
+        return validation_error(cause)
+    # Query or path parameters: Litestar lists them in `extra` as {"message", "key", "source"}.
+    extra = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else None
+    if isinstance(extra, dict):
+        key, source = extra.get("key"), extra.get("source", "request")
+        return BadRequestError(
+            f"Invalid {source} parameter '{key}': {extra.get('message')}. Fix it and retry.",
+            param=key,
+        )
+    return BadRequestError(f"Invalid request: {exc.detail}. Fix it and retry.")
+
+
+def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIError:
+    status = exc.status_code
+    where = f"{request.method} {request.url.path}"
+    if status == 404:
+        return NotFoundError(
+            f"Invalid URL ({where}): no such route. See /openapi.json for the routes this "
+            "server has (OpenAI clients need base_url ending in /v1)."
+        )
+    if status == 405:
+        return APIError(
+            f"Invalid method for URL ({where}). See /openapi.json for the methods it accepts.",
+            status_code=405,
+        )
+    if status == 413:
+        return RequestTooLargeError(
+            "The request body is larger than this server accepts. Send less, or restart the "
+            "server with a larger --max-upload-mb.",
+            code="request_too_large",
+        )
+    if status == 400 and "JSON is malformed" in str(exc.detail):
+        return BadRequestError(
+            f"We could not parse the JSON body of your request ({exc.detail}). Send valid JSON "
+            "with Content-Type: application/json.",
+            code="invalid_json",
+        )
+    if status >= 500:
+        return ServerError("The server had an error while processing your request. Retry it.")
+    return APIError(f"{exc.detail}. Fix the request and retry.", status_code=status)
+
+
+def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[ErrorBody]:
+    if exc.status_code >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
+    return error_response(exc)
+
+
+def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
+    return error_response(_litestar_validation(exc))
+
+
+def handle_http_exception(
+    request: Request[Any, Any, Any], exc: HTTPException
+) -> Response[ErrorBody]:
+    error = _http_exception(request, exc)
+    if exc.headers:
+        error.headers = {**exc.headers, **error.headers}
+    return error_response(error)
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    # The traceback is for the operator's log only: it can name files, settings and data.
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        ServerError(
+            "The server had an error while processing your request. Retry it; if it keeps "
+            "failing, the server log has the details."
+        )
+    )
+
+
+def exception_handlers() -> dict[type[Exception], Callable[..., Response[ErrorBody]]]:
+    """The app's exception handlers: our APIError, Litestar's errors, then everything else."""
+    return {
+        APIError: handle_api_error,
+        ValidationException: handle_validation,
+        HTTPException: handle_http_exception,
+        Exception: handle_unexpected,
+    }

@@ -339,6 +339,30 @@ def _holds(value: object, cond: Condition) -> bool:
     return {"=": a == b, ">": a > b, "<": a < b}[cond.op]
 
 
+def _fits(
+    value: object, need: Sequence[Condition], broken: Condition | None, avoid: Sequence[Condition]
+) -> bool:
+    """Meets every ``need``, fails ``broken``, and fails at least one of ``avoid`` (if any)."""
+    if not all(_holds(value, c) for c in need):
+        return False
+    if broken is not None and _holds(value, broken):
+        return False
+    return not avoid or not all(_holds(value, c) for c in avoid)
+
+
+def _column_kinds(query: Query) -> dict[str, str]:
+    """What the query says about each column: "number" (compared with a number, with > or <,
+    or aggregated by MAX/MIN/SUM/AVG) or "text" (only compared with text)."""
+    kinds: dict[str, str] = {}
+    if query.agg in AGGREGATES[1:]:
+        kinds[query.select] = "number"
+    for cond in query.conditions:
+        numeric = cond.op != "=" or _as_number(cond.value) is not None
+        if numeric or cond.column not in kinds:
+            kinds[cond.column] = "number" if numeric else "text"
+    return kinds
+
+
 class _RowMaker:
     """Synthesizes rows that tell apart queries over one table.
 
@@ -349,92 +373,94 @@ class _RowMaker:
     AVG of the batch all differ.
     """
 
-    def __init__(self, columns: Sequence[str], queries: Sequence[Query], rng: random.Random):
+    def __init__(self, columns: Sequence[str], gold: Query, predicted: Query, rng: random.Random):
         self.rng = rng
         self.columns = list(columns)
         self.numbers: dict[str, list[float]] = {c: [] for c in columns}
         self.near: dict[str, list[object]] = {c: [] for c in columns}
+        # A column holds numbers or text, as in a real table; the gold decides which, so a
+        # prediction comparing a numeric column with text matches no row instead of planting
+        # text among the numbers.
+        gold_kind, predicted_kind = _column_kinds(gold), _column_kinds(predicted)
         self.numeric = {
-            c: any(q.select == c and q.agg in AGGREGATES[1:] for q in queries) for c in columns
+            c: gold_kind.get(c, predicted_kind.get(c, "text")) == "number" for c in columns
         }
-        for cond in (c for q in queries for c in q.conditions):
-            # The literal itself and, for numbers, the values either side of it.
-            n = _as_number(cond.value)
-            if n is None:
-                self.near[cond.column].append(cond.value)
-            else:
+        for query in (gold, predicted):
+            for cond in query.conditions:
+                n = _as_number(cond.value)
+                if n is None and self.numeric[cond.column] and query is not gold:
+                    continue
+                if n is None:
+                    self.near[cond.column].append(cond.value)
+                    continue
+                # The literal and the values either side of it.
                 step = 1.0 if n.is_integer() else 0.5
                 self.near[cond.column] += [_store(n + d) for d in (-step, 0.0, step)]
                 self.numbers[cond.column].append(n)
-            self.numeric[cond.column] |= cond.op != "=" or n is not None
 
-    def fresh(self, column: str, band: tuple[int, int]) -> object:
+    def fresh(self, column: str, band: tuple[int, int], near_literals: bool) -> object:
         if not self.numeric[column]:
             return f"{self.rng.choice(_FILLER_WORDS)} {self.rng.randint(10, 9999)}"
         numbers = self.numbers[column]
-        if numbers and self.rng.random() < 0.7:
+        if near_literals and numbers and self.rng.random() < 0.7:
             n = self.rng.choice(numbers)
             step = 1.0 if n.is_integer() else 0.5
             return _store(n + self.rng.choice((-1, 1)) * self.rng.randint(1, 300) * step)
         return self.rng.randint(*band)
 
-    @staticmethod
-    def fitting(
-        values: list[object], need: Sequence[Condition], broken: Condition | None
-    ) -> list[object]:
-        kept = [v for v in values if all(_holds(v, c) for c in need)]
-        if broken is not None:
-            kept = [v for v in kept if not _holds(v, broken)]
-        return list(dict.fromkeys(kept))  # distinct, in order
-
     def batch(
         self,
         k: int,
         band: tuple[int, int],
-        required: Sequence[Condition],
+        query: Query | None,
         broken: Condition | None = None,
-        literals: bool = True,
+        other: Query | None = None,
     ) -> list[list[object]]:
+        """``k`` rows satisfying ``query`` except ``broken``.
+
+        On the columns ``query`` leaves free the rows miss ``other``'s conditions, so a row
+        satisfies only the queries it was built for and their row counts stay different.
+        """
         by_column = []
         for column in self.columns:
-            need = [c for c in required if c.column == column]
-            breaks = broken if broken is not None and broken.column == column else None
-            near = self.near[column] if literals else []
-            if not need and breaks is None:  # free: literals (of either query) or fresh values
-                picks = [
-                    self.rng.choice(near) if near and self.rng.random() < 0.5 else v
-                    for v in (self.fresh(column, band) for _ in range(k))
-                ]
-                by_column.append(picks)
+            mine = [c for c in query.conditions if c.column == column] if query else []
+            need = [c for c in mine if c is not broken]
+            breaks = broken if broken in mine else None
+            avoid = [c for c in other.conditions if c.column == column] if other else []
+            if mine or not avoid:
+                avoid = []
+            if not mine and not avoid:
+                by_column.append([self.fresh(column, band, False) for _ in range(k)])
                 continue
-            near = self.fitting(near, need, breaks)
+
+            near = [v for v in dict.fromkeys(self.near[column]) if _fits(v, need, breaks, avoid)]
             self.rng.shuffle(near)
-            fresh = self.fitting([self.fresh(column, band) for _ in range(2 * k + 2)], need, breaks)
+            fresh = [self.fresh(column, band, True) for _ in range(2 * k + 2)]
             # Values next to the literals come first, so boundaries such as "> 5" against "> 6"
             # always get a row that only one of the two queries selects.
-            picks = (near + fresh)[:k]
+            fresh = [v for v in fresh if _fits(v, need, breaks, avoid)]
+            picks = list(dict.fromkeys(near + fresh))[:k]
             while len(picks) < k:  # an "=" leaves one value; a contradiction leaves none
-                picks.append(self.rng.choice(picks) if picks else self.fresh(column, band))
+                picks.append(self.rng.choice(picks) if picks else self.fresh(column, band, True))
             self.rng.shuffle(picks)
             by_column.append(picks)
         return [list(row) for row in zip(*by_column, strict=True)]
 
-    def rows(self, queries: Sequence[Query]) -> list[list[object]]:
+    def rows(self, gold: Query, predicted: Query) -> list[list[object]]:
         # Unconstrained numbers come from a different magnitude band per kind of row, so MAX,
         # MIN, SUM and AVG over rows that satisfy a query differ from the same aggregate over
         # a set that also holds its near misses (a prediction missing a condition).
         rows: list[list[object]] = []
         # Each query gets its own number of satisfying rows, so COUNT tells apart queries that
-        # select different rows; filler never uses the literals, so it cannot even that out.
-        sizes = self.rng.sample(range(2, 7), len(queries))
-        for query, size in zip(queries, sizes, strict=True):
-            rows += self.batch(size, _MIDDLE, query.conditions)
+        # select different rows.
+        sizes = self.rng.sample(range(2, 7), 2)
+        for query, other, size in ((gold, predicted, sizes[0]), (predicted, gold, sizes[1])):
+            rows += self.batch(size, _MIDDLE, query, other=other)
             for cond in query.conditions:
-                others = [c for c in query.conditions if c is not cond]
-                rows += self.batch(1, _LOW, others, broken=cond)
-                rows += self.batch(1, _HIGH, others, broken=cond)
+                rows += self.batch(1, _LOW, query, broken=cond, other=other)
+                rows += self.batch(1, _HIGH, query, broken=cond, other=other)
         for _ in range(self.rng.randint(6, 16)):
-            rows += self.batch(1, _FILLER, (), literals=False)
+            rows += self.batch(1, _FILLER, None)
         return rows
 
 
@@ -498,7 +524,7 @@ def execution_match(example: SqlExample, predicted_sql: str, gold_sql: str, seed
     # (say, the same row count) is very unlikely to agree on all of them.
     for table_no in range(_TABLES_PER_MATCH):
         rng = random.Random(f"{seed}\x00{table_no}\x00{gold_sql}\x00{predicted_sql}")
-        rows = _RowMaker(columns, queries, rng).rows(queries)
+        rows = _RowMaker(columns, gold, predicted, rng).rows(gold, predicted)
         with closing(sqlite3.connect(":memory:")) as db:
             db.execute(f"CREATE TABLE {table} ({schema})")
             db.executemany(insert, rows)

@@ -73,8 +73,12 @@ class NotFoundError(APIError):
 
 
 class ConflictError(APIError):
-    # Note: the openai SDK retries 409s (like 429s) a few times before raising ConflictError.
     status_code = 409
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        # The openai SDK retries 409s unless told not to; a conflict here needs the user to act
+        # (cancel a job, pick another name), so retrying would only delay the error.
+        super().__init__(message, param=param, code=code, headers={"x-should-retry": "false"})
 
 
 class RequestTooLargeError(APIError):

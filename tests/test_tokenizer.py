@@ -62,8 +62,8 @@ CORPUS = [
     "literal <s> and </s> and [INST]",
 ]
 
-# Mistral-7B-Instruct-v0.1's chat template after Mistral aligned it with mistral-common
-# (Hugging Face hub), reformatted.
+# Mistral-7B-Instruct-v0.1's chat template since Mistral aligned it with mistral-common, as copies
+# of its tokenizer_config.json on the hub carry it; reformatted, its role checks left out.
 ALIGNED_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"

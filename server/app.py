@@ -1,0 +1,265 @@
+"""The Litestar app: `create_app(settings)` builds it, `run_server(settings)` serves it.
+
+Startup (lifespan): create the data folders, apply database migrations, then start the engine
+service and any other services (e.g. the job worker) in order; shutdown stops them in reverse.
+Routes get `settings`, `db` (server.db.Database), `metrics` and `engine_service` injected, never
+from globals. `/v1/*` requires the API key when one is set; `/health`, `/ready`, `/metrics` and
+the API description (`/openapi.json`, `/docs`) are public: they hold no user data.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import anyio.to_thread
+import uvicorn
+from litestar import Litestar, Response, get
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.types import Guard, Message, Receive, Scope, Send
+
+from server.db import Database, upgrade_database
+from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
+from server.metrics import Metrics
+from server.routes import route_handlers
+from server.schemas import HealthStatus
+from server.settings import Settings
+
+log = logging.getLogger("loraforge.app")
+access_log = logging.getLogger("loraforge.access")
+
+# In-flight requests (long SSE streams too) get this long to finish on SIGTERM/Ctrl-C.
+GRACEFUL_SHUTDOWN_S = 30
+# JSON bodies may always be this large; uploads up to --max-upload-mb (their routes check).
+MIN_BODY_LIMIT_BYTES = 10_000_000
+MULTIPART_SLACK_BYTES = 64 * 1024
+
+
+class Service(Protocol):
+    """Something the app starts after migrations and stops on shutdown (engine, job worker)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class EngineService(Service, Protocol):
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and requests can be served."""
+        ...
+
+
+class LoraforgeApp(Litestar):
+    """Litestar plus one access-log line and request metrics for every HTTP request.
+
+    This wraps the app's ASGI entry point rather than using Litestar middleware because
+    middleware runs only for matched routes, and 404s, 405s and 413s need logging too.
+    """
+
+    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        await self._logged(scope, receive, send)
+
+    async def _logged(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
+        status = 0
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, send_and_note_status)
+        finally:
+            seconds = time.perf_counter() - start
+            method = scope["method"]
+            # The route template ("/v1/files/{file_id:str}") keeps the label set small.
+            route = scope.get("path_template") or "unmatched"
+            code = str(status or 500)  # no response started: the connection broke first
+            self.metrics.http_requests.inc(method=method, route=route, status=code)
+            self.metrics.http_request_duration.observe(seconds, method=method, route=route)
+            access_log.info("%s %s %s %.1fms", method, scope["path"], code, seconds * 1000)
+
+
+def api_key_guard(api_key: str | None) -> Guard:
+    """A guard requiring `Authorization: Bearer <api_key>` on /v1/*; no-op without a key."""
+    expected = api_key.encode() if api_key else None
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if expected is None or not connection.scope["path"].startswith("/v1/"):
+            return
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+                "(openai SDK: OpenAI(api_key=...) or OPENAI_API_KEY).",
+                code="missing_api_key",
+            )
+        # Constant time, so response timing does not reveal how much of a guess was right.
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise AuthenticationError(
+                "Incorrect API key provided. Use the key this server was started with "
+                "(--api-key / LORAFORGE_API_KEY)."
+            )
+
+    return guard
+
+
+@get("/health", sync_to_thread=False, tags=["service"])
+def health() -> HealthStatus:
+    """200 while the process is up (liveness)."""
+    return HealthStatus("ok")
+
+
+@get("/ready", tags=["service"])
+async def ready(engine_service: EngineService | None) -> HealthStatus:
+    """200 once the model is loaded and requests can be served, else 503 (readiness)."""
+    if engine_service is None:
+        raise ServiceUnavailableError(
+            "This server runs without a model engine, so it cannot serve completions. Start it "
+            "with `loraforge serve` (optionally --model PATH).",
+            code="engine_not_started",
+        )
+    if not engine_service.ready:
+        raise ServiceUnavailableError(
+            "The model is still loading. Retry in a few seconds.",
+            retry_after_s=5,
+            code="model_loading",
+        )
+    return HealthStatus("ready")
+
+
+@get("/metrics", sync_to_thread=False, tags=["service"], include_in_schema=False)
+def metrics_endpoint(metrics: Metrics) -> Response[str]:
+    """Prometheus text exposition of the server's metrics."""
+    return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine_service: EngineService | None = None,
+    services: Sequence[Service] = (),
+    metrics: Metrics | None = None,
+) -> Litestar:
+    """The app for `settings`. `engine_service` (None: no model, /ready says 503) and
+    `services` are started in order after migrations and stopped in reverse on shutdown;
+    pass `metrics` to share one Metrics object with them."""
+    metrics = metrics or Metrics()
+    db = Database.open(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(settings.ensure_dirs)
+        await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
+        started: list[Service] = []
+        try:
+            for service in [engine_service, *services]:
+                if service is not None:
+                    await service.start()
+                    started.append(service)
+            yield
+        finally:
+            for service in reversed(started):
+                try:
+                    await service.stop()
+                except Exception:  # stop the others regardless; say which one failed
+                    log.exception("stopping %s failed", type(service).__name__)
+            db.close()
+
+    def constant(value: object) -> Provide:
+        return Provide(lambda: value, use_cache=True, sync_to_thread=False)
+
+    return LoraforgeApp(
+        route_handlers=[health, ready, metrics_endpoint, *route_handlers(settings)],
+        lifespan=[lifespan],
+        dependencies={
+            "settings": constant(settings),
+            "db": constant(db),
+            "metrics": constant(metrics),
+            "engine_service": constant(engine_service),
+        },
+        guards=[api_key_guard(settings.api_key)],
+        exception_handlers=exception_handlers(),  # type: ignore[arg-type]
+        request_max_body_size=max(
+            MIN_BODY_LIMIT_BYTES, settings.max_upload_bytes + MULTIPART_SLACK_BYTES
+        ),
+        openapi_config=OpenAPIConfig(
+            title="loraforge",
+            version=importlib.metadata.version("loraforge"),
+            summary="OpenAI-compatible serving and LoRA fine-tuning on MLX",
+            path="/",  # -> /openapi.json, /openapi.yaml
+            render_plugins=[SwaggerRenderPlugin(path="/docs")],
+        ),
+        logging_config=None,  # run_server configures logging once, for uvicorn and us
+        debug=False,  # never send tracebacks to clients
+        metrics=metrics,
+    )
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """dictConfig for the whole process: one format for uvicorn's and loraforge's loggers."""
+    root_level = "DEBUG" if level == "trace" else level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}  # noqa: E501
+        },
+        "root": {"handlers": ["stderr"], "level": root_level},
+        "loggers": {
+            "uvicorn": {"level": level.upper()},
+            "uvicorn.error": {"level": level.upper()},
+        },
+    }
+
+
+def uvicorn_config(app: Litestar, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn Config `run_server` uses; tests pass overrides (e.g. log_config=None)."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "log_config": logging_config(settings.log_level),
+        "access_log": False,  # LoraforgeApp writes the access log, 404s included
+        "lifespan": "on",  # a failed migration or model load must stop the server
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "server_header": False,
+    }
+    return uvicorn.Config(app, **{**options, **overrides})
+
+
+def run_server(
+    settings: Settings,
+    *,
+    engine_service: EngineService | None = None,
+    services: Sequence[Service] = (),
+    metrics: Metrics | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get GRACEFUL_SHUTDOWN_S to finish."""
+    app = create_app(settings, engine_service=engine_service, services=services, metrics=metrics)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    server.run()
+    if not server.started:
+        raise SystemExit(1)  # startup failed; uvicorn has logged why

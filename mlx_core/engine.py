@@ -35,6 +35,7 @@ class GenerationRequest:
     prompt: list[int]
     params: SamplingParams
     adapter: str | None = None  # adapter id resident in the engine's slots (None: base model)
+    chat: bool = False  # a chat reply starts a new turn: no leading space carried from the prompt
 
 
 @dataclass
@@ -179,9 +180,9 @@ class Engine:
         return outs
 
     def generate(self, prompt: list[int], params: SamplingParams, adapter: str | None = None,
-                 request_id: str = "gen") -> Iterator[GenerationOutput]:
+                 request_id: str = "gen", chat: bool = False) -> Iterator[GenerationOutput]:
         """Run one request to the end (used by the CLI and benchmarks)."""
-        self.add_request(GenerationRequest(request_id, prompt, params, adapter))
+        self.add_request(GenerationRequest(request_id, prompt, params, adapter, chat))
         while self.has_work():
             for out in self.step():
                 if out.request_id == request_id:
@@ -206,8 +207,8 @@ class Engine:
                     fut.set_exception(e)
 
     def _new_sequence(self, req: GenerationRequest) -> _Sequence:
-        return _Sequence(req, RowSampler(req.params), self.tokenizer.detokenizer(),
-                         StopMatcher(req.params.stop))
+        detok = self.tokenizer.detokenizer(() if req.chat else req.prompt)
+        return _Sequence(req, RowSampler(req.params), detok, StopMatcher(req.params.stop))
 
     def _abort(self, request_id: str, outs: list[GenerationOutput]) -> None:
         for seq in list(self.waiting):
@@ -375,12 +376,12 @@ def _take_rows(r: SampleResult, idx: mx.array) -> SampleResult:
 
 
 def timed_generate(engine: Engine, prompt: list[int], params: SamplingParams,
-                   adapter: str | None = None) -> tuple[str, dict[str, float]]:
+                   adapter: str | None = None, chat: bool = False) -> tuple[str, dict[str, float]]:
     """Generate one completion; return the text and prompt/generation tokens per second."""
     start = time.perf_counter()
     first = None
     text, n = [], 0
-    for out in engine.generate(prompt, params, adapter):
+    for out in engine.generate(prompt, params, adapter, chat=chat):
         if first is None:
             first = time.perf_counter()
         text.append(out.text)

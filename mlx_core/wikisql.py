@@ -364,13 +364,12 @@ def _column_kinds(query: Query) -> dict[str, str]:
 
 
 class _RowMaker:
-    """Synthesizes rows that tell apart queries over one table.
+    """Synthesizes rows that tell apart two queries over one table.
 
-    Per query: rows that satisfy all its conditions, then for each condition rows that violate
-    just that one ("near misses"); then random filler. A constrained column draws from the
-    literals of both queries, their neighbours (off-by-one, the boundary itself) and fresh
-    values; rows of one batch take different values where they can, so COUNT, MAX, MIN, SUM and
-    AVG of the batch all differ.
+    For each query: a batch of rows that satisfy all its conditions, and for each condition two
+    near misses that break only that one; then random filler. Constrained columns take the
+    literals of both queries and their neighbours first (the boundary of "> 5", 4 and 6), then
+    fresh values; rows within a batch differ where they can, so aggregates over them differ.
     """
 
     def __init__(self, columns: Sequence[str], gold: Query, predicted: Query, rng: random.Random):

@@ -25,12 +25,12 @@ from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.types import Guard, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Guard, Message, Receive, Scope, Send
 
 from server.db import Database, upgrade_database
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
 from server.metrics import Metrics
-from server.routes import route_handlers
+from server.routes import Injected, route_handlers
 from server.schemas import HealthStatus
 from server.settings import Settings
 
@@ -130,7 +130,7 @@ def health() -> HealthStatus:
 
 
 @get("/ready", tags=["service"])
-async def ready(engine_service: EngineService | None) -> HealthStatus:
+async def ready(engine_service: Injected[EngineService | None]) -> HealthStatus:
     """200 once the model is loaded and requests can be served, else 503 (readiness)."""
     if engine_service is None:
         raise ServiceUnavailableError(
@@ -148,7 +148,7 @@ async def ready(engine_service: EngineService | None) -> HealthStatus:
 
 
 @get("/metrics", sync_to_thread=False, tags=["service"], include_in_schema=False)
-def metrics_endpoint(metrics: Metrics) -> Response[str]:
+def metrics_endpoint(metrics: Injected[Metrics]) -> Response[str]:
     """Prometheus text exposition of the server's metrics."""
     return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
@@ -235,7 +235,7 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
-def uvicorn_config(app: Litestar, settings: Settings, **overrides: Any) -> uvicorn.Config:
+def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The uvicorn Config `run_server` uses; tests pass overrides (e.g. log_config=None)."""
     options: dict[str, Any] = {
         "host": settings.host,

@@ -194,6 +194,7 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIE
             code="invalid_json",
         )
     if status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.detail, exc_info=exc)
         return ServerError("The server had an error while processing your request. Retry it.")
     return APIError(f"{exc.detail}. Fix the request and retry.", status_code=status)
 

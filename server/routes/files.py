@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.to_thread
 from anyio import AsyncFile
 from litestar import Request, delete, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import File
 from multipart import (  # type: ignore[import-untyped]
     MultipartSegment,
@@ -38,6 +38,7 @@ from server.errors import (
     RequestTooLargeError,
     ServerError,
 )
+from server.routes import Injected
 from server.schemas import FileDeleted, FileList, FileObject
 from server.settings import Settings
 
@@ -211,7 +212,7 @@ async def _drain(request: Request[Any, Any, Any]) -> None:
 
 @post("/v1/files", status_code=200, request_max_body_size=None, tags=["files"])
 async def create_file(
-    request: Request[Any, Any, Any], settings: Settings, db: Database
+    request: Request[Any, Any, Any], settings: Injected[Settings], db: Injected[Database]
 ) -> FileObject:
     """Upload a JSONL file (multipart: `file`, `purpose="fine-tune"`); it is validated first."""
     file_id = new_id("file")
@@ -265,11 +266,11 @@ async def create_file(
 
 @get("/v1/files", tags=["files"])
 async def list_files(
-    db: Database,
-    purpose: str | None = None,
-    limit: int = Parameter(default=10000, ge=1, le=10000),
-    order: Literal["asc", "desc"] = "desc",
-    after: str | None = Parameter(default=None, description="list files after this id"),
+    db: Injected[Database],
+    purpose: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=10000)] = 10000,
+    order: FromQuery[Literal["asc", "desc"]] = "desc",
+    after: Annotated[str | None, QueryParameter(description="list files after this id")] = None,
 ) -> FileList:
     """Uploaded files, newest first (`order=asc` for oldest first), optionally by `purpose`."""
 
@@ -301,13 +302,13 @@ async def _get_row(db: Database, file_id: str) -> UploadedFile:
 
 
 @get("/v1/files/{file_id:str}", tags=["files"])
-async def retrieve_file(db: Database, file_id: str) -> FileObject:
+async def retrieve_file(db: Injected[Database], file_id: FromPath[str]) -> FileObject:
     """One file's metadata."""
     return _file_object(await _get_row(db, file_id))
 
 
 @get("/v1/files/{file_id:str}/content", tags=["files"])
-async def file_content(db: Database, file_id: str) -> File:
+async def file_content(db: Injected[Database], file_id: FromPath[str]) -> File:
     """The file's bytes, streamed from disk."""
     row = await _get_row(db, file_id)
     if not Path(row.path).is_file():
@@ -319,7 +320,7 @@ async def file_content(db: Database, file_id: str) -> File:
 
 
 @delete("/v1/files/{file_id:str}", status_code=200, tags=["files"])
-async def delete_file(db: Database, file_id: str) -> FileDeleted:
+async def delete_file(db: Injected[Database], file_id: FromPath[str]) -> FileDeleted:
     """Delete the file and its row; refused (409) while a queued or running job needs it."""
 
     def remove(session: Session) -> UploadedFile | None:

@@ -1,0 +1,87 @@
+"""`loraforge`: one command line for serving, training and model tools.
+
+Each subcommand registers itself from the module that implements it (`register(subparsers)`
+returning nothing; the parser's `run` default takes the parsed namespace and returns an exit code).
+Known failures (bad paths, bad data, models that do not fit) print one line and exit 2: users see
+what to fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+# module name -> its `register(subparsers)`; order is the order of `loraforge --help`.
+COMMAND_MODULES = (
+    "server.cli_serve",  # serve, worker, db
+    "server.cli_model",  # generate, convert, fuse
+    "server.cli_train",  # train, lora
+    "server.cli_eval",  # eval, demo-data
+    "server.cli_jobs",  # jobs
+)
+
+
+class UserError(Exception):
+    """A failure the user can fix; printed as one line."""
+
+
+def _check_backend() -> None:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as e:
+        hint = ("pip install 'loraforge[cpu]' (CPU) or 'loraforge[cuda]' (NVIDIA, CUDA 13)"
+                if platform.system() == "Linux" else "pip install mlx")
+        raise UserError(f"MLX has no backend installed here ({e}): {hint}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraforge",
+        description="Serve a Mistral-class model with MLX behind an OpenAI-compatible API, "
+        "hot-swap LoRA adapters and run LoRA fine-tunes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # not written yet in this checkout
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "run", None):
+        parser.print_help()
+        return 1
+    try:
+        if getattr(ns, "needs_mlx", True):
+            _check_backend()
+        return int(ns.run(ns) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except UserError as e:
+        print(f"loraforge {ns.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if _is_user_error(e):
+            print(f"loraforge {ns.command}: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Errors from the engine that describe bad input (they already say what to do)."""
+    from mlx_core.errors import USER_ERRORS
+
+    return isinstance(e, USER_ERRORS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

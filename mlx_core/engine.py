@@ -188,6 +188,41 @@ class Engine:
                 if out.request_id == request_id:
                     yield out
 
+    def reset(self) -> None:
+        """Forget every request (after a failed step); adapter pins are released."""
+        for seq in [*self.waiting, *self.running, *(s for p in self.prefilling for s in p.seqs)]:
+            self._release(seq)
+        self.waiting.clear()
+        self.prefilling, self.running, self.cache, self._pending = [], [], None, []
+
+    def score_prompt(self, tokens: list[int], top: int, adapter: str | None = None) -> list[TokenLogprob | None]:
+        """Log-probability of each prompt token given the ones before it (None for the first),
+        with the `top` most likely alternatives: OpenAI's `echo` with `logprobs`. Engine thread only."""
+        slot = 0
+        if adapter is not None and self.adapter_slots is not None:
+            slot = self.adapter_slots.acquire(adapter)
+            if slot is None:
+                raise EngineError("every adapter slot is busy: retry shortly")
+        try:
+            if self.adapter_slots is not None:
+                self.adapter_slots.activate([slot])
+            logits = self.model(mx.array([tokens]))[0, :-1].astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            nxt = mx.array(tokens[1:])[:, None]
+            chosen = mx.take_along_axis(logprobs, nxt, axis=-1)[:, 0]
+            out: list[TokenLogprob | None] = [None]
+            if top:
+                ids = mx.argsort(-logprobs, axis=-1)[:, :top]
+                vals = mx.take_along_axis(logprobs, ids, axis=-1)
+                ids_l, vals_l = ids.tolist(), vals.tolist()
+            for i, lp in enumerate(chosen.tolist()):
+                alts = list(zip(ids_l[i], vals_l[i])) if top else []
+                out.append(TokenLogprob(tokens[i + 1], lp, alts))
+            return out
+        finally:
+            if slot:
+                self.adapter_slots.release(slot)
+
     # -- internals -------------------------------------------------------------------------------
     def _drain_inbox(self, outs: list[GenerationOutput]) -> None:
         while True:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 AGGREGATES = ("COUNT", "MAX", "MIN", "SUM", "AVG")
 OPERATORS = ("=", ">", "<")
+MAX_CONDITIONS = 16  # WikiSQL has at most 4; the cap bounds the parser's recursion
 _KEYWORDS = ("SELECT", "FROM", "WHERE", "AND", *AGGREGATES)
 
 
@@ -130,7 +131,7 @@ class _Parser:
         self.listed = ", ".join(columns)
         self.table = table
         self.furthest = (-1, "")  # where parsing got furthest and what it expected there
-        self.memo: dict[int, tuple[Condition, ...] | None] = {}
+        self.memo: dict[tuple[int, int], tuple[Condition, ...] | None] = {}
 
     def expect(self, pos: int, what: str) -> None:
         if pos > self.furthest[0]:
@@ -202,22 +203,24 @@ class _Parser:
         conditions = self.conditions(pos + m.end())
         return None if conditions is None else Query(table, column, agg, conditions)
 
-    def conditions(self, pos: int) -> tuple[Condition, ...] | None:
-        # Memoized by position: quoted values may end at any later quote, and without the memo
-        # a long malformed prediction would make the backtracking exponential.
-        if pos not in self.memo:
-            self.memo[pos] = self._conditions(pos)
-        return self.memo[pos]
+    def conditions(self, pos: int, depth: int = 1) -> tuple[Condition, ...] | None:
+        # Memoized: a quoted value may end at any later quote, and without the memo a long
+        # malformed prediction would make the backtracking exponential.
+        if depth > MAX_CONDITIONS:
+            self.expect(pos, f"the end of the query: at most {MAX_CONDITIONS} conditions")
+            return None
+        if (pos, depth) not in self.memo:
+            self.memo[pos, depth] = self._conditions(pos, depth)
+        return self.memo[pos, depth]
 
-    def _conditions(self, pos: int) -> tuple[Condition, ...] | None:
+    def _conditions(self, pos: int, depth: int) -> tuple[Condition, ...] | None:
         for column, end in self.columns_at(pos):
             op = _OP.match(self.text, end)
             if op is None:
                 self.expect(end, "an operator (=, > or <) after the column")
                 continue
-            start = op.end()
-            for value, after in self.values_at(start):
-                rest = self.rest_after_value(after)
+            for value, after in self.values_at(op.end()):
+                rest = self.rest_after_value(after, depth)
                 if rest is not None:
                     return (Condition(column, op.group(1), value), *rest)
         return None
@@ -238,14 +241,14 @@ class _Parser:
             return []
         return [(float(number.group(0)), number.end())]
 
-    def rest_after_value(self, pos: int) -> tuple[Condition, ...] | None:
+    def rest_after_value(self, pos: int, depth: int) -> tuple[Condition, ...] | None:
         if pos == len(self.text):
             return ()
         m = _AND.match(self.text, pos)
         if m is None:
             self.expect(pos, "' AND <column> <op> <value>' or the end of the query")
             return None
-        return self.conditions(m.end())
+        return self.conditions(m.end(), depth + 1)
 
 
 def _strip_sql(sql: str) -> str:
@@ -335,7 +338,7 @@ def _holds(value: object, cond: Condition) -> bool:
         return {"=": left == target, ">": left > target, "<": left < target}[cond.op]
     if target is not None:
         return cond.op == ">"
-    a, b = str(value).lower(), str(cond.value).lower()  # the columns are COLLATE NOCASE
+    a, b = str(value).casefold(), str(cond.value).casefold()  # as _compare_folded
     return {"=": a == b, ">": a > b, "<": a < b}[cond.op]
 
 
@@ -494,6 +497,14 @@ def _table_columns(example: SqlExample, queries: Sequence[Query]) -> list[str]:
 
 
 _TABLES_PER_MATCH = 3
+_COLLATION = "FOLDED"
+
+
+def _compare_folded(a: str, b: str) -> int:
+    """Text order ignoring case, for all of Unicode (SQLite's NOCASE folds only ASCII), as
+    WikiSQL's evaluation lower-cases values before comparing."""
+    a, b = a.casefold(), b.casefold()
+    return (a > b) - (a < b)
 
 
 def _run(db: sqlite3.Connection, query: Query) -> list[tuple[object, ...]]:
@@ -515,8 +526,8 @@ def execution_match(example: SqlExample, predicted_sql: str, gold_sql: str, seed
     queries = [gold, predicted]
     columns = _table_columns(example, queries)
     # NUMERIC affinity stores numeric-looking text as numbers, so '3' and 3 compare equal and
-    # > / < compare numerically; NOCASE makes 'SOUTH AUSTRALIA' = 'South Australia'.
-    schema = ", ".join(f"{_identifier(c)} NUMERIC COLLATE NOCASE" for c in columns)
+    # > / < compare numerically; the collation makes 'ÖSTERREICHRING' = 'Österreichring'.
+    schema = ", ".join(f"{_identifier(c)} NUMERIC COLLATE {_COLLATION}" for c in columns)
     table = _identifier(example.table)
     insert = f"INSERT INTO {table} VALUES ({', '.join('?' for _ in columns)})"
     # Several independent tables: a wrong query that agrees with the gold on one table by chance
@@ -525,6 +536,7 @@ def execution_match(example: SqlExample, predicted_sql: str, gold_sql: str, seed
         rng = random.Random(f"{seed}\x00{table_no}\x00{gold_sql}\x00{predicted_sql}")
         rows = _RowMaker(columns, gold, predicted, rng).rows(gold, predicted)
         with closing(sqlite3.connect(":memory:")) as db:
+            db.create_collation(_COLLATION, _compare_folded)
             db.execute(f"CREATE TABLE {table} ({schema})")
             db.executemany(insert, rows)
             expected = _run(db, gold)  # errors here are bugs in this module, so they propagate

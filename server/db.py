@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,6 +229,9 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+_UPGRADE_LOCK = threading.Lock()
+
+
 def _migrations_dir() -> Path:
     # pyproject maps the top-level migrations/ folder to the package server.migrations, so this
     # finds the scripts in a source checkout and in an installed wheel alike.
@@ -250,7 +254,8 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     Safe when the server and a worker start together: on SQLite the migration runs in one
     BEGIN IMMEDIATE transaction, so the second process waits and then finds nothing to do.
     """
-    command.upgrade(alembic_config(url), revision)
+    with _UPGRADE_LOCK:  # Alembic's context is process-global: one upgrade at a time here
+        command.upgrade(alembic_config(url), revision)
 
 
 @dataclass(frozen=True)

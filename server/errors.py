@@ -168,6 +168,18 @@ def _litestar_validation(exc: ValidationException) -> APIError:
     return BadRequestError(f"Invalid request: {exc.detail}. Fix it and retry.")
 
 
+def _is_bad_json(exc: BaseException) -> bool:
+    # Litestar re-raises msgspec's DecodeError as a plain ClientException; the cause tells.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, msgspec.DecodeError) and not isinstance(seen, msgspec.ValidationError):
+            return True
+        if "JSON is malformed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIError:
     status = exc.status_code
     where = f"{request.method} {request.url.path}"
@@ -187,9 +199,10 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIE
             "server with a larger --max-upload-mb.",
             code="request_too_large",
         )
-    if status == 400 and "JSON is malformed" in str(exc.detail):
+    if status == 400 and _is_bad_json(exc):
+        detail = str(exc.detail).removeprefix("JSON is malformed: ")
         return BadRequestError(
-            f"We could not parse the JSON body of your request ({exc.detail}). Send valid JSON "
+            f"We could not parse the JSON body of your request ({detail}). Send valid JSON "
             "with Content-Type: application/json.",
             code="invalid_json",
         )

@@ -244,6 +244,13 @@ def test_equivalent_predictions_are_judged_true() -> None:
         "SELECT Player FROM 1-2-3 WHERE No. = 3.0 AND Nationality = 'canada' AND Year > 2001",
     ]:
         assert execution_match(example, predicted, example.answer), predicted
+    # Case is ignored beyond ASCII too, as WikiSQL's evaluation lower-cases values.
+    example = parse_example(
+        "table: 1-2-3\ncolumns: Location, Report\nQ: ?\n"
+        "A: SELECT Report FROM 1-2-3 WHERE Location = 'Österreichring'"
+    )
+    for predicted in ["SELECT Report FROM 1-2-3 WHERE Location = 'österreichring'"]:
+        assert execution_match(example, predicted, example.answer), predicted
 
 
 def test_off_by_one_boundaries_and_wrong_operators_are_caught() -> None:
@@ -267,14 +274,11 @@ def test_bad_predictions_are_false_and_bad_gold_raises() -> None:
         assert not execution_match(example, predicted, example.answer)
     huge = "SELECT Player FROM 1-10015132-16 WHERE No. > " + "9" * 400
     assert not execution_match(example, huge, example.answer)
+    # A model that never stops: hundreds of conditions, quotes everywhere.
+    rambling = "SELECT No. FROM 1-10015132-16 WHERE Player = '" + "a' AND Player = 'b" * 300
+    assert not execution_match(example, rambling + "'", example.answer)
     with pytest.raises(SqlParseError):
         execution_match(example, example.answer, "SELECT Height FROM 1-10015132-16")
-
-
-def test_execution_match_is_deterministic_for_a_seed(wikisql: list[str]) -> None:
-    example = parse_example(wikisql[0])
-    runs = {execution_match(example, example.answer, example.answer, seed=7) for _ in range(3)}
-    assert runs == {True}
 
 
 # --- exact match and scoring --------------------------------------------------------------------

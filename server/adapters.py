@@ -1,0 +1,270 @@
+"""The adapter registry: rows in the database, weights on disk, residency in the engine's slots.
+
+An adapter is registered from a folder inside the data dir or from an uploaded archive; either
+way it is read with `mlx_core.adapter_io.load_adapter` (ours, mlx-lm, PEFT, the seed's npz),
+checked against the base model's shapes and stored once, in our format, under
+`<data_dir>/adapters/<id>/`. Requests name adapters only by registered name: a path in a
+completion request is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mlx_core.adapter_io import load_adapter, save_adapter
+from mlx_core.lora import Adapter, AdapterError
+from server import db as dbm
+from server.db import Database
+from server.errors import BadRequestError, ConflictError, NotFoundError
+from server.settings import Settings
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Archives may not unpack to more than this many times their own size, nor hold too many files.
+MAX_EXPANSION = 20
+MAX_MEMBERS = 1000
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    id: str
+    name: str
+    path: str
+    base_model: str
+    rank: int
+    alpha: float
+    targets: list[str]
+    created_at: int
+    source_format: str
+    size_bytes: int
+    fingerprint: str
+    fine_tuning_job_id: str | None = None
+
+    @classmethod
+    def of(cls, row: dbm.Adapter) -> AdapterInfo:
+        return cls(row.id, row.name, row.path, row.base_model, row.rank, row.alpha, list(row.targets),
+                   row.created_at, row.source_format, row.size_bytes, row.fingerprint,
+                   row.fine_tuning_job_id)
+
+
+class AdapterRegistry:
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings, self.db = settings, db
+        self.engine_service = None  # set by the app once the service exists
+
+    # -- lookups ----------------------------------------------------------------------------------
+    def path_of(self, adapter_id: str) -> Path:
+        row = self.db.run_sync(lambda s: s.get(dbm.Adapter, adapter_id))
+        if row is None:
+            raise AdapterError(f"adapter {adapter_id} is no longer registered")
+        return Path(row.path)
+
+    def load_for_engine(self, adapter_id: str) -> Adapter:
+        """The engine's loader (engine thread): weights of a registered adapter."""
+        return load_adapter(self.path_of(adapter_id))
+
+    async def list(self) -> list[AdapterInfo]:
+        rows = await self.db.run(lambda s: s.scalars(select(dbm.Adapter).order_by(dbm.Adapter.created_at)).all())
+        return [AdapterInfo.of(r) for r in rows]
+
+    async def get(self, name: str) -> AdapterInfo | None:
+        row = await self.db.run(lambda s: _by_name(s, name))
+        return AdapterInfo.of(row) if row else None
+
+    async def resolve(self, model: str, base_id: str) -> AdapterInfo | None:
+        """None for the base model, the adapter for an adapter name; 404 otherwise."""
+        if model == base_id:
+            return None
+        info = await self.get(model)
+        if info is None:
+            raise NotFoundError(
+                f"The model `{model}` does not exist. Use `{base_id}` or a registered adapter "
+                "(GET /v1/models lists them).", param="model", code="model_not_found")
+        return info
+
+    # -- changes ----------------------------------------------------------------------------------
+    async def register_path(self, name: str, path: str, job_id: str | None = None) -> AdapterInfo:
+        """Register an adapter from a folder or file inside the data dir."""
+        src = self._inside_data_dir(path)
+        return await self._register(name, src, job_id)
+
+    async def register_archive(self, name: str, archive: Path) -> AdapterInfo:
+        """Register an uploaded .tar(.gz) or .zip holding one adapter folder."""
+        with tempfile.TemporaryDirectory(dir=self.settings.adapters_dir, prefix=".upload-") as tmp:
+            root = _safe_extract(archive, Path(tmp), archive.stat().st_size * MAX_EXPANSION)
+            return await self._register(name, root, None)
+
+    async def _register(self, name: str, src: Path, job_id: str | None) -> AdapterInfo:
+        _check_name(name, allow_ft=job_id is not None)
+        if await self.get(name) is not None:
+            raise ConflictError(f"an adapter named {name!r} is already registered: delete it first "
+                                "(DELETE /v1/adapters/{name}) or pick another name", param="name",
+                                code="adapter_exists")
+        service = self.engine_service
+        if service is None or service.loaded is None:
+            raise BadRequestError("the base model is not loaded yet: retry shortly")
+        args = service.loaded.args
+        try:
+            adapter = load_adapter(src, args)
+            adapter.check_fits(args)
+        except (AdapterError, ValueError, OSError) as e:
+            raise BadRequestError(f"cannot use this adapter: {e}", param="lora_path", code="invalid_adapter") from e
+        if adapter.rank > self.settings.max_lora_rank:
+            raise BadRequestError(f"adapter rank {adapter.rank} is above this server's --max-lora-rank "
+                                  f"{self.settings.max_lora_rank}: restart with a larger --max-lora-rank",
+                                  param="lora_path", code="invalid_adapter")
+        row = dbm.Adapter(name=name, path="", source_format=getattr(adapter, "source_format", None) or "lora",
+                          base_model=service.model_id, rank=adapter.rank,
+                          alpha=float(adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank),
+                          targets=list(adapter.targets), fingerprint="", size_bytes=0, fine_tuning_job_id=job_id)
+        dest = self.settings.adapters_dir / row.id
+        save_adapter(dest, adapter, base_model=service.model_id)
+        row.path = str(dest)
+        row.size_bytes = sum(f.stat().st_size for f in dest.iterdir())
+        row.fingerprint = _sha256(dest / "adapters.safetensors")
+        try:
+            await self.db.run(lambda s: s.add(row))
+        except Exception:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return AdapterInfo.of(row)
+
+    async def unregister(self, name: str) -> AdapterInfo:
+        row = await self.db.run(lambda s: _delete_by_name(s, name))
+        if row is None:
+            raise NotFoundError(f"no adapter named {name!r}: GET /v1/adapters lists them",
+                                param="name", code="adapter_not_found")
+        service = self.engine_service
+        if service is not None and service.slots is not None:
+            # Requests in flight keep the resident copy until they finish.
+            await service.run_on_engine(lambda: _unload(service, row.id))
+        shutil.rmtree(row.path, ignore_errors=True)
+        return AdapterInfo.of(row)
+
+    def _inside_data_dir(self, path: str) -> Path:
+        data = self.settings.data_dir.resolve()
+        p = Path(path)
+        candidate = (p if p.is_absolute() else data / p).resolve()
+        if candidate != data and data not in candidate.parents:
+            raise BadRequestError(f"{path} is outside the server's data dir {data}: copy the adapter "
+                                  "there, or upload it as an archive (POST /v1/adapters, multipart)",
+                                  param="lora_path", code="path_not_allowed")
+        if not candidate.exists():
+            raise BadRequestError(f"{path} does not exist under {data}", param="lora_path",
+                                  code="path_not_found")
+        return candidate
+
+
+def _unload(service, adapter_id: str) -> None:
+    service.slots.unload(adapter_id)
+    service.engine.prefix_cache.clear(adapter_id)
+
+
+def _by_name(s: Session, name: str) -> dbm.Adapter | None:
+    return s.scalars(select(dbm.Adapter).where(dbm.Adapter.name == name)).first()
+
+
+def _delete_by_name(s: Session, name: str) -> dbm.Adapter | None:
+    row = _by_name(s, name)
+    if row is not None:
+        s.delete(row)
+    return row
+
+
+def _check_name(name: str, allow_ft: bool) -> None:
+    if allow_ft and name.startswith("ft:"):
+        return
+    if not NAME_RE.match(name):
+        raise BadRequestError(f"adapter name {name!r} is not allowed: use 1-64 characters from "
+                              "A-Z a-z 0-9 . _ -", param="name", code="invalid_name")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> Path:
+    """Unpack an archive refusing absolute paths, '..', links, devices and decompression bombs;
+    return the folder that holds the adapter files."""
+    total = 0
+
+    def check(name: str, size: int) -> None:
+        nonlocal total
+        p = Path(name)
+        if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")):
+            raise BadRequestError(f"archive member {name!r} has an unsafe path: archives may only hold "
+                                  "relative paths inside one folder", param="file", code="unsafe_archive")
+        total += size
+        if total > max_bytes:
+            raise BadRequestError("archive unpacks to more than "
+                                  f"{MAX_EXPANSION}x its size: refused as a possible decompression bomb",
+                                  param="file", code="unsafe_archive")
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            members = z.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise BadRequestError(f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file")
+            for m in members:
+                check(m.filename, m.file_size)
+                if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise BadRequestError(f"archive member {m.filename!r} is a symlink: not allowed",
+                                          param="file", code="unsafe_archive")
+            for m in members:
+                target = dest / m.filename
+                if m.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(m) as src, target.open("wb") as out:
+                    _copy_limited(src, out, m.file_size)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as t:
+            members = t.getmembers()
+            if len(members) > MAX_MEMBERS:
+                raise BadRequestError(f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file")
+            for m in members:
+                check(m.name, m.size)
+                if not (m.isfile() or m.isdir()):
+                    raise BadRequestError(f"archive member {m.name!r} is a link or special file: not allowed",
+                                          param="file", code="unsafe_archive")
+            for m in members:
+                target = dest / m.name
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with t.extractfile(m) as src, target.open("wb") as out:
+                    _copy_limited(src, out, m.size)
+    else:
+        raise BadRequestError("the upload is neither a .tar(.gz) nor a .zip archive: pack the adapter "
+                              "folder with `tar czf adapter.tgz -C folder .`", param="file", code="invalid_archive")
+    # The adapter is the archive root or its single top-level folder.
+    entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def _copy_limited(src, out, declared: int) -> None:
+    # Trust no header: stop if a member yields more bytes than it declared.
+    written = 0
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        written += len(chunk)
+        if written > declared:
+            raise BadRequestError("archive member is larger than its header says: refused",
+                                  param="file", code="unsafe_archive")
+        out.write(chunk)

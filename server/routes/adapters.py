@@ -1,0 +1,89 @@
+"""Adapters at runtime: GET/POST /v1/adapters, DELETE /v1/adapters/{name}, and vLLM's
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+
+from __future__ import annotations
+
+from litestar import Request, Response, delete, get, post
+
+from server.adapters import AdapterInfo, AdapterRegistry
+from server.errors import BadRequestError, decode_body
+from server.routes import Injected
+from server.routes.uploads import receive_upload
+from server.scheduler import EngineService
+from server.schemas import (
+    AdapterList,
+    AdapterObject,
+    DeletedObject,
+    LoadLoraAdapterRequest,
+    RegisterAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
+from server.settings import Settings
+
+
+def adapter_object(info: AdapterInfo, service: EngineService | None) -> AdapterObject:
+    loaded = bool(service and service.slots and info.id in service.slots.resident())
+    return AdapterObject(id=info.name, created_at=info.created_at, base_model=info.base_model,
+                         path=info.path, source_format=info.source_format, rank=info.rank,
+                         alpha=info.alpha, targets=info.targets, size_bytes=info.size_bytes,
+                         fingerprint=info.fingerprint, fine_tuning_job_id=info.fine_tuning_job_id,
+                         loaded=loaded)
+
+
+@get("/v1/adapters", tags=["adapters"])
+async def list_adapters(adapter_registry: Injected[AdapterRegistry],
+                        engine_service: Injected[EngineService]) -> AdapterList:
+    return AdapterList([adapter_object(a, engine_service) for a in await adapter_registry.list()])
+
+
+@post("/v1/adapters", status_code=201, tags=["adapters"])
+async def register_adapter(request: Request, settings: Injected[Settings],
+                           adapter_registry: Injected[AdapterRegistry],
+                           engine_service: Injected[EngineService]) -> AdapterObject:
+    """Register an adapter: JSON `{"name", "path"}` (a folder inside the data dir) or a
+    multipart upload with fields `name` and `file` (a .tar.gz or .zip of the adapter folder)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        part = settings.adapters_dir / f".upload-{engine_service.new_request_id('a')}.part"
+        try:
+            upload = await receive_upload(request, part, settings.max_upload_bytes, settings)
+            name = upload.fields.get("name")
+            if not name:
+                raise BadRequestError("missing form field `name`: the name clients will send as `model`",
+                                      param="name")
+            if upload.filename is None:
+                raise BadRequestError("missing form field `file`: the adapter folder as .tar.gz or .zip",
+                                      param="file")
+            info = await adapter_registry.register_archive(name, part)
+        finally:
+            part.unlink(missing_ok=True)
+    else:
+        body = decode_body(await request.body(), RegisterAdapterRequest)
+        info = await adapter_registry.register_path(body.name, body.path)
+    return adapter_object(info, engine_service)
+
+
+@delete("/v1/adapters/{name:str}", status_code=200, tags=["adapters"])
+async def delete_adapter(name: str, adapter_registry: Injected[AdapterRegistry]) -> DeletedObject:
+    info = await adapter_registry.unregister(name)
+    return DeletedObject(id=info.name, object="adapter", deleted=True)
+
+
+@post("/v1/load_lora_adapter", status_code=200, tags=["adapters"])
+async def load_lora_adapter(data: LoadLoraAdapterRequest,
+                            adapter_registry: Injected[AdapterRegistry]) -> Response[str]:
+    """vLLM's shape: plain-text success message."""
+    if data.load_inplace and await adapter_registry.get(data.lora_name) is not None:
+        await adapter_registry.unregister(data.lora_name)
+    await adapter_registry.register_path(data.lora_name, data.lora_path)
+    return Response(f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain")
+
+
+@post("/v1/unload_lora_adapter", status_code=200, tags=["adapters"])
+async def unload_lora_adapter(data: UnloadLoraAdapterRequest,
+                              adapter_registry: Injected[AdapterRegistry]) -> Response[str]:
+    await adapter_registry.unregister(data.lora_name)
+    return Response(f"Success: LoRA adapter '{data.lora_name}' removed successfully.", media_type="text/plain")
+
+
+route_handlers = [list_adapters, register_adapter, delete_adapter, load_lora_adapter, unload_lora_adapter]

@@ -1,0 +1,49 @@
+"""POST /v1/completions and /v1/chat/completions (logic in server/generation.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import post
+
+from server import generation
+from server.adapters import AdapterRegistry
+from server.routes import Injected
+from server.scheduler import EngineService
+from server.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
+
+
+@post("/v1/completions", status_code=200, tags=["completions"])
+async def create_completion(
+    data: CompletionRequest,
+    engine_service: Injected[EngineService],
+    adapter_registry: Injected[AdapterRegistry],
+) -> CompletionResponse | Any:
+    """OpenAI's legacy completions; `stream: true` answers with server-sent events."""
+    return await generation.complete(data, _require(engine_service), adapter_registry)
+
+
+@post("/v1/chat/completions", status_code=200, tags=["completions"])
+async def create_chat_completion(
+    data: ChatCompletionRequest,
+    engine_service: Injected[EngineService],
+    adapter_registry: Injected[AdapterRegistry],
+) -> ChatCompletionResponse | Any:
+    """Chat completions with the Mistral instruct template; `stream: true` answers with SSE."""
+    return await generation.chat(data, _require(engine_service), adapter_registry)
+
+
+def _require(service: EngineService | None) -> EngineService:
+    from server.errors import ServiceUnavailableError
+
+    if service is None or not service.ready:
+        raise ServiceUnavailableError("the model is not loaded yet: retry shortly", retry_after_s=5)
+    return service
+
+
+route_handlers = [create_completion, create_chat_completion]

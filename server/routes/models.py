@@ -1,0 +1,57 @@
+"""GET /v1/models, GET /v1/models/{id}, DELETE /v1/models/{id} (fine-tuned models)."""
+
+from __future__ import annotations
+
+from litestar import delete, get
+
+from server.adapters import AdapterInfo, AdapterRegistry
+from server.errors import BadRequestError, NotFoundError
+from server.routes import Injected
+from server.scheduler import EngineService
+from server.schemas import DeletedObject, ModelCard, ModelList
+
+
+def _base_card(service: EngineService) -> ModelCard:
+    return ModelCard(id=service.model_id, created=service.started_at, root=service.model_id,
+                     max_model_len=service.engine.max_model_len if service.engine else None)
+
+
+def _adapter_card(info: AdapterInfo, service: EngineService) -> ModelCard:
+    return ModelCard(id=info.name, created=info.created_at, root=service.model_id,
+                     parent=service.model_id, owned_by="loraforge")
+
+
+@get("/v1/models", tags=["models"])
+async def list_models(engine_service: Injected[EngineService],
+                      adapter_registry: Injected[AdapterRegistry]) -> ModelList:
+    """The base model and every registered adapter (fine-tunes included)."""
+    cards = [_base_card(engine_service)]
+    cards += [_adapter_card(a, engine_service) for a in await adapter_registry.list()]
+    return ModelList(cards)
+
+
+@get("/v1/models/{model_id:path}", tags=["models"])
+async def retrieve_model(model_id: str, engine_service: Injected[EngineService],
+                         adapter_registry: Injected[AdapterRegistry]) -> ModelCard:
+    model_id = model_id.lstrip("/")
+    if model_id == engine_service.model_id:
+        return _base_card(engine_service)
+    info = await adapter_registry.get(model_id)
+    if info is None:
+        raise NotFoundError(f"The model `{model_id}` does not exist: GET /v1/models lists them",
+                            param="model", code="model_not_found")
+    return _adapter_card(info, engine_service)
+
+
+@delete("/v1/models/{model_id:path}", status_code=200, tags=["models"])
+async def delete_model(model_id: str, engine_service: Injected[EngineService],
+                       adapter_registry: Injected[AdapterRegistry]) -> DeletedObject:
+    """Delete a fine-tuned model (its adapter); the base model cannot be deleted."""
+    model_id = model_id.lstrip("/")
+    if model_id == engine_service.model_id:
+        raise BadRequestError("the base model cannot be deleted", param="model")
+    info = await adapter_registry.unregister(model_id)
+    return DeletedObject(id=info.name, object="model", deleted=True)
+
+
+route_handlers = [list_models, retrieve_model, delete_model]

@@ -15,6 +15,7 @@ _ERRORS = (
     ("mlx_core.adapter_io", "AdapterFormatError"),
     ("mlx_core.memory", "MemoryPreflightError"),
     ("mlx_core.train", "TrainingConfigError"),
+    ("mlx_core.evaluate", "EvalError"),
 )
 
 

@@ -16,20 +16,16 @@ Run by hand with `loraforge train`/`loraforge lora`; the fine-tune worker runs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .checkpoints import (
     CheckpointError,
@@ -41,12 +37,8 @@ from .checkpoints import (
 )
 from .checkpoints import fingerprint as identity_fingerprint
 from .config import ModelArgs, Quantization, load_config
-from .data import Batch, BatchStream, TokenizedExample, eval_batches, tokenize_examples
-from .examples import TextExample, find_split_files, read_jsonl
+from .data import BatchStream, eval_batches
 from .lora import (
-    DEFAULT_TARGETS,
-    TARGETS,
-    LoRALinear,
     apply_lora,
     extract_adapter,
     load_adapter_into,
@@ -54,139 +46,18 @@ from .lora import (
     trainable_parameters_count,
 )
 from .model import Mistral
-from .optim import (
-    OPTIMIZERS,
-    SCHEDULES,
-    build_optimizer,
-    optimizer_state_tensors,
-    restore_optimizer_state,
-)
+from .optim import build_optimizer, optimizer_state_tensors, restore_optimizer_state
 from .tokenizer import Tokenizer
+from .train_config import (
+    TrainConfig,
+    TrainData,
+    TrainingConfigError,
+    data_fingerprint,
+    load_train_data,
+)
 from .train_log import EventHandler, TrainLog
+from .train_step import TrainStep, enable_grad_checkpoint, evaluate_loss, loss_sum, remove_lora
 from .weights import LoadedModel, load_model
-
-
-class TrainingConfigError(ValueError):
-    """Training settings that cannot work together (or a checkpoint of another run)."""
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run; defaults are mlx-examples' lora.py's, with its bugs fixed."""
-
-    iters: int = 1000  # optimizer steps
-    batch_size: int = 4  # examples per micro-batch, over all processes
-    learning_rate: float = 1e-5
-    optimizer: str = "adam"  # adam | adamw
-    weight_decay: float = 0.0  # adamw only
-    lr_schedule: str = "constant"  # constant | cosine
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine ends at learning_rate * min_lr_ratio
-    grad_accumulation: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    grad_checkpoint: bool = False
-    seed: int = 0
-    max_seq_len: int = 2048
-    mask_prompt: bool = False
-    completion_after: str | None = None
-    pack: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0  # scale = alpha / rank (2.0 at the defaults, as in the seed)
-    lora_dropout: float = 0.0
-    lora_layers: int = 16  # the last N layers; -1 = all
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    steps_per_report: int = 10
-    steps_per_eval: int = 200  # 0 = only at the end
-    val_batches: int = 25  # -1 = the whole validation set
-    save_every: int = 100  # 0 = no intermediate checkpoints
-    keep_checkpoints: int = 0  # 0 = keep all
-    adapter_path: str = "adapters"
-    adapter_file: str | None = None  # also write the final adapter as X.npz + X.json
-    resume: bool | str = False  # True: latest checkpoint under adapter_path; or a checkpoint dir
-    events_jsonl: str | None = None
-    quantize: int | None = None  # 4 | 8: QLoRA over a quantized base
-    quantize_group_size: int = 64
-    dtype: str | None = None  # cast float weights at load (bf16 | f16 | f32)
-    compile: bool = True
-    memory_limit_gb: float | None = None  # preflight against this instead of the machine
-    auto_fit: bool = False  # change batch/checkpointing/quantization until the run fits
-    progress: str = "auto"  # auto | bar | lines | none
-
-    def validate(self) -> None:
-        """Raise TrainingConfigError naming the flag to change."""
-
-        def bad(msg: str) -> None:
-            raise TrainingConfigError(msg)
-
-        for name in ("iters", "batch_size", "grad_accumulation", "lora_rank", "steps_per_report"):
-            if getattr(self, name) < 1:
-                bad(f"--{name.replace('_', '-')} {getattr(self, name)}: use 1 or more")
-        for name in ("steps_per_eval", "save_every", "warmup_steps", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                bad(f"--{name.replace('_', '-')} {getattr(self, name)}: use 0 or more")
-        if self.learning_rate <= 0:
-            bad(f"--learning-rate {self.learning_rate}: use a positive number such as 1e-5")
-        if self.optimizer not in OPTIMIZERS:
-            bad(f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
-        if self.weight_decay and self.optimizer != "adamw":
-            bad(f"--weight-decay {self.weight_decay} needs --optimizer adamw (Adam has no decay)")
-        if self.lr_schedule not in SCHEDULES:
-            bad(f"--lr-schedule {self.lr_schedule!r}: choose {' or '.join(SCHEDULES)}")
-        if self.warmup_steps >= self.iters and self.warmup_steps:
-            bad(f"--warmup-steps {self.warmup_steps} is not below --iters {self.iters}: "
-                "warm up for a fraction of the run (e.g. 5%)")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            bad(f"--min-lr-ratio {self.min_lr_ratio}: use a value between 0 and 1")
-        if self.grad_clip < 0:
-            bad(f"--grad-clip {self.grad_clip}: use a positive norm, or 0 for no clipping")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            bad(f"--lora-dropout {self.lora_dropout}: use a value in [0, 1)")
-        if self.lora_alpha <= 0:
-            bad(f"--lora-alpha {self.lora_alpha}: use a positive number (scale = alpha / rank)")
-        if self.lora_layers == 0 or self.lora_layers < -1:
-            bad(f"--lora-layers {self.lora_layers}: use a positive count, or -1 for all layers")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
-            bad(f"--targets {','.join(self.targets) or '(none)'}: choose from {', '.join(TARGETS)}")
-        if self.quantize not in (None, 4, 8):
-            bad(f"--quantize {self.quantize}: use 4 or 8 (bits), or leave it out")
-        if self.max_seq_len < 3:
-            bad(f"--max-seq-len {self.max_seq_len}: an example needs room for BOS, a token and EOS")
-        if self.completion_after == "":
-            bad("--completion-after is empty: give the marker that starts the answer, e.g. 'A:'")
-        if self.val_batches < -1:
-            bad(f"--val-batches {self.val_batches}: use a count, or -1 for the whole set")
-        if self.progress not in ("auto", "bar", "lines", "none"):
-            bad(f"progress {self.progress!r}: use auto, bar, lines or none")
-
-    @property
-    def lora_scale(self) -> float:
-        return self.lora_alpha / self.lora_rank
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingConfigError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "targets" in d:
-            d["targets"] = tuple(d["targets"])
-        return cls(**d)
-
-
-@dataclass
-class TrainData:
-    """Tokenized splits (what `load_train_data` makes from a folder of JSONL files)."""
-
-    train: list[TokenizedExample]
-    valid: list[TokenizedExample] = field(default_factory=list)
-    test: list[TokenizedExample] = field(default_factory=list)
 
 
 @dataclass
@@ -199,208 +70,11 @@ class TrainResult:
     peak_memory_gb: float
     checkpoints: list[Path]
     resumed_from: Path | None = None
+    model: LoadedModel | None = field(default=None, repr=False)  # with the LoRA layers applied
 
     @property
     def final_val_loss(self) -> float | None:
         return self.val_losses[-1][1] if self.val_losses else None
-
-
-# -- data ---------------------------------------------------------------------------------------
-def load_train_data(
-    folder: str | Path,
-    tokenizer: Tokenizer,
-    config: TrainConfig,
-    log: TrainLog | None = None,
-    splits: Sequence[str] = ("train", "valid"),
-) -> TrainData:
-    """Read and tokenize `splits` of a data folder (train.jsonl, valid.jsonl, test.jsonl).
-
-    Truncation and dropped examples are reported as warnings, never silently.
-    """
-    files = find_split_files(Path(folder))
-    out = TrainData([])
-    for split in splits:
-        if split not in files:
-            if split == "train":
-                raise FileNotFoundError(
-                    f"no train.jsonl in {folder}: put one JSON example per line in "
-                    f"{Path(folder) / 'train.jsonl'}"
-                )
-            if log is not None and split == "valid":
-                log.warning(0, f"no valid.jsonl in {folder}: training without a validation loss")
-            continue
-        examples = read_jsonl(files[split])
-        if config.mask_prompt and isinstance(examples[0], TextExample) and not config.completion_after:
-            raise TrainingConfigError(
-                f"--mask-prompt with {{\"text\": ...}} examples ({files[split]}) needs "
-                "--completion-after MARKER (e.g. 'A:') to know where the answer starts; or use "
-                "prompt/completion or chat examples"
-            )
-        tokenized, report = tokenize_examples(
-            examples, tokenizer, config.max_seq_len, config.mask_prompt, config.completion_after
-        )
-        if (warning := report.warning()) and log is not None:
-            log.warning(0, f"{split}.jsonl: {warning}")
-        setattr(out, split, tokenized)
-    return out
-
-
-def data_fingerprint(examples: Iterable[TokenizedExample]) -> str:
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(repr((e.tokens, e.loss_mask)).encode())
-    return h.hexdigest()[:16]
-
-
-# -- model pieces -------------------------------------------------------------------------------
-def enable_grad_checkpoint(model: Mistral, layers: Iterable[int]) -> None:
-    """Recompute each given transformer layer in the backward pass instead of storing its
-    activations (only the layer's input is kept).
-
-    The layer's class is swapped for a subclass (per instance, so other models in the process
-    are untouched) whose call runs under `mx.checkpoint` with the layer's trainable parameters as
-    explicit inputs: gradients must reach the LoRA weights through the recomputation.
-    """
-    for i in layers:
-        layer = model.model.layers[i]
-        if not getattr(layer, "_checkpointed", False):
-            layer.__class__ = _checkpointed(type(layer))
-
-
-_CHECKPOINTED: dict[type, type] = {}
-
-
-def _checkpointed(cls: type) -> type:
-    if cls in _CHECKPOINTED:
-        return _CHECKPOINTED[cls]
-
-    def __call__(self, x, mask, cache, layer, rope_offset, positions):
-        # mx.checkpoint takes arrays only: the string mask, ints and None stay in the closure.
-        arrays = [a for a in (mask, positions) if isinstance(a, mx.array)]
-
-        def inner(params, x, *arrs):
-            self.update(params)
-            it = iter(arrs)
-            m = next(it) if isinstance(mask, mx.array) else mask
-            p = next(it) if isinstance(positions, mx.array) else positions
-            return cls.__call__(self, x, m, cache, layer, rope_offset, p)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), x, *arrays)
-
-    sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpointed": True})
-    _CHECKPOINTED[cls] = sub
-    return sub
-
-
-def remove_lora(model: Mistral) -> None:
-    """Undo `apply_lora`: put every wrapped projection's base back (e.g. before serving)."""
-    for layer in model.model.layers:
-        for owner in (layer.self_attn, layer.mlp):
-            for name, child in list(owner.children().items()):
-                if isinstance(child, LoRALinear):
-                    setattr(owner, name, child.base)
-
-
-def _batch_arrays(batch: Batch) -> list[mx.array]:
-    arrays = [batch.inputs, batch.targets, batch.loss_mask]
-    if batch.positions is not None:
-        arrays += [batch.positions, batch.segment_ids]
-    return arrays
-
-
-def loss_sum(model: Mistral, arrays: list[mx.array]) -> mx.array:
-    """Sum of cross-entropy over the target tokens of a batch (fp32 logits)."""
-    inputs, targets, mask = arrays[:3]
-    positions, segments = (arrays[3], arrays[4]) if len(arrays) == 5 else (None, None)
-    logits = model(inputs, positions=positions, segment_ids=segments)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
-    return (ce * mask).sum()
-
-
-def evaluate_loss(model: Mistral, batches: Iterable[Batch],
-                  group: mx.distributed.Group | None = None) -> tuple[float, float]:
-    """(mean cross-entropy per target token, perplexity) over the batches.
-
-    With a group of several processes each evaluates every size-th batch and the sums are
-    combined, so every rank gets the same numbers.
-    """
-    was_training = model.training
-    model.eval()
-    total, n = mx.array(0.0), 0
-    distributed = group is not None and group.size() > 1
-    for i, batch in enumerate(batches):
-        if distributed and i % group.size() != group.rank():
-            continue
-        total = total + loss_sum(model, _batch_arrays(batch))
-        n += batch.n_target_tokens
-        mx.eval(total)
-    sums = mx.stack([total, mx.array(float(n))])
-    if distributed:
-        sums = mx.distributed.all_sum(sums, group=group)
-    total, n = sums.tolist()
-    if was_training:
-        model.train()
-    if n == 0:
-        return math.nan, math.nan
-    loss = total / n
-    return loss, math.exp(min(loss, 700.0))
-
-
-def _split_micro(batch: Batch, parts: int) -> list[list[mx.array]]:
-    arrays = _batch_arrays(batch)
-    rows = arrays[0].shape[0] // parts
-    return [[a[i * rows:(i + 1) * rows] for a in arrays] for i in range(parts)]
-
-
-def _all_sum_flat(leaves: list[mx.array], group: mx.distributed.Group) -> list[mx.array]:
-    """One all_sum for many arrays: concatenate, reduce, split back."""
-    flat = mx.concatenate([x.reshape(-1).astype(mx.float32) for x in leaves])
-    flat = mx.distributed.all_sum(flat, group=group)
-    out, at = [], 0
-    for x in leaves:
-        out.append(flat[at:at + x.size].reshape(x.shape).astype(x.dtype))
-        at += x.size
-    return out
-
-
-@dataclass
-class _Steps:
-    first: Callable  # arrays -> (ce_sum, grads)
-    more: Callable  # arrays, ce_sum, grads -> (ce_sum, grads)
-    update: Callable  # ce_sum, grads, counts -> (loss, global counts)
-    state: list
-
-
-def _build_steps(model: Mistral, optimizer: optim.Optimizer, config: TrainConfig,
-                 group: mx.distributed.Group | None) -> _Steps:
-    value_and_grad = nn.value_and_grad(model, loss_sum)
-
-    def first(arrays):
-        return value_and_grad(model, arrays)
-
-    def more(arrays, ce, grads):
-        ce2, grads2 = value_and_grad(model, arrays)
-        return ce + ce2, tree_map(mx.add, grads, grads2)
-
-    def update(ce, grads, counts):
-        if group is not None and group.size() > 1:
-            flat = tree_flatten(grads)
-            summed = _all_sum_flat([v for _, v in flat] + [ce, counts], group)
-            grads = tree_unflatten([(k, v) for (k, _), v in zip(flat, summed)])
-            ce, counts = summed[-2], summed[-1]
-        n = mx.maximum(counts[0], 1.0)
-        grads = tree_map(lambda g: g / n, grads)
-        if config.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, config.grad_clip)
-        optimizer.update(model, grads)
-        return ce / n, counts
-
-    state = [model.state, optimizer.state, mx.random.state]
-    if config.compile:
-        first = partial(mx.compile, inputs=state, outputs=state)(first)
-        more = partial(mx.compile, inputs=state, outputs=state)(more)
-        update = partial(mx.compile, inputs=state, outputs=state)(update)
-    return _Steps(first, more, update, state)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -505,6 +179,9 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
         resumed_from = ckpt_dir
         log.say(f"Resuming from {ckpt_dir} at step {start}")
     else:
+        if config.init_adapter:
+            _load_init_adapter(config, net, args, layers)
+            log.say(f"Loading pretrained adapters from {config.init_adapter}")
         optimizer.init(net.trainable_parameters())
     if start >= config.iters:
         raise TrainingConfigError(
@@ -512,7 +189,7 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
             "train; raise --iters to train further"
         )
 
-    steps = _build_steps(net, optimizer, config, group)
+    step_fn = TrainStep(net, optimizer, config, group)
     stream = BatchStream(data.train, config.batch_size * config.grad_accumulation, config.seed,
                          config.pack, config.max_seq_len, rank, world, start_step=start)
     log.start(start, config.iters, trainable_parameters=n_trainable, world_size=world,
@@ -554,16 +231,7 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
         tic = time.perf_counter()
         batch = next(stream)
         mx.random.seed(_step_seed(config.seed, step, rank))
-        micro = _split_micro(batch, config.grad_accumulation)
-        ce, grads = steps.first(micro[0])
-        for arrays in micro[1:]:
-            mx.eval(ce, grads)  # one micro-batch's activations alive at a time
-            ce, grads = steps.more(arrays, ce, grads)
-        counts = mx.array([batch.n_target_tokens, batch.n_tokens], dtype=mx.float32)
-        loss, counts = steps.update(ce, grads, counts)
-        mx.eval(steps.state, loss, counts)
-        loss_value = loss.item()
-        n_targets, n_tokens = (int(c) for c in counts.tolist())
+        loss_value, n_targets, n_tokens = step_fn(batch)
         window.add(loss_value, n_targets, n_tokens, time.perf_counter() - tic)
         trained_tokens += n_tokens
         losses.append((step, loss_value))
@@ -598,7 +266,7 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
               train_loss=losses[-1][1], val_loss=val_losses[-1][1] if val_losses else None,
               peak_memory_gb=peak, trained_tokens=trained_tokens)
     return TrainResult(adapter_path, config.iters, losses, val_losses, n_trainable, peak,
-                       checkpoints, resumed_from)
+                       checkpoints, resumed_from, loaded)
 
 
 @dataclass
@@ -678,6 +346,29 @@ def _resume_dir(config: TrainConfig, adapter_path: Path, log: TrainLog) -> Path 
     return Path(config.resume)
 
 
+def _load_init_adapter(config: TrainConfig, net: Mistral, args: ModelArgs,
+                       layers: tuple[int, ...]) -> None:
+    from .adapter_io import load_adapter
+
+    adapter = load_adapter(config.init_adapter, args)
+    adapter.check_fits(args)
+    if adapter.rank != config.lora_rank:
+        raise TrainingConfigError(
+            f"{config.init_adapter} has rank {adapter.rank}, this run trains rank "
+            f"{config.lora_rank}: pass --lora-rank {adapter.rank}")
+    outside = sorted({t for _, t in adapter.weights} - set(config.targets)) or sorted(
+        {i for i, _ in adapter.weights} - set(layers))
+    if outside:
+        raise TrainingConfigError(
+            f"{config.init_adapter} adapts {outside} outside this run's --targets/--lora-layers: "
+            f"train with --targets {','.join(adapter.targets)} and enough --lora-layers")
+    if abs(adapter.scale - config.lora_scale) > 1e-9:
+        raise TrainingConfigError(
+            f"{config.init_adapter} has scale {adapter.scale}, this run {config.lora_scale}: pass "
+            f"--lora-alpha {adapter.scale * config.lora_rank:g}")
+    load_adapter_into(net, adapter)
+
+
 def _restore(ckpt_dir: Path, net: Mistral, optimizer: optim.Optimizer, identity: dict,
              args: ModelArgs) -> int:
     try:
@@ -733,5 +424,6 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["TrainConfig", "TrainData", "TrainResult", "TrainingConfigError", "evaluate_loss",
-           "enable_grad_checkpoint", "load_train_data", "remove_lora", "train"]
+__all__ = ["TrainConfig", "TrainData", "TrainResult", "TrainStep", "TrainingConfigError",
+           "enable_grad_checkpoint", "evaluate_loss", "load_train_data", "loss_sum", "remove_lora",
+           "train"]

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
 import uvicorn
@@ -31,17 +31,21 @@ from server.db import Database, upgrade_database
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
 from server.metrics import Metrics
 from server.routes import Injected, route_handlers
+from server.routes.uploads import MULTIPART_SLACK_BYTES
 from server.schemas import HealthStatus
 from server.settings import Settings
+
+if TYPE_CHECKING:  # the registry imports the engine side; the app only passes it through
+    from server.adapters import AdapterRegistry
 
 log = logging.getLogger("loraforge.app")
 access_log = logging.getLogger("loraforge.access")
 
 # In-flight requests (long SSE streams too) get this long to finish on SIGTERM/Ctrl-C.
 GRACEFUL_SHUTDOWN_S = 30
-# JSON bodies may always be this large; uploads up to --max-upload-mb (their routes check).
+# Any request body may be this large (Litestar's default), or up to --max-upload-mb plus form
+# framing when that is larger; upload routes turn Litestar's limit off and enforce their own.
 MIN_BODY_LIMIT_BYTES = 10_000_000
-MULTIPART_SLACK_BYTES = 64 * 1024
 
 
 class Service(Protocol):
@@ -90,7 +94,7 @@ class LoraforgeApp(Litestar):
         finally:
             seconds = time.perf_counter() - start
             method = scope["method"]
-            # The route template ("/v1/files/{file_id:str}") keeps the label set small.
+            # The route template ("/v1/files/{file_id}"), not the path, keeps the label set small.
             route = scope.get("path_template") or "unmatched"
             code = str(status or 500)  # no response started: the connection broke first
             self.metrics.http_requests.inc(method=method, route=route, status=code)
@@ -102,7 +106,7 @@ def api_key_guard(api_key: str | None) -> Guard:
     """A guard requiring `Authorization: Bearer <api_key>` on /v1/*; no-op without a key."""
     expected = api_key.encode() if api_key else None
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:
         if expected is None or not connection.scope["path"].startswith("/v1/"):
             return
         header = connection.headers.get("authorization", "")
@@ -159,10 +163,12 @@ def create_app(
     engine_service: EngineService | None = None,
     services: Sequence[Service] = (),
     metrics: Metrics | None = None,
+    adapter_registry: AdapterRegistry | None = None,
 ) -> Litestar:
     """The app for `settings`. `engine_service` (None: no model, /ready says 503) and
     `services` are started in order after migrations and stopped in reverse on shutdown;
-    pass `metrics` to share one Metrics object with them."""
+    pass `metrics` to share one Metrics object with them. `adapter_registry` is injected into
+    routes as is (the adapter and model routes need it)."""
     metrics = metrics or Metrics()
     db = Database.open(settings.database_url)
 
@@ -196,6 +202,7 @@ def create_app(
             "db": constant(db),
             "metrics": constant(metrics),
             "engine_service": constant(engine_service),
+            "adapter_registry": constant(adapter_registry),
         },
         guards=[api_key_guard(settings.api_key)],
         exception_handlers=exception_handlers(),  # type: ignore[arg-type]
@@ -208,6 +215,7 @@ def create_app(
             summary="OpenAI-compatible serving and LoRA fine-tuning on MLX",
             path="/",  # -> /openapi.json, /openapi.yaml
             render_plugins=[SwaggerRenderPlugin(path="/docs")],
+            use_handler_docstrings=True,
         ),
         logging_config=None,  # run_server configures logging once, for uvicorn and us
         debug=False,  # never send tracebacks to clients
@@ -225,7 +233,11 @@ def logging_config(level: str) -> dict[str, Any]:
             "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}
         },
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}  # noqa: E501
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "stream": "ext://sys.stderr",
+            }
         },
         "root": {"handlers": ["stderr"], "level": root_level},
         "loggers": {
@@ -256,9 +268,16 @@ def run_server(
     engine_service: EngineService | None = None,
     services: Sequence[Service] = (),
     metrics: Metrics | None = None,
+    adapter_registry: AdapterRegistry | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get GRACEFUL_SHUTDOWN_S to finish."""
-    app = create_app(settings, engine_service=engine_service, services=services, metrics=metrics)
+    app = create_app(
+        settings,
+        engine_service=engine_service,
+        services=services,
+        metrics=metrics,
+        adapter_registry=adapter_registry,
+    )
     server = uvicorn.Server(uvicorn_config(app, settings))
     server.run()
     if not server.started:

@@ -16,7 +16,8 @@ import sys
 # module name -> its `register(subparsers)`; order is the order of `loraforge --help`.
 COMMAND_MODULES = (
     "server.cli_serve",  # serve, worker, db
-    "server.cli_model",  # generate, convert, fuse
+    "server.cli_model",  # generate, convert
+    "server.cli_adapters",  # fuse
     "server.cli_train",  # train, lora
     "server.cli_eval",  # eval, demo-data
     "server.cli_jobs",  # jobs

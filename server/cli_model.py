@@ -1,4 +1,4 @@
-"""`loraforge generate | convert | fuse`: model tools that need no server."""
+"""`loraforge generate | convert`: model tools that need no server."""
 
 from __future__ import annotations
 
@@ -53,10 +53,9 @@ def run_generate(ns: argparse.Namespace) -> int:
     slots = None
     if ns.adapter:
         from mlx_core.adapter_io import load_adapter
-
         from mlx_core.lora import AdapterSlots
 
-        adapter = load_adapter(ns.adapter)
+        adapter = load_adapter(ns.adapter, loaded.args)
         adapter.check_fits(loaded.args)
         slots = AdapterSlots(loaded.model, max_loaded=1, max_rank=max(adapter.rank, 1),
                              loader=lambda _: adapter)

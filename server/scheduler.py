@@ -58,6 +58,9 @@ class EngineService:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._loaded = threading.Event()
+        self.load_error: Exception | None = None
+        self.started_at = int(time.time())
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -65,12 +68,31 @@ class EngineService:
         return self.engine is not None and not self._stopping
 
     async def start(self) -> None:
-        await anyio.to_thread.run_sync(self._load)
-        self._thread = threading.Thread(target=self._run, name="loraforge-engine", daemon=True)
+        """Load the model and start the engine thread in the background: /health answers at
+        once, /ready and completions wait for `ready`. `wait_ready()` waits for it."""
+        self.started_at = int(time.time())
+        self._thread = threading.Thread(target=self._load_and_run, name="loraforge-engine", daemon=True)
         self._thread.start()
         metrics = self.metrics
         metrics.running_requests.set_function(lambda: self.engine.num_running if self.engine else 0)
         metrics.waiting_requests.set_function(self._waiting)
+
+    def _load_and_run(self) -> None:
+        try:
+            self._load()
+        except Exception as e:
+            self.load_error = e
+            log.error("cannot load the model: %s", e)
+            self._loaded.set()
+            return
+        self._loaded.set()
+        self._run()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the model is loaded; raise its load error if loading failed."""
+        await anyio.to_thread.run_sync(self._loaded.wait, timeout)
+        if self.load_error is not None:
+            raise self.load_error
 
     def _load(self) -> None:
         from server.cli_model import resolve_model_path
@@ -136,7 +158,7 @@ class EngineService:
             if stream.first_token is None and out.tokens:
                 stream.first_token = now
                 self.metrics.time_to_first_token.observe(now - stream.submitted)
-            self.metrics.generation_tokens.inc(len(out.tokens))
+            self.metrics.generation_tokens.inc(len(out.tokens), model=self.model_id)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
     def _fail_all(self, error: Exception) -> None:
@@ -174,7 +196,7 @@ class EngineService:
                                      f"{s.max_queue} queued): retry shortly", retry_after_s=1)
             for i, r in enumerate(requests):
                 self._streams[r.request_id] = _Stream(loop, queue, i, now)
-        self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests), model=self.model_id)
         for r in requests:
             self.engine.add_request(r)
         self._wake.set()

@@ -303,6 +303,13 @@ class AdapterList(Struct):
     object: Literal["list"] = "list"
 
 
+class RegisterAdapterRequest(RequestBody):
+    """POST /v1/adapters with JSON: register the adapter folder at `path` as `name`."""
+
+    name: str
+    path: str
+
+
 class LoadLoraAdapterRequest(RequestBody):
     """vLLM's POST /v1/load_lora_adapter body."""
 
@@ -343,9 +350,11 @@ class FileList(Struct, kw_only=True):
     has_more: bool = False
 
 
-class FileDeleted(Struct):
+class DeletedObject(Struct):
+    """OpenAI's answer to a DELETE: `{"id", "object": "file" | "model" | ..., "deleted"}`."""
+
     id: str
-    object: Literal["file"] = "file"
+    object: str
     deleted: bool = True
 
 

@@ -31,8 +31,8 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot use; the message names the flag and env var."""
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+def _opt(default: Any, help: str, *, repr: bool = True, **extra: Any) -> Any:
+    return field(default=default, repr=repr, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 = every interface)")
     port: int = _opt(8000, "TCP port to listen on")
     api_key: str | None = _opt(
-        None, "require `Authorization: Bearer <key>` on /v1/* (unset = no auth)"
+        None, "require `Authorization: Bearer <key>` on /v1/* (unset = no auth)", repr=False
     )
     data_dir: Path = _opt(DEFAULT_DATA_DIR, "folder for the database, files/, adapters/, jobs/")
     database_url: str = _opt(
@@ -178,7 +178,9 @@ class Settings:
         for name in fields if names is None else names:
             f = fields[name]
             base = _base_type(hints[name])
-            default = f.default if name != "database_url" else "sqlite under --data-dir"
+            default = "unset" if f.default is None else f.default
+            if name == "database_url":
+                default = "sqlite under --data-dir"
             help = f"{f.metadata['help']} [env {env_var(name)}; default {default}]"
             flag = "--" + name.replace("_", "-")
             if base is bool:
@@ -186,9 +188,10 @@ class Settings:
                     flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help
                 )
             else:
+                choices = f.metadata.get("choices")
                 parser.add_argument(
-                    flag, dest=name, type=base, default=None, help=help,
-                    choices=f.metadata.get("choices"), metavar=name.upper(),
+                    flag, dest=name, type=base, default=None, help=help, choices=choices,
+                    metavar=None if choices else name.upper(),
                 )
 
 

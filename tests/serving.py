@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from litestar.types import ASGIApp
@@ -30,10 +31,17 @@ def start_server(
     *,
     services: Sequence[Service] = (),
     metrics: Metrics | None = None,
+    adapter_registry: Any = None,
     startup_timeout_s: float = 60.0,
 ) -> Iterator[str]:
     """Serve `create_app(settings, ...)` and yield its base URL, e.g. http://127.0.0.1:40123."""
-    app = create_app(settings, engine_service=engine_service, services=services, metrics=metrics)
+    app = create_app(
+        settings,
+        engine_service=engine_service,
+        services=services,
+        metrics=metrics,
+        adapter_registry=adapter_registry,
+    )
     with serve(app, settings, startup_timeout_s=startup_timeout_s) as base_url:
         yield base_url
 
@@ -67,3 +75,18 @@ def serve(
         server.should_exit = True
         thread.join(timeout=config.timeout_graceful_shutdown or 30)
         sock.close()
+
+
+@contextmanager
+def start_model_server(settings: Settings, ready_timeout_s: float = 120.0) -> Iterator[tuple[str, Any]]:
+    """`loraforge serve` in-process: engine, adapter registry and worker as the CLI wires them.
+    Yields (base URL, the EngineService) once the model is loaded."""
+    import anyio
+
+    from server.cli_serve import build_services
+
+    metrics, registry, engine, services = build_services(settings)
+    with start_server(settings, engine, services=services, metrics=metrics,
+                      adapter_registry=registry) as base_url:
+        anyio.run(engine.wait_ready, ready_timeout_s)
+        yield base_url, engine

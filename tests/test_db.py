@@ -59,7 +59,7 @@ def test_concurrent_upgrades_from_several_processes_do_not_collide(url):
     code = f"from server.db import upgrade_database; upgrade_database({url!r})"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-        for _ in range(4)
+        for _ in range(2)
     ]
     for proc in procs:
         _, stderr = proc.communicate(timeout=120)

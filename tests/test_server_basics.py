@@ -5,14 +5,18 @@ Every check starts the real app under uvicorn and talks to it over HTTP, as a us
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 from litestar import Litestar, get, post
+from litestar.params import JSONBody
 
-from server.errors import exception_handlers
+from server.errors import APIError, RateLimitError, decode_body, exception_handlers
 from server.schemas import CompletionRequest
-from server.settings import Settings
+from server.settings import Settings, SettingsError
 from tests.serving import serve, start_server
 
 API_KEY = "sk-test-123"
@@ -132,7 +136,9 @@ def test_wrong_method_is_405_in_openai_shape(base_url):
 
 def test_upload_that_is_not_multipart_is_400(base_url):
     r = httpx.post(
-        f"{base_url}/v1/files", content=b'{"purpose": ', headers={"content-type": "application/json"}
+        f"{base_url}/v1/files",
+        content=b'{"purpose": ',
+        headers={"content-type": "application/json"},
     )
     error = assert_openai_error(r, 400, param="file")
     assert "multipart/form-data" in error["message"]
@@ -145,13 +151,18 @@ def test_upload_that_is_not_multipart_is_400(base_url):
 
 
 @post("/v1/echo", sync_to_thread=False)
-def echo(data: CompletionRequest) -> CompletionRequest:
+def echo(data: JSONBody[CompletionRequest]) -> CompletionRequest:
     return data
+
+
+@get("/v1/busy", sync_to_thread=False)
+def busy() -> None:
+    raise RateLimitError("The server is busy: 256 requests queued. Retry shortly.", retry_after_s=3)
 
 
 @pytest.fixture(scope="module")
 def echo_url():
-    app = Litestar([echo], exception_handlers=exception_handlers(), logging_config=None)
+    app = Litestar([echo, busy], exception_handlers=exception_handlers(), logging_config=None)
     with serve(app) as url:
         yield f"{url}/v1/echo"
 
@@ -163,7 +174,8 @@ def test_valid_body_decodes(echo_url):
 
 
 def test_broken_json_is_400(echo_url):
-    r = httpx.post(echo_url, content=b'{"model": "m", ', headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    r = httpx.post(echo_url, content=b'{"model": "m", ', headers=headers)
     error = assert_openai_error(r, 400)
     assert error["code"] == "invalid_json"
     assert "valid JSON" in error["message"]
@@ -177,7 +189,7 @@ def test_empty_body_is_400(echo_url):
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"model": "m", "prompt": "p", "max_tokens": "ten"}, "max_tokens", "Expected `int | null`, got `str`"),
+        ({"model": "m", "prompt": "p", "max_tokens": "ten"}, "max_tokens", "got `str`"),
         ({"model": "m", "prompt": "p", "temperature": None}, "temperature", "got `null`"),
         ({"model": "m", "prompt": "p", "frobnicate": 1}, "frobnicate", "Unrecognized"),
         ({"prompt": "p"}, "model", "Missing required parameter"),
@@ -197,6 +209,23 @@ def test_invalid_fields_are_400_naming_the_field(echo_url, body, param, words):
     error = assert_openai_error(httpx.post(echo_url, json=body), 400, param=param)
     assert error["type"] == "invalid_request_error"
     assert words in error["message"]
+
+
+def test_decode_body_gives_the_same_errors_as_a_data_parameter():
+    with pytest.raises(APIError) as caught:
+        decode_body(b'{"model": "m", "prompt": "p", "bogus": 1}', CompletionRequest)
+    assert (caught.value.status_code, caught.value.param) == (400, "bogus")
+    with pytest.raises(APIError) as caught:
+        decode_body(b'{"model": ', CompletionRequest)
+    assert caught.value.code == "invalid_json"
+    assert decode_body(b'{"model": "m", "prompt": "p"}', CompletionRequest).max_tokens == 16
+
+
+def test_rate_limit_is_429_with_retry_after(echo_url):
+    r = httpx.get(echo_url.replace("/v1/echo", "/v1/busy"))
+    error = assert_openai_error(r, 429)
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert r.headers["retry-after"] == "3"
 
 
 def test_body_over_the_limit_is_413(tmp_path):
@@ -254,3 +283,29 @@ def test_openai_sdk_sees_authentication_error(keyed_url):
 
     good = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key=API_KEY, max_retries=0)
     assert list(good.files.list()) == []
+
+
+# -- settings: flag > env var > default -----------------------------------------------------------
+
+
+def test_settings_precedence_flag_then_env_then_default(tmp_path):
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    env = {"LORAFORGE_PORT": "7000", "LORAFORGE_API_KEY": "from-env", "LORAFORGE_DATA_DIR": "d"}
+    flags = parser.parse_args(["--port", "9000", "--no-start-worker", "--max-upload-mb", "1.5"])
+    settings = Settings.from_args(flags, env=env)
+    assert settings.port == 9000  # the flag beats LORAFORGE_PORT
+    assert settings.api_key == "from-env"  # no flag: the env var
+    assert settings.max_num_seqs == 32  # neither: the default
+    assert settings.start_worker is False and settings.max_upload_bytes == int(1.5 * 1024**2)
+    assert settings.data_dir == Path("d").resolve()
+    assert settings.database_url == f"sqlite:///{Path('d').resolve() / 'loraforge.db'}"
+    assert "from-env" not in repr(settings)
+
+
+def test_bad_env_value_says_which_variable_and_what_to_do():
+    with pytest.raises(SettingsError, match="LORAFORGE_MAX_NUM_SEQS='lots' is not a whole number"):
+        Settings.from_env({"LORAFORGE_MAX_NUM_SEQS": "lots"})
+    with pytest.raises(SettingsError, match="--max-queue / LORAFORGE_MAX_QUEUE = 0"):
+        Settings.from_env({"LORAFORGE_MAX_QUEUE": "0"})
+    assert Settings.from_env({"LORAFORGE_MAX_MODEL_LEN": ""}).max_model_len is None

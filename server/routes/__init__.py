@@ -25,6 +25,7 @@ Injected: TypeAlias = Annotated[T, Dependency(kind="named"), SkipValidationMarke
 def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
     """Every /v1 route handler. `settings` lets a module be left out or configured per server."""
     # Imported here, not at the top: the route modules import `Injected` from this package.
-    from server.routes import files
+    from server.routes import adapters, completions, files, models
 
-    return [*files.route_handlers]
+    return [*completions.route_handlers, *models.route_handlers, *adapters.route_handlers,
+            *files.route_handlers]

@@ -4,6 +4,7 @@ POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
 from __future__ import annotations
 
 from litestar import Request, Response, delete, get, post
+from litestar.params import FromPath, JSONBody
 
 from server.adapters import AdapterInfo, AdapterRegistry
 from server.errors import BadRequestError, decode_body
@@ -46,7 +47,8 @@ async def register_adapter(request: Request, settings: Injected[Settings],
     if content_type.startswith("multipart/form-data"):
         part = settings.adapters_dir / f".upload-{engine_service.new_request_id('a')}.part"
         try:
-            upload = await receive_upload(request, part, settings.max_upload_bytes, settings)
+            upload = await receive_upload(request, part, settings.max_upload_bytes, settings,
+                                          text_fields=("name",))
             name = upload.fields.get("name")
             if not name:
                 raise BadRequestError("missing form field `name`: the name clients will send as `model`",
@@ -64,13 +66,13 @@ async def register_adapter(request: Request, settings: Injected[Settings],
 
 
 @delete("/v1/adapters/{name:str}", status_code=200, tags=["adapters"])
-async def delete_adapter(name: str, adapter_registry: Injected[AdapterRegistry]) -> DeletedObject:
+async def delete_adapter(name: FromPath[str], adapter_registry: Injected[AdapterRegistry]) -> DeletedObject:
     info = await adapter_registry.unregister(name)
     return DeletedObject(id=info.name, object="adapter", deleted=True)
 
 
 @post("/v1/load_lora_adapter", status_code=200, tags=["adapters"])
-async def load_lora_adapter(data: LoadLoraAdapterRequest,
+async def load_lora_adapter(data: JSONBody[LoadLoraAdapterRequest],
                             adapter_registry: Injected[AdapterRegistry]) -> Response[str]:
     """vLLM's shape: plain-text success message."""
     if data.load_inplace and await adapter_registry.get(data.lora_name) is not None:
@@ -80,7 +82,7 @@ async def load_lora_adapter(data: LoadLoraAdapterRequest,
 
 
 @post("/v1/unload_lora_adapter", status_code=200, tags=["adapters"])
-async def unload_lora_adapter(data: UnloadLoraAdapterRequest,
+async def unload_lora_adapter(data: JSONBody[UnloadLoraAdapterRequest],
                               adapter_registry: Injected[AdapterRegistry]) -> Response[str]:
     await adapter_registry.unregister(data.lora_name)
     return Response(f"Success: LoRA adapter '{data.lora_name}' removed successfully.", media_type="text/plain")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import post
+from litestar.params import JSONBody
 
 from server import generation
 from server.adapters import AdapterRegistry
@@ -20,7 +21,7 @@ from server.schemas import (
 
 @post("/v1/completions", status_code=200, tags=["completions"])
 async def create_completion(
-    data: CompletionRequest,
+    data: JSONBody[CompletionRequest],
     engine_service: Injected[EngineService],
     adapter_registry: Injected[AdapterRegistry],
 ) -> CompletionResponse | Any:
@@ -30,7 +31,7 @@ async def create_completion(
 
 @post("/v1/chat/completions", status_code=200, tags=["completions"])
 async def create_chat_completion(
-    data: ChatCompletionRequest,
+    data: JSONBody[ChatCompletionRequest],
     engine_service: Injected[EngineService],
     adapter_registry: Injected[AdapterRegistry],
 ) -> ChatCompletionResponse | Any:

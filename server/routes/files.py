@@ -9,48 +9,41 @@ a refused or interrupted upload leaves nothing behind.
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.to_thread
-from anyio import AsyncFile
 from litestar import Request, delete, get, post
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import File
-from multipart import (  # type: ignore[import-untyped]
-    MultipartSegment,
-    ParserError,
-    ParserLimitReached,
-    PushMultipartParser,
-    parse_options_header,
-)
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mlx_core.examples import check_jsonl_file
 from server.db import Database, FineTuningJob, UploadedFile, new_id
 from server.errors import (
-    APIError,
     BadRequestError,
     ConflictError,
     NotFoundError,
-    RequestTooLargeError,
     ServerError,
 )
 from server.routes import Injected
-from server.schemas import FileDeleted, FileList, FileObject
+from server.routes.uploads import receive_upload
+from server.schemas import DeletedObject, FileList, FileObject
 from server.settings import Settings
 
 SUPPORTED_PURPOSES = ("fine-tune",)
 MAX_ERRORS_SHOWN = 5
-# Form framing around the file (boundaries, part headers, the purpose field) in a request whose
-# file is exactly at the limit.
-MULTIPART_SLACK_BYTES = 64 * 1024
-MAX_TEXT_FIELD_BYTES = 1024
-# After refusing an upload mid-stream, read and discard up to this much of the rest: a client
-# still sending when the server closes gets a connection reset instead of our error message.
-DRAIN_MAX_BYTES = 1 << 30
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
 
 
@@ -71,146 +64,48 @@ def _not_found(file_id: str) -> NotFoundError:
     )
 
 
-def _too_large(settings: Settings) -> RequestTooLargeError:
-    return RequestTooLargeError(
-        f"The file is larger than this server's upload limit of {settings.max_upload_mb:g} MB. "
-        "Split it into smaller files, or restart the server with a larger --max-upload-mb "
-        "(env LORAFORGE_MAX_UPLOAD_MB).",
-        param="file",
-        code="file_too_large",
-    )
+# -- routes --------------------------------------------------------------------------------------
 
 
-def _clean_filename(raw: str | None) -> str:
-    # Browsers may send "C:\fakepath\x.jsonl"; keep the base name only, as a label.
-    name = PureWindowsPath(PurePosixPath(raw or "").name).name.strip()
-    return name[:255] or "upload.jsonl"
-
-
-class _Upload:
-    """The state of one multipart upload being parsed: the file part goes to `part_path`."""
-
-    def __init__(self, part_path: Path, limit: int) -> None:
-        self.part_path = part_path
-        self.limit = limit
-        self.fields: dict[str, str] = {}
-        self.filename: str | None = None
-        self.size = 0
-        self._out: AsyncFile[bytes] | None = None
-        self._segment: MultipartSegment | None = None
-        self._text = bytearray()
-
-    async def feed(self, event: MultipartSegment | bytes | None, settings: Settings) -> None:
-        if isinstance(event, MultipartSegment):
-            self._start(event)
-            if event.name == "file":
-                self._out = await anyio.open_file(self.part_path, "wb")
-        elif event:
-            await self._data(event, settings)
-        else:
-            await self._end()
-
-    def _start(self, segment: MultipartSegment) -> None:
-        name = segment.name or ""
-        if name == "file":
-            if self.filename is not None:
-                raise BadRequestError("Send one file per request.", param="file")
-            self.filename = _clean_filename(segment.filename)
-        elif name.startswith("expires_after"):
-            raise BadRequestError(
-                "expires_after is not supported by loraforge: remove it (files are kept until "
-                "you delete them).",
-                param="expires_after",
-            )
-        elif name != "purpose":
-            raise BadRequestError(
-                f"Unrecognized form field: {name!r}. Send only `file` and `purpose`.", param=name
-            )
-        self._segment = segment
-
-    async def _data(self, chunk: bytes, settings: Settings) -> None:
-        if self._out is not None:
-            self.size += len(chunk)
-            if self.size > self.limit:
-                raise _too_large(settings)
-            await self._out.write(chunk)
-            return
-        self._text += chunk
-        if len(self._text) > MAX_TEXT_FIELD_BYTES:
-            name = self._segment.name if self._segment else "?"
-            raise BadRequestError(f"The form field {name!r} is too long.", param=name)
-
-    async def _end(self) -> None:
-        if self._out is not None:
-            await self._out.flush()
-            # On disk before the rename makes it visible: a crash cannot leave a torn file.
-            await anyio.to_thread.run_sync(os.fsync, self._out.wrapped.fileno())
-            await self._out.aclose()
-            self._out = None
-        elif self._segment is not None:
-            purpose = self._text.decode("utf-8", errors="replace").strip()
-            if purpose not in SUPPORTED_PURPOSES:
-                # Checked here, before the file is read, when the client sends purpose first.
-                raise BadRequestError(
-                    f"purpose {purpose!r} is not supported by loraforge: use "
-                    "purpose='fine-tune' (training data is the only kind of file it uses).",
-                    param="purpose",
-                )
-            self.fields["purpose"] = purpose
-        self._segment = None
-        self._text = bytearray()
-
-    async def close(self) -> None:
-        if self._out is not None:
-            await self._out.aclose()
-            self._out = None
-
-
-async def _receive(request: Request[Any, Any, Any], settings: Settings, upload: _Upload) -> None:
-    """Parse the multipart body into `upload`, streaming; raises an APIError if it is unusable."""
-    content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    boundary = options.get("boundary")
-    if content_type != "multipart/form-data" or not boundary:
+def _check_file_field(name: str, value: str | None) -> None:
+    if name.startswith("expires_after"):
         raise BadRequestError(
-            "Send the file as multipart/form-data with the fields `file` and `purpose` (the "
-            "openai SDK's client.files.create does this; with curl: -F purpose=fine-tune "
-            "-F file=@train.jsonl).",
-            param="file",
+            "expires_after is not supported by loraforge: remove it (files are kept until you "
+            "delete them).",
+            param="expires_after",
         )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > upload.limit + MULTIPART_SLACK_BYTES:
-        raise _too_large(settings)  # before reading a byte
-    try:
-        with PushMultipartParser(boundary, max_segment_count=8) as parser:
-            async for chunk in request.stream():
-                for event in parser.parse(chunk):
-                    await upload.feed(event, settings)
-    except (ParserError, ParserLimitReached) as e:
+    if name == "purpose" and value is not None and value not in SUPPORTED_PURPOSES:
         raise BadRequestError(
-            f"The multipart body is malformed ({e}). Let your HTTP client build it (e.g. the "
-            "openai SDK, or curl -F).",
-            param="file",
-        ) from None
-    if upload.filename is None:
-        raise BadRequestError("The form has no `file` field: attach the file.", param="file")
-    if "purpose" not in upload.fields:
-        raise BadRequestError(
-            "Missing required parameter: 'purpose'. Use purpose='fine-tune'.", param="purpose"
+            f"purpose {value!r} is not supported by loraforge: use purpose='fine-tune' "
+            "(training data is the only kind of file it uses).",
+            param="purpose",
         )
 
 
-async def _drain(request: Request[Any, Any, Any]) -> None:
-    left = DRAIN_MAX_BYTES
-    try:
-        async for chunk in request.stream():
-            left -= len(chunk)
-            if left < 0:
-                return
-    except Exception:  # disconnected, or already consumed: nothing left to drain
-        return
+@dataclass
+class _UploadOperation(Operation):
+    # The handler reads the multipart stream itself, so describe the form for /openapi.json.
+    def __post_init__(self) -> None:
+        form = Schema(
+            type=OpenAPIType.OBJECT,
+            properties={
+                "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY),
+                "purpose": Schema(type=OpenAPIType.STRING, enum=list(SUPPORTED_PURPOSES)),
+            },
+            required=["file", "purpose"],
+        )
+        self.request_body = RequestBody(
+            content={"multipart/form-data": OpenAPIMediaType(schema=form)}, required=True
+        )
 
 
-@post("/v1/files", status_code=200, request_max_body_size=None, tags=["files"])
+@post(
+    "/v1/files",
+    status_code=200,
+    request_max_body_size=None,
+    tags=["files"],
+    operation_class=_UploadOperation,
+)
 async def create_file(
     request: Request[Any, Any, Any], settings: Injected[Settings], db: Injected[Database]
 ) -> FileObject:
@@ -218,16 +113,21 @@ async def create_file(
     file_id = new_id("file")
     part_path = settings.files_dir / f".{file_id}.part"
     final_path = settings.files_dir / f"{file_id}.jsonl"
-    # The body limit is ours to enforce here (the route has none), so it can say "the file".
-    upload = _Upload(part_path, settings.max_upload_bytes)
     try:
-        try:
-            await _receive(request, settings, upload)
-        except APIError:
-            await _drain(request)
-            raise
-        finally:
-            await upload.close()
+        upload = await receive_upload(
+            request,
+            part_path,
+            settings.max_upload_bytes,
+            settings,
+            text_fields=("purpose",),
+            check_field=_check_file_field,
+        )
+        if upload.filename is None:
+            raise BadRequestError("The form has no `file` field: attach the file.", param="file")
+        if "purpose" not in upload.fields:
+            raise BadRequestError(
+                "Missing required parameter: 'purpose'. Use purpose='fine-tune'.", param="purpose"
+            )
         n_examples, errors = await anyio.to_thread.run_sync(
             lambda: check_jsonl_file(part_path, max_errors=MAX_ERRORS_SHOWN)
         )
@@ -242,7 +142,7 @@ async def create_file(
         os.replace(part_path, final_path)
         row = UploadedFile(
             id=file_id,
-            filename=upload.filename or "upload.jsonl",
+            filename=upload.filename,
             purpose=upload.fields["purpose"],
             bytes=upload.size,
             path=str(final_path),
@@ -280,7 +180,8 @@ async def list_files(
             stmt = stmt.where(UploadedFile.purpose == purpose)
         # Ids start with their creation time, so id order is age order (and a stable cursor).
         if after is not None:
-            stmt = stmt.where(UploadedFile.id < after if order == "desc" else UploadedFile.id > after)
+            newer_or_older = UploadedFile.id < after if order == "desc" else UploadedFile.id > after
+            stmt = stmt.where(newer_or_older)
         by_id = UploadedFile.id.desc() if order == "desc" else UploadedFile.id.asc()
         return list(session.scalars(stmt.order_by(by_id).limit(limit + 1)))
 
@@ -320,7 +221,7 @@ async def file_content(db: Injected[Database], file_id: FromPath[str]) -> File:
 
 
 @delete("/v1/files/{file_id:str}", status_code=200, tags=["files"])
-async def delete_file(db: Injected[Database], file_id: FromPath[str]) -> FileDeleted:
+async def delete_file(db: Injected[Database], file_id: FromPath[str]) -> DeletedObject:
     """Delete the file and its row; refused (409) while a queued or running job needs it."""
 
     def remove(session: Session) -> UploadedFile | None:
@@ -345,7 +246,7 @@ async def delete_file(db: Injected[Database], file_id: FromPath[str]) -> FileDel
         raise _not_found(file_id)
     # After the commit: a crash here leaves an orphan file no row points to, never the reverse.
     Path(row.path).unlink(missing_ok=True)
-    return FileDeleted(id=file_id)
+    return DeletedObject(id=file_id, object="file")
 
 
 route_handlers = [create_file, list_files, retrieve_file, file_content, delete_file]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import delete, get
+from litestar.params import FromPath
 
 from server.adapters import AdapterInfo, AdapterRegistry
 from server.errors import BadRequestError, NotFoundError
@@ -31,7 +32,7 @@ async def list_models(engine_service: Injected[EngineService],
 
 
 @get("/v1/models/{model_id:path}", tags=["models"])
-async def retrieve_model(model_id: str, engine_service: Injected[EngineService],
+async def retrieve_model(model_id: FromPath[str], engine_service: Injected[EngineService],
                          adapter_registry: Injected[AdapterRegistry]) -> ModelCard:
     model_id = model_id.lstrip("/")
     if model_id == engine_service.model_id:
@@ -44,7 +45,7 @@ async def retrieve_model(model_id: str, engine_service: Injected[EngineService],
 
 
 @delete("/v1/models/{model_id:path}", status_code=200, tags=["models"])
-async def delete_model(model_id: str, engine_service: Injected[EngineService],
+async def delete_model(model_id: FromPath[str], engine_service: Injected[EngineService],
                        adapter_registry: Injected[AdapterRegistry]) -> DeletedObject:
     """Delete a fine-tuned model (its adapter); the base model cannot be deleted."""
     model_id = model_id.lstrip("/")

@@ -1,0 +1,255 @@
+"""Full-parameter pretraining of the demo model from scratch: init, loop, checkpoints, resume.
+
+Unlike `mlx_core.train` (LoRA on a frozen base), every weight trains here, from a GPT-2-style
+random init. One step is one AdamW update over `batch_size` examples; the learning rate warms up
+linearly and then follows a cosine to `min_lr_ratio` of its peak. Batches come from
+`mlx_core.data.BatchStream`, whose step s depends only on (examples, seed, s), so a resumed run
+sees exactly the batches the interrupted one would have.
+
+Checkpoints are `<work>/checkpoints/step-<n>/` holding the fp32 weights, the optimizer state and
+`state.json` (step, config); they are written to a hidden folder and renamed, so a killed build
+never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_core.config import ModelArgs
+from mlx_core.data import Batch, BatchStream, TokenizedExample, eval_batches
+from mlx_core.model import Mistral
+from mlx_core.optim import build_optimizer, optimizer_state_tensors, restore_optimizer_state
+
+CHECKPOINTS = "checkpoints"
+_STEP_PREFIX = "step-"
+
+
+class PretrainError(RuntimeError):
+    """A checkpoint that cannot be resumed, or a run that diverged; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 6000
+    batch_size: int = 64  # examples per step (unpacked rows, grouped by length)
+    learning_rate: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 200
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    max_seq_len: int = 384  # every corpus example fits (the longest are ~170 tokens)
+    init_std: float = 0.02
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class PretrainResult:
+    steps: int
+    train_loss: float  # mean over the last log interval
+    valid_loss: float
+    seconds: float  # training time of this process (a resumed run counts from its resume)
+    tokens: int  # input tokens (padding excluded) of this process
+
+
+def init_weights(model: Mistral, std: float, seed: int) -> None:
+    """GPT-2's init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2L).
+
+    MLX's defaults (uniform by fan-in, N(0, 1) embeddings) start a deep stack far from unit
+    scale; this keeps the residual stream's variance flat through the layers from step 0.
+    """
+    mx.random.seed(seed)
+    residual_std = std / math.sqrt(2 * model.args.n_layers)
+
+    def draw(path: str, w: mx.array) -> mx.array:
+        if w.ndim == 1:  # RMSNorm scales start at 1
+            return mx.ones_like(w)
+        s = residual_std if path.endswith(("o_proj.weight", "down_proj.weight")) else std
+        return mx.random.normal(w.shape, scale=s)
+
+    model.update(_map_with_path(model.parameters(), draw))
+    mx.eval(model.parameters())
+
+
+def _map_with_path(tree: dict | list, fn: Callable[[str, mx.array], mx.array], prefix: str = ""):
+    if isinstance(tree, dict):
+        return {k: _map_with_path(v, fn, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_with_path(v, fn, f"{prefix}{i}.") for i, v in enumerate(tree)]
+    return fn(prefix[:-1], tree)
+
+
+def masked_loss(model: Mistral, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Mean cross-entropy over the target tokens (the loss mask), in fp32."""
+    logits = model(inputs).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, targets) * mask
+    return losses.sum() / mx.maximum(mask.sum(), 1.0)
+
+
+def evaluate_loss(model: Mistral, examples: Sequence[TokenizedExample], config: PretrainConfig,
+                  max_batches: int | None = None) -> float:
+    """Target-token-weighted mean loss over `examples` (unpacked, in file order)."""
+    total, count = 0.0, 0
+    for batch in eval_batches(examples, config.batch_size, max_batches, config.max_seq_len):
+        loss = masked_loss(model, batch.inputs, batch.targets, batch.loss_mask)
+        total += loss.item() * batch.n_target_tokens
+        count += batch.n_target_tokens
+    return total / max(count, 1)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def latest_checkpoint(work: Path) -> Path | None:
+    root = work / CHECKPOINTS
+    steps = [
+        (int(p.name[len(_STEP_PREFIX):]), p)
+        for p in root.glob(f"{_STEP_PREFIX}*")
+        if p.is_dir() and p.name[len(_STEP_PREFIX):].isdigit()
+    ] if root.is_dir() else []
+    return max(steps)[1] if steps else None
+
+
+def _save_checkpoint(work: Path, step: int, model: Mistral, optimizer: optim.Optimizer,
+                     identity: dict, keep: int) -> Path:
+    root = work / CHECKPOINTS
+    final = root / f"{_STEP_PREFIX}{step}"
+    tmp = root / f".tmp-{_STEP_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state_tensors(optimizer))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "identity": identity}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    old = sorted(
+        (int(p.name[len(_STEP_PREFIX):]), p) for p in root.glob(f"{_STEP_PREFIX}*") if p != final
+    )
+    for _, p in old[: max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _resume(path: Path, model: Mistral, optimizer: optim.Optimizer, identity: dict) -> int:
+    state = json.loads((path / "state.json").read_text())
+    saved = state.get("identity", {})
+    differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if differ:
+        raise PretrainError(
+            f"{path} was made with other settings ({', '.join(differ)} differ): resume with the "
+            "settings it was started with, or start afresh without --resume (or another --work-dir)"
+        )
+    model.load_weights(str(path / "model.safetensors"))
+    tensors = mx.load(str(path / "optimizer.safetensors"))
+    restore_optimizer_state(optimizer, model.trainable_parameters(), tensors, str(path))
+    mx.eval(model.parameters(), optimizer.state)
+    return int(state["step"])
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def pretrain(
+    args: ModelArgs,
+    train_set: Sequence[TokenizedExample],
+    valid_set: Sequence[TokenizedExample],
+    config: PretrainConfig,
+    work: Path,
+    identity: dict,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[Mistral, PretrainResult]:
+    """Train a fresh model (or continue the latest checkpoint with `resume`); return it trained.
+
+    `identity` names what the checkpoints' meaning depends on (model shape, data, config); a
+    resume with a different identity is refused rather than silently mixing two runs.
+    """
+    identity = {**identity, "pretrain": asdict(config), "model": asdict(args)}
+    model = Mistral(args)
+    init_weights(model, config.init_std, config.seed)
+    optimizer = build_optimizer(
+        "adamw", config.learning_rate, "cosine", config.warmup_steps, config.steps,
+        weight_decay=config.weight_decay, min_lr_ratio=config.min_lr_ratio,
+    )
+    optimizer.init(model.trainable_parameters())
+    start = 0
+    if resume and (ckpt := latest_checkpoint(work)) is not None:
+        start = _resume(ckpt, model, optimizer, identity)
+        log(f"resumed from {ckpt} at step {start}")
+    elif resume:
+        log(f"no checkpoint under {work / CHECKPOINTS}: starting from step 0")
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"model: {n_params / 1e6:.2f}M parameters; {len(train_set)} training examples; "
+        f"steps {start}..{config.steps} of batch {config.batch_size}")
+
+    state = [model.state, optimizer.state]
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+        loss, grads = loss_and_grad(model, inputs, targets, mask)
+        grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
+        optimizer.update(model, grads)
+        return loss, norm
+
+    stream = BatchStream(train_set, config.batch_size, config.seed, pack=False,
+                         max_seq_len=config.max_seq_len, start_step=start)
+    model.train()
+    t0 = last = time.perf_counter()
+    tokens = interval_tokens = 0
+    losses: list[float] = []
+    train_loss = valid_loss = float("nan")
+    for s in range(start, config.steps):
+        batch: Batch = next(stream)
+        loss, norm = step(batch.inputs, batch.targets, batch.loss_mask)
+        mx.eval(state, loss, norm)
+        losses.append(loss.item())
+        tokens += batch.n_tokens
+        interval_tokens += batch.n_tokens
+        done = s + 1
+        if not math.isfinite(losses[-1]):
+            raise PretrainError(
+                f"loss became {losses[-1]} at step {done}: lower --learning-rate (now "
+                f"{config.learning_rate}) and start afresh"
+            )
+        if done % config.log_every == 0 or done == config.steps:
+            now = time.perf_counter()
+            train_loss = sum(losses) / len(losses)
+            eta = (now - t0) / (done - start) * (config.steps - done)
+            log(f"step {done}/{config.steps} loss {train_loss:.4f} "
+                f"lr {optimizer.learning_rate.item():.2e} grad {norm.item():.2f} "
+                f"tok/s {interval_tokens / (now - last):.0f} "
+                f"peak {mx.get_peak_memory() / 2**30:.2f} GB eta {eta / 60:.1f} min")
+            losses, interval_tokens, last = [], 0, now
+        if done % config.eval_every == 0 or done == config.steps:
+            model.eval()
+            valid_loss = evaluate_loss(model, valid_set, config)
+            model.train()
+            log(f"step {done} valid loss {valid_loss:.4f}")
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(work, done, model, optimizer, identity, config.keep_checkpoints)
+    model.eval()
+    if start >= config.steps:  # resumed a finished run: nothing trained, just report
+        valid_loss = evaluate_loss(model, valid_set, config)
+    # A final checkpoint lets `--resume` of a finished build skip straight to evaluation.
+    _save_checkpoint(work, config.steps, model, optimizer, identity, config.keep_checkpoints)
+    elapsed = time.perf_counter() - t0
+    return model, PretrainResult(config.steps, train_loss, valid_loss, elapsed, tokens)
+
+
+def cast_parameters(model: Mistral, dtype: mx.Dtype) -> None:
+    """Cast every floating-point weight to `dtype` (the shipped precision)."""
+    model.update(tree_map(lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w,
+                          model.parameters()))
+    mx.eval(model.parameters())

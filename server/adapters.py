@@ -122,7 +122,7 @@ class AdapterRegistry:
             raise BadRequestError(f"adapter rank {adapter.rank} is above this server's --max-lora-rank "
                                   f"{self.settings.max_lora_rank}: restart with a larger --max-lora-rank",
                                   param="lora_path", code="invalid_adapter")
-        row = dbm.Adapter(name=name, path="", source_format=getattr(adapter, "source_format", None) or "lora",
+        row = dbm.Adapter(id=dbm.new_id("lora"), name=name, path="", source_format=getattr(adapter, "source_format", None) or "lora",
                           base_model=service.model_id, rank=adapter.rank,
                           alpha=float(adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank),
                           targets=list(adapter.targets), fingerprint="", size_bytes=0, fine_tuning_job_id=job_id)

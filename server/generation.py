@@ -180,8 +180,9 @@ def _collect(c: _Choice, out: GenerationOutput) -> None:
 def _usage(choices: Sequence[_Choice], n: int) -> s.Usage:
     # The prompt is counted once per prompt, not once per choice (as OpenAI bills it).
     prompt = sum(c.prompt_tokens for i, c in enumerate(choices) if i % n == 0)
+    cached = sum(c.cached_tokens for i, c in enumerate(choices) if i % n == 0)
     completion = sum(c.completion_tokens for c in choices)
-    return s.Usage(prompt, completion, prompt + completion)
+    return s.Usage(prompt, completion, prompt + completion, s.PromptTokensDetails(cached))
 
 
 def _completion_logprobs(tok: Tokenizer, prompt: Sequence[int], scored: Sequence[TokenLogprob | None],
@@ -303,8 +304,9 @@ async def chat(req: s.ChatCompletionRequest, service: EngineService, registry: A
                      _chat_logprobs(tok, c.logprobs, top) if top is not None else None, c.finish)
         for i, c in enumerate(choices)
     ]
-    usage = s.Usage(len(ids), sum(c.completion_tokens for c in choices),
-                    len(ids) + sum(c.completion_tokens for c in choices))
+    usage = _usage(choices[:1], 1)
+    usage.completion_tokens = sum(c.completion_tokens for c in choices)
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return s.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=result, usage=usage)
 
 
@@ -334,10 +336,10 @@ async def _chat_chunks(outputs: AsyncIterator, rid: str, created: int, req: s.Ch
         yield _event(s.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
             s.ChatChunkChoice(idx, delta, lp, out.finish_reason)]))
     if include_usage:
-        prompt = choices[0].prompt_tokens
-        completion = sum(c.completion_tokens for c in choices)
-        yield _event(s.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                           usage=s.Usage(prompt, completion, prompt + completion)))
+        usage = _usage(choices[:1], 1)
+        usage.completion_tokens = sum(c.completion_tokens for c in choices)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        yield _event(s.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
 
 
 # -- server-sent events ---------------------------------------------------------------------------

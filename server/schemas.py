@@ -39,10 +39,15 @@ class ErrorBody(Struct):
     error: ErrorDetail
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class StreamOptions(RequestBody):

@@ -190,7 +190,10 @@ def run_mlx_lm(spec: dict) -> dict:
 
 
 def _worker(kind: str, spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
+    spec_file = Path(spec["out"] + ".spec.json")  # token lists are too long for a command line
+    spec_file.parent.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_file)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     marker = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -202,7 +205,7 @@ def _worker(kind: str, spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     if ns.worker:
-        spec = json.loads(ns.spec)
+        spec = json.loads(Path(ns.spec).read_text())
         result = run_loraforge(spec) if ns.worker == "loraforge" else run_mlx_lm(spec)
         print("RESULT " + json.dumps(result), flush=True)
         return 0

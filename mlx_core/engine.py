@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import KVCache
+from .kernels import use_fast_kernels
 from .model import Mistral
 from .prefix_cache import PrefixCache
 from .sampling import RowSampler, SampleResult, SamplingParams, StopMatcher, sample
@@ -119,6 +120,7 @@ class Engine:
         self.kv_budget_tokens = kv_budget_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.adapter_slots = adapter_slots
+        use_fast_kernels(model)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[_Sequence] = deque()
         self.prefilling: list[_Prefill] = []

@@ -76,12 +76,15 @@ class PrefixCache:
         if held is None:  # part of the prompt already left the sliding window
             return
         parent = known[-1] if known else 0
+        a0, b0 = len(known) * self.block, n_blocks * self.block
+        # One copy per layer for all new blocks (a handful of kernels, not one per block and
+        # layer); the blocks are views of it. Copies, so no block keeps the batch buffer alive.
+        copies = [(mx.contiguous(k[:, :, a0:b0, :]), mx.contiguous(v[:, :, a0:b0, :])) for k, v in held]
+        mx.async_eval(copies)
         for j in range(len(known), n_blocks):
-            a, b = j * self.block, (j + 1) * self.block
-            key = (parent, adapter, tuple(tokens[a:b]))
-            # Copies, so a stored block does not keep the whole batch buffer alive.
-            layers = [(mx.contiguous(k[:, :, a:b, :]), mx.contiguous(v[:, :, a:b, :])) for k, v in held]
-            mx.eval(layers)
+            a, b = j * self.block - a0, (j + 1) * self.block - a0
+            key = (parent, adapter, tuple(tokens[a + a0 : b + a0]))
+            layers = [(k[:, :, a:b, :], v[:, :, a:b, :]) for k, v in copies]
             bid = self._next_id
             self._next_id += 1
             self._ids[key] = bid

@@ -57,7 +57,7 @@ from .train_config import (
 )
 from .train_log import EventHandler, TrainLog
 from .train_step import TrainStep, enable_grad_checkpoint, evaluate_loss, loss_sum, remove_lora
-from .weights import LoadedModel, load_model
+from .weights import LoadedModel, load_model, quantize_model
 
 
 @dataclass
@@ -132,6 +132,12 @@ def train(
         # 3. model + LoRA
         if isinstance(model, LoadedModel):
             loaded = model
+            if config.quantize and not loaded.args.quantization:
+                quantize_model(loaded.model, Quantization(config.quantize_group_size, config.quantize))
+                loaded.args = loaded.model.args
+            if config.dtype:
+                log.warning(0, "--dtype applies when the model is loaded from a path; "
+                            "the already loaded model keeps its dtype")
         else:
             log.say("Loading pretrained model")
             quant = Quantization(config.quantize_group_size, config.quantize) if config.quantize else None

@@ -27,6 +27,9 @@ from .tokenizer import Tokenizer
 DTYPES = {"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32,
           "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 _SHARD_BYTES = 4 << 30
+_TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+                     "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+                     "unk_token": "<unk>"}
 
 
 class WeightsError(ValueError):
@@ -268,6 +271,8 @@ def save_model(folder: str | Path, model: Mistral, tokenizer: Tokenizer) -> Path
             json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
         )
     (out / "config.json").write_text(json.dumps(model.args.to_hf(), indent=2))
+    # Lets transformers (and so mlx-lm) read the folder's tokenizer.model as Mistral's tokenizer.
+    (out / "tokenizer_config.json").write_text(json.dumps(_TOKENIZER_CONFIG, indent=2))
     if tokenizer.path.resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer.path, out / "tokenizer.model")
     return out

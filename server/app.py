@@ -157,6 +157,13 @@ def metrics_endpoint(metrics: Injected[Metrics]) -> Response[str]:
     return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("loraforge")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "0.0.0+source"
+
+
 def create_app(
     settings: Settings,
     *,
@@ -211,7 +218,7 @@ def create_app(
         ),
         openapi_config=OpenAPIConfig(
             title="loraforge",
-            version=importlib.metadata.version("loraforge"),
+            version=_version(),
             summary="OpenAI-compatible serving and LoRA fine-tuning on MLX",
             path="/",  # -> /openapi.json, /openapi.yaml
             render_plugins=[SwaggerRenderPlugin(path="/docs")],

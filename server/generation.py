@@ -139,7 +139,7 @@ async def complete(req: s.CompletionRequest, service: EngineService, registry: A
                 temperature=req.temperature, top_p=req.top_p,
                 seed=None if req.seed is None else req.seed + j, stop=stops, logprobs=req.logprobs,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                logit_bias=bias)
+                logit_bias=bias, ignore_eos=req.ignore_eos)
             requests.append(GenerationRequest(f"{rid}-{i}-{j}", ids, params, adapter_id))
             echoes.append(text if req.echo else "")
     prompt_scores: dict[int, tuple[list[int], list[TokenLogprob | None]]] = {}

@@ -87,6 +87,8 @@ class CompletionRequest(RequestBody):
     user: str | None = None
     suffix: str | None = None
     best_of: int | None = None  # only None or the same as n is meaningful here
+    # vLLM's extension: keep generating past EOS (benchmarks with random weights use it).
+    ignore_eos: bool = False
 
     unsupported = ("suffix", "best_of")
     accepted_and_ignored = ("user",)
@@ -555,3 +557,28 @@ class FineTuneList(Struct):
 class FineTuneEventList(Struct):
     data: list[FineTuneEvent]
     object: Literal["list"] = "list"
+
+
+# -- fine-tuning: loraforge's LoRA settings (appended: the Structs above stay as OpenAI has them) --
+
+
+class LoraOptions(LoraSettings):
+    """A job's `lora` object: the adapter's shape plus how examples are read. Everything has a
+    default, so `{"rank": 16}` alone is a complete request."""
+
+    max_seq_len: int = 2048  # longest example in tokens; longer prompts are cut from the left
+    quantize: Literal[4, 8] | None = None  # QLoRA: train over a 4- or 8-bit copy of the base
+    mask_prompt: bool = False  # learn only completions / assistant replies
+    completion_after: str | None = None  # where a {"text": ...} example's answer starts, e.g. "A:"
+
+
+class FineTuningJobCreateBody(FineTuningJobCreateRequest):
+    """POST /v1/fine_tuning/jobs as loraforge decodes it: `lora` takes every LoraOptions field."""
+
+    lora: LoraOptions | None = None
+
+
+class FineTuneCreateBody(FineTuneCreateRequest):
+    """POST /v1/fine-tunes (legacy) as loraforge decodes it: `lora` takes every LoraOptions field."""
+
+    lora: LoraOptions | None = None

@@ -79,7 +79,7 @@ def test_training_lowers_loss_reports_and_saves(tiny_hf_model, wikisql_slice, tm
     events: list[dict] = []
     jsonl = tmp_path / "events.jsonl"
     config = _config(tmp_path, iters=8, learning_rate=1e-2, steps_per_report=2, steps_per_eval=4,
-                     save_every=4, events_jsonl=str(jsonl))
+                     save_every=4, keep_checkpoints=1, events_jsonl=str(jsonl))
     result = train(tiny_hf_model, wikisql_slice, config, on_event=events.append)
 
     losses = [loss for _, loss in result.losses]
@@ -109,14 +109,15 @@ def test_training_lowers_loss_reports_and_saves(tiny_hf_model, wikisql_slice, tm
         assert e["tokens_per_sec"] >= e["target_tokens_per_sec"] > 0
         assert e["learning_rate"] == pytest.approx(1e-2)
 
-    # The final adapter and each checkpoint are adapters the server can load.
+    # The final adapter and the checkpoint are adapters the server can load.
     adapter = load_adapter(config.adapter_path)
     assert adapter.rank == 8 and adapter.targets == ("q_proj", "v_proj") and adapter.layers == (0, 1)
-    for step in (4, 8):
-        ckpt = Path(config.adapter_path) / "checkpoints" / f"step-{step}"
-        assert (ckpt / "trainer_state.json").is_file() and (ckpt / "optimizer.safetensors").is_file()
-        assert load_adapter(ckpt).rank == 8
-    assert not list((Path(config.adapter_path) / "checkpoints").glob(".*"))  # no temp folders left
+    assert [e["step"] for e in lines if e["type"] == "checkpoint"] == [4, 8]
+    checkpoints = Path(config.adapter_path) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-8"]  # keep_checkpoints=1
+    ckpt = checkpoints / "step-8"
+    assert (ckpt / "trainer_state.json").is_file() and (ckpt / "optimizer.safetensors").is_file()
+    assert load_adapter(ckpt).rank == 8
 
 
 class _Killed(Exception):
@@ -363,6 +364,25 @@ def test_lora_command_runs_the_blogs_commands(tiny_hf_model, wikisql_slice, tmp_
     assert "Generating" in generated.stdout
     after = generated.stdout.split("Generating\n", 1)[1]
     assert after.startswith(prompt) and after[len(prompt):].strip()
+
+
+def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
+    out = tmp_path / "adapter"
+    done = _loraforge("train", "--model", str(tiny_hf_model), "--data", str(wikisql_slice),
+                      "--iters", "2", "--batch-size", "2", "--lora-layers", "1",
+                      "--targets", "q_proj,o_proj", "--lora-rank", "4", "--steps-per-eval", "0",
+                      "--adapter-path", str(out), "--events-jsonl", str(tmp_path / "ev.jsonl"),
+                      "--test", "--test-batches", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Test loss" in done.stdout and "Test ppl" in done.stdout
+    adapter = load_adapter(out)
+    assert (adapter.rank, adapter.targets, adapter.layers) == (4, ("q_proj", "o_proj"), (1,))
+    events = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert events[0]["config"]["targets"] == ["q_proj", "o_proj"] and events[-1]["type"] == "done"
+    # Settings that cannot work: one line saying what to change, exit 2.
+    bad = _loraforge("train", "--model", str(tiny_hf_model), "--data", str(wikisql_slice),
+                     "--weight-decay", "0.1", cwd=tmp_path)
+    assert bad.returncode == 2 and "--optimizer adamw" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_lora_command_says_what_is_missing(tmp_path, tiny_hf_model):

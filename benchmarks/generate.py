@@ -1,0 +1,121 @@
+"""Batch-1 generation speed: loraforge's engine vs mlx-lm on the same weights, in one run.
+
+    python benchmarks/generate.py --random 7b --dtype bf16 [--quantize 4]
+    python benchmarks/generate.py --model PATH
+
+Prints JSON: prompt tokens/s (prefill) and generation tokens/s (decode) for each, and the ratio.
+Greedy, EOS ignored on both sides (random weights would stop at random).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+
+from benchmarks.common import Timer, add_model_arguments, free_memory, prepare_model, report
+
+
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    mx.random.seed(1)
+    return [1] + mx.random.randint(3, vocab, (n - 1,)).tolist()
+
+
+def bench_ours(path, prompt: list[int], gen: int, runs: int) -> dict:
+    from mlx_core.engine import Engine
+    from mlx_core.sampling import SamplingParams
+    from mlx_core.weights import load_model
+
+    with Timer() as load:
+        loaded = load_model(path)
+    engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=2048, prefill_budget=8192)
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    results = []
+    for i in range(runs + 1):  # the first run warms up
+        start = time.perf_counter()
+        first = None
+        n = 0
+        for out in engine.generate(prompt, params, request_id=f"r{i}"):
+            if first is None and out.tokens:
+                first = time.perf_counter()
+            n += len(out.tokens)
+        end = time.perf_counter()
+        if i:
+            results.append((len(prompt) / (first - start), (n - 1) / (end - first), n))
+    peak = mx.get_peak_memory() / 1e9
+    del engine, loaded
+    free_memory()
+    return _summary(results, load.seconds, peak)
+
+
+def bench_mlx_lm(path, prompt: list[int], gen: int, runs: int) -> dict:
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    with Timer() as load:
+        model, _ = load_model(path)
+
+    def no_eos(tokens, logits):
+        return logits  # mlx-lm's generate_step never stops by itself: it stops at max_tokens
+
+    results = []
+    mx.reset_peak_memory()
+    for i in range(runs + 1):
+        start = time.perf_counter()
+        first = None
+        n = 0
+        for n, (token, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=gen,
+                                                     sampler=lambda x: mx.argmax(x, axis=-1)), 1):
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        if i:
+            results.append((len(prompt) / (first - start), (n - 1) / (end - first), n))
+    peak = mx.get_peak_memory() / 1e9
+    del model
+    free_memory()
+    return _summary(results, load.seconds, peak)
+
+
+def _summary(results, load_s: float, peak_gb: float) -> dict:
+    return {
+        "prompt_tps": round(statistics.median(r[0] for r in results), 1),
+        "generation_tps": round(statistics.median(r[1] for r in results), 1),
+        "generated_tokens": results[0][2],
+        "load_seconds": round(load_s, 2),
+        "peak_memory_gb": round(peak_gb, 2),
+        "runs": len(results),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=256)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--skip-mlx-lm", action="store_true")
+    ns = p.parse_args()
+    path, tmp = prepare_model(ns)
+    from mlx_core.config import load_config
+
+    vocab = load_config(path).vocab_size
+    prompt = prompt_ids(ns.prompt_tokens, vocab)
+    mx.reset_peak_memory()
+    results = {"loraforge": bench_ours(path, prompt, ns.gen_tokens, ns.runs)}
+    if not ns.skip_mlx_lm:
+        mx.reset_peak_memory()
+        results["mlx_lm"] = bench_mlx_lm(path, prompt, ns.gen_tokens, ns.runs)
+        for key in ("prompt_tps", "generation_tps"):
+            results[f"{key}_ratio"] = round(results["loraforge"][key] / results["mlx_lm"][key], 3)
+    report("generate", {"model": str(path) if ns.model else f"random {ns.random}", "dtype": ns.dtype,
+                        "quantize": ns.quantize, "prompt_tokens": ns.prompt_tokens,
+                        "gen_tokens": ns.gen_tokens, "batch": 1}, results)
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Serving throughput: N concurrent streaming clients against `loraforge serve` and
+`mlx_lm.server` on the same weights, in one run.
+
+    python benchmarks/serve.py --random 7b --clients 1 8 32 [--adapters 8]
+
+Each client sends one streaming completion (a ~100-token prompt of its own, 128 new tokens,
+greedy). Prints JSON per server and client count: aggregate generated tokens/s, median and p99
+time to first token. With --adapters K, loraforge is also measured with K distinct LoRA adapters
+in the mix (client i uses adapter i % K) against its single-model figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import add_model_arguments, prepare_model, report
+
+WORDS = ("table player team score season goals coach city stadium year round match points "
+         "club league record home away final result date position nationality school").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int, words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Q{i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+                      extra: dict) -> tuple[float, int, float]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, **extra}
+    start = time.perf_counter()
+    first, chunks = None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            for choice in data.get("choices") or []:
+                if choice.get("text"):
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - start, chunks, end - start
+
+
+async def load(url: str, models: list[str], texts: list[str], clients: int, max_tokens: int,
+               extra: dict) -> dict:
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*[
+            one_request(client, url, models[i % len(models)], texts[i], max_tokens, extra)
+            for i in range(clients)])
+        wall = time.perf_counter() - start
+    ttft = sorted(r[0] for r in results)
+    tokens = sum(r[1] for r in results)
+    return {"clients": clients, "generated_tokens": tokens,
+            "aggregate_tps": round(tokens / wall, 1),
+            "per_client_tps": round(statistics.median(r[1] / max(r[2] - r[0], 1e-9) for r in results), 1),
+            "ttft_median_s": round(statistics.median(ttft), 3),
+            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
+            "wall_s": round(wall, 2)}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def make_adapters(model_path: Path, data_dir: Path, k: int) -> list[str]:
+    from mlx_core.adapter_io import save_adapter
+    from mlx_core.config import load_config
+    from mlx_core.lora import Adapter, projection_parts
+
+    import mlx.core as mx
+
+    args = load_config(model_path)
+    parts = projection_parts(args)
+    names = []
+    for a in range(k):
+        weights = {}
+        for layer in range(args.n_layers - min(16, args.n_layers), args.n_layers):
+            for t in ("q_proj", "v_proj"):
+                p = parts[t]
+                weights[(layer, t)] = (mx.random.normal((p.in_dims, 8)) * 0.01,
+                                       mx.random.normal((8, p.end - p.start)) * 0.01)
+        adapter = Adapter(8, 2.0, ("q_proj", "v_proj"), tuple(sorted({l for l, _ in weights})), weights,
+                          fingerprint=args.shape_fingerprint())
+        save_adapter(data_dir / "incoming" / f"bench-{a}", adapter)
+        names.append(f"bench-{a}")
+    return names
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-words", type=int, default=70, help="~100 tokens")
+    p.add_argument("--adapters", type=int, default=0)
+    p.add_argument("--skip-mlx-lm", action="store_true")
+    ns = p.parse_args()
+    path, tmp = prepare_model(ns)
+    results: dict = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    max_clients = max(ns.clients)
+    texts = prompts(max_clients, ns.prompt_words)
+    with tempfile.TemporaryDirectory() as data:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(path), "--port", str(port),
+               "--data-dir", data, "--no-start-worker", "--served-model-name", "bench",
+               "--max-num-seqs", str(max(32, max_clients)), "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            wait_ready(url, proc, "/ready")
+            asyncio.run(load(url, ["bench"], texts, 2, 8, {"ignore_eos": True}))  # warm-up
+            results["loraforge"] = [asyncio.run(load(url, ["bench"], texts, c, ns.max_tokens,
+                                                     {"ignore_eos": True})) for c in ns.clients]
+            if ns.adapters:
+                names = make_adapters(path, Path(data), ns.adapters)
+                for name in names:
+                    httpx.post(f"{url}/v1/adapters", json={"name": name, "path": f"incoming/{name}"},
+                               timeout=120).raise_for_status()
+                asyncio.run(load(url, names, texts, len(names), 8, {"ignore_eos": True}))  # load slots
+                results[f"loraforge_{ns.adapters}_adapters"] = [
+                    asyncio.run(load(url, names, texts, c, ns.max_tokens, {"ignore_eos": True}))
+                    for c in ns.clients if c >= ns.adapters]
+        finally:
+            stop(proc)
+    if not ns.skip_mlx_lm:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(port),
+                                 "--log-level", "WARNING"], env=env)
+        try:
+            wait_ready(url, proc, "/health")
+            asyncio.run(load(url, ["default_model"], texts, 2, 8, {}))
+            results["mlx_lm"] = [asyncio.run(load(url, ["default_model"], texts, c, ns.max_tokens, {}))
+                                 for c in ns.clients]
+        finally:
+            stop(proc)
+        results["aggregate_tps_ratio"] = {
+            str(a["clients"]): round(a["aggregate_tps"] / b["aggregate_tps"], 2)
+            for a, b in zip(results["loraforge"], results["mlx_lm"])}
+    report("serve", {"model": str(path) if ns.model else f"random {ns.random}", "dtype": ns.dtype,
+                     "quantize": ns.quantize, "max_tokens": ns.max_tokens, "prompt_words": ns.prompt_words},
+           results)
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,920 @@
+"""The fine-tune job queue: create, claim, train in a child process, follow, finish, recover.
+
+- **Create** (`create_job`, called by both APIs' routes): every input is checked before the row is
+  written, in the caller's one transaction, so a refused request leaves nothing behind. "auto"
+  hyperparameters are resolved at once from the training file's example count and stored, so the
+  job object shows the numbers that will be used.
+- **Claim** (`claim_next_job`): one `UPDATE ... WHERE id = (oldest queued) AND status = 'queued'
+  RETURNING id`. Two workers can never both win: the second UPDATE finds the row no longer queued.
+- **Run** (`JobWorker`): each claimed job gets a thread that writes `jobs/<id>/spec.json` and starts
+  `python -m server.jobs spec.json --parent-pid <worker pid>`, which trains with `mlx_core.train`.
+  The child dies with its parent (PR_SET_PDEATHSIG, plus a watchdog thread comparing getppid()),
+  so a killed server never leaves a trainer writing into the job folder.
+- **Follow**: every TICK_S the thread reads the trainer's new JSON-lines events into `job_events`
+  (and `job_checkpoints`), renews the job's lease, and learns of a cancel or of losing the job
+  (the heartbeat finds the row no longer running under this worker) -> SIGTERM, then SIGKILL.
+- **Finish**: the adapter is registered as `ft:<base>:<suffix>:<job id>` through the server's
+  AdapterRegistry, or, in a standalone `loraforge worker` (no engine), through a registry that
+  validates against the base model's config.json alone; either way it is a row in `adapters`, and
+  a server reads those per request, so it serves the model at once. The adapter is also packed as
+  a `fine-tune-results` file (`GET /v1/files/{id}/content`).
+- **Recover**: `running` jobs whose lease expired, or whose worker process on this host is gone,
+  are queued again and resume from their last checkpoint (up to MAX_ATTEMPTS runs), else fail.
+
+Ids: a job's id is `ftjob-<24 hex>`; the legacy API shows the same job as `ft-<24 hex>`, and every
+lookup accepts either (`job_id_from`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from server.db import (
+    Database,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    UploadedFile,
+    new_id,
+    now,
+)
+from server.errors import APIError, BadRequestError, ConflictError, NotFoundError
+from server.schemas import LoraOptions
+from server.settings import Settings
+
+log = logging.getLogger("loraforge.jobs")
+
+DEMO_MODEL_ID = "loraforge-demo"  # the embedded model's served id (as the scheduler names it)
+FINISHED = ("succeeded", "failed", "cancelled")
+RESULTS_PURPOSE = "fine-tune-results"
+MEMORY_LIMIT_ENV = "LORAFORGE_JOB_MEMORY_LIMIT_GB"  # preflight budget for every job's trainer
+
+# Hyperparameters ("auto" rules and bounds).
+BASE_LEARNING_RATE = 1e-5  # learning rate = BASE_LEARNING_RATE x learning_rate_multiplier
+# "auto" multiplier 10 -> 1e-4, a usual LoRA rate: 1e-5 (a full fine-tune's habit) barely moves
+# a freshly initialised rank-8 adapter in a few hundred steps.
+AUTO_LR_MULTIPLIER = 10.0
+MAX_EPOCHS, MAX_BATCH_SIZE, MAX_SUFFIX, MAX_SEED = 50, 256, 64, 2**31 - 1
+SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")  # ":" separates the parts of ft:<base>:<suffix>:<id>
+CHECKPOINTS_PER_JOB = 10  # resume points (and checkpoint rows) per job
+
+# The worker's clock.
+TICK_S = 0.5  # events, heartbeat and cancel checks of a running job
+POLL_S = 1.0  # an idle worker looks for queued jobs this often
+LEASE_S = 30  # a running job whose lease is this stale has lost its worker
+RECOVER_EVERY_S = 10
+STOP_GRACE_S = 5  # SIGTERM, then SIGKILL after this long
+MAX_ATTEMPTS = 3
+
+
+# -- ids and names ------------------------------------------------------------------------------
+def job_id_from(any_id: str) -> str:
+    """The stored id for a job id in either API's form (`ft-<hex>` -> `ftjob-<hex>`)."""
+    return "ftjob-" + any_id.removeprefix("ft-") if any_id.startswith("ft-") else any_id
+
+
+def legacy_id(job_id: str) -> str:
+    """The legacy API's id of a job (`ftjob-<hex>` -> `ft-<hex>`)."""
+    return "ft-" + job_id.removeprefix("ftjob-")
+
+
+def fine_tuned_model_name(job: FineTuningJob) -> str:
+    return f"ft:{job.model}:{job.suffix or ''}:{job.id}"
+
+
+def base_model_id(settings: Settings) -> str:
+    """The served id of the base model, by the scheduler's rule (known without loading it)."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return Path(settings.model).resolve().name if settings.model else DEMO_MODEL_ID
+
+
+def _model_path(settings: Settings) -> str:
+    from server.cli_model import resolve_model_path
+
+    return resolve_model_path(settings.model)
+
+
+# -- creating a job -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobRequest:
+    """A create request from either API in one shape (the routes build it from their Struct)."""
+
+    model: str | None  # None: the served base model (the legacy API's default)
+    training_file: str
+    validation_file: str | None
+    n_epochs: int | str  # a number or "auto"
+    batch_size: int | str
+    learning_rate_multiplier: float | str
+    lora: LoraOptions
+    suffix: str | None
+    seed: int | None
+    api: str = "fine_tuning"  # or "fine-tunes"
+    prompt_loss_weight: float | None = None  # legacy only
+
+
+def auto_epochs(n_examples: int) -> int:
+    """OpenAI's rule: 3 epochs, more for small files (until ~100 examples are seen, at most 25),
+    fewer for big ones (about 25,000 examples seen, at least 1)."""
+    if n_examples * 3 < 100:
+        return min(25, math.ceil(100 / n_examples))
+    if n_examples * 3 > 25_000:
+        return max(1, 25_000 // n_examples)
+    return 3
+
+
+def auto_batch_size(n_examples: int) -> int:
+    """One example per 100, between 1 and 8 (LoRA on one machine: small batches, more steps)."""
+    return min(8, max(1, round(n_examples / 100)))
+
+
+def _bad(message: str, param: str, code: str = "invalid_value") -> BadRequestError:
+    return BadRequestError(message, param=param, code=code)
+
+
+def _check_model(model: str | None, settings: Settings) -> str:
+    base = base_model_id(settings)
+    names = {base, DEMO_MODEL_ID if not settings.model else Path(settings.model).resolve().name}
+    if model is None or model in names:
+        return base
+    raise NotFoundError(
+        f"The model `{model}` does not exist or cannot be fine-tuned here: this server fine-tunes "
+        f"`{base}` (GET /v1/models lists the models). Send model=\"{base}\".",
+        param="model", code="model_not_found")
+
+
+def _check_file(session: Session, file_id: str, param: str) -> UploadedFile:
+    row = session.get(UploadedFile, file_id)
+    if row is None:
+        raise _bad(f"No such File object: {file_id} ({param}). Upload the data with POST /v1/files "
+                   "(purpose=fine-tune) and pass the id it returns.", param, f"invalid_{param}")
+    if row.purpose != "fine-tune":
+        raise _bad(f"{file_id} was uploaded with purpose '{row.purpose}', not 'fine-tune': upload "
+                   "the training data again with purpose=fine-tune.", param, f"invalid_{param}")
+    return row
+
+
+def _is_text_format(path: Path) -> bool:
+    """Whether a (validated) JSONL file holds {"text": ...} examples: they have no prompt to mask."""
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                return set(json.loads(raw.decode("utf-8-sig"))) == {"text"}
+    return False
+
+
+def _resolve(value: Any, auto: Any, kind: type, low: float, high: float, name: str) -> Any:
+    param = f"hyperparameters.{name}"
+    if value == "auto":
+        return auto
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _bad(f"{name} must be a whole number or \"auto\", got {value!r}.", param)
+    if not low <= value <= high:
+        bound = f"above {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+        raise _bad(f"{name} must be {bound} (or \"auto\"), got {value!r}.", param)
+    return kind(value)
+
+
+def _check_lora(lora: LoraOptions, settings: Settings, text_examples: bool) -> None:
+    from mlx_core.lora import TARGETS
+
+    if not 1 <= lora.rank <= settings.max_lora_rank:
+        raise _bad(f"lora.rank {lora.rank} is outside 1..{settings.max_lora_rank} (this server's "
+                   "--max-lora-rank, the largest it can serve): pick a rank in that range.", "lora.rank")
+    if lora.alpha <= 0:
+        raise _bad(f"lora.alpha {lora.alpha} must be positive (scale = alpha / rank), e.g. 16.",
+                   "lora.alpha")
+    if not 0 <= lora.dropout < 1:
+        raise _bad(f"lora.dropout {lora.dropout} must be in [0, 1), e.g. 0.05.", "lora.dropout")
+    unknown = [t for t in lora.targets or () if t not in TARGETS]
+    if unknown or lora.targets == []:
+        raise _bad(f"lora.targets {lora.targets}: choose from {', '.join(TARGETS)}.", "lora.targets")
+    if lora.num_layers is not None and lora.num_layers < 1:
+        raise _bad(f"lora.num_layers {lora.num_layers}: use 1 or more, or leave it out for all "
+                   "layers.", "lora.num_layers")
+    if lora.max_seq_len < 3:
+        raise _bad(f"lora.max_seq_len {lora.max_seq_len}: an example needs room for BOS, a token "
+                   "and EOS; use e.g. 2048.", "lora.max_seq_len")
+    if lora.mask_prompt and text_examples and not lora.completion_after:
+        raise _bad("lora.mask_prompt with {\"text\": ...} examples needs lora.completion_after "
+                   "(the marker where the answer starts, e.g. \"A:\"), or use prompt/completion "
+                   "or chat examples.", "lora.completion_after")
+
+
+def create_job(session: Session, settings: Settings, request: JobRequest) -> FineTuningJob:
+    """Validate `request` and add a queued job (with its first events) to `session`.
+
+    Raises an APIError naming the bad parameter before anything is added, so the caller's
+    transaction writes either the whole job or nothing.
+    """
+    model = _check_model(request.model, settings)
+    train = _check_file(session, request.training_file, "training_file")
+    if request.validation_file is not None:
+        _check_file(session, request.validation_file, "validation_file")
+    n = train.n_examples or 0
+    if n < 1:
+        raise _bad(f"{train.id} has no training examples: upload a file with at least one.",
+                   "training_file", "invalid_training_file")
+    n_epochs = _resolve(request.n_epochs, auto_epochs(n), int, 1, MAX_EPOCHS, "n_epochs")
+    batch_size = _resolve(request.batch_size, auto_batch_size(n), int, 1, MAX_BATCH_SIZE,
+                          "batch_size")
+    if batch_size > n:
+        raise _bad(f"batch_size {batch_size} is larger than the {n} examples in {train.id}: use "
+                   f"{n} or fewer, or \"auto\".", "hyperparameters.batch_size")
+    multiplier = request.learning_rate_multiplier
+    if multiplier != "auto" and (isinstance(multiplier, bool) or not multiplier > 0):
+        raise _bad(f"learning_rate_multiplier must be a number above 0 (or \"auto\"), got "
+                   f"{multiplier!r}.", "hyperparameters.learning_rate_multiplier")
+    multiplier = AUTO_LR_MULTIPLIER if multiplier == "auto" else float(multiplier)
+    suffix = request.suffix or None
+    if suffix is not None and (len(suffix) > MAX_SUFFIX or not SUFFIX_RE.match(suffix)):
+        raise _bad(f"suffix {suffix!r} is not allowed: use up to {MAX_SUFFIX} characters from "
+                   "A-Z a-z 0-9 . _ - (it becomes part of the model name ft:<base>:<suffix>:<id>).",
+                   "suffix")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise _bad(f"seed {request.seed} must be between 0 and {MAX_SEED}.", "seed")
+    lora = request.lora
+    text_examples = _is_text_format(Path(train.path))
+    if request.prompt_loss_weight is not None and not text_examples:
+        # The legacy weight scaled the prompt's loss; the trainer learns the prompt fully or not
+        # at all, so the nearer of the two is used (the legacy default 0.01 masks it).
+        lora = msgspec.structs.replace(lora, mask_prompt=request.prompt_loss_weight < 0.5)
+    _check_lora(lora, settings, text_examples)
+
+    hyperparameters: dict[str, Any] = {"n_epochs": n_epochs, "batch_size": batch_size,
+                                       "learning_rate_multiplier": multiplier}
+    if request.prompt_loss_weight is not None:
+        hyperparameters["prompt_loss_weight"] = request.prompt_loss_weight
+    job = FineTuningJob(
+        id=new_id("ftjob"), model=model, training_file=train.id,
+        validation_file=request.validation_file, hyperparameters=hyperparameters,
+        lora=msgspec.to_builtins(lora), suffix=suffix, api=request.api, status="validating_files",
+        seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        result_files=[], attempts=0, cancel_requested=False)
+    _check_trainer_accepts(job, n)
+    session.add(job)
+    add_event(session, job.id, f"Validating training file: {train.id}")
+    if job.validation_file:
+        add_event(session, job.id, f"Validating validation file: {job.validation_file}")
+    job.status = "queued"  # the files were validated line by line when they were uploaded
+    iters = training_steps(job, n)
+    add_event(session, job.id, f"Files validated, moving job to queued state ({iters} steps: {n} "
+              f"examples x {n_epochs} epochs / batch {batch_size})", data={"total_steps": iters})
+    session.flush()
+    return job
+
+
+def _check_trainer_accepts(job: FineTuningJob, n_examples: int) -> None:
+    # The trainer's own validation, on the exact config the job will run with: nothing it would
+    # refuse at start-up gets queued.
+    from mlx_core.train_config import TrainConfig, TrainingConfigError
+
+    try:
+        TrainConfig.from_dict(train_config(job, n_examples, Path("."), None, None)).validate()
+    except TrainingConfigError as e:
+        raise _bad(f"These settings cannot train: {e}. Change the job's hyperparameters or lora "
+                   "settings.", "lora") from None
+
+
+def add_event(session: Session, job_id: str, message: str, *, level: str = "info",
+              type: str = "message", data: dict[str, Any] | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, message=message, level=level, type=type, data=data,
+                         created_at=now()))
+
+
+def get_job(session: Session, any_id: str) -> FineTuningJob:
+    job = session.get(FineTuningJob, job_id_from(any_id))
+    if job is None:
+        raise NotFoundError(f"No such fine-tuning job: {any_id}. List jobs with GET "
+                            "/v1/fine_tuning/jobs.", param="fine_tuning_job_id",
+                            code="fine_tuning_job_not_found")
+    return job
+
+
+def cancel_job(session: Session, any_id: str) -> FineTuningJob:
+    """Mark a job cancelled at once; a worker training it sees that at its next heartbeat and
+    stops the trainer. A finished job is a 409."""
+    job = get_job(session, any_id)
+    if job.status in FINISHED:
+        raise ConflictError(f"Job {job.id} has already {job.status}, so it cannot be cancelled. "
+                            "Create a new job to train again.", param="fine_tuning_job_id",
+                            code="job_already_finished")
+    job.status, job.cancel_requested = "cancelled", True
+    job.finished_at, job.estimated_finish, job.lease_expires_at = now(), None, None
+    add_event(session, job.id, "Job cancelled")
+    return job
+
+
+# -- the training run a job asks for ------------------------------------------------------------
+def training_steps(job: FineTuningJob, n_examples: int) -> int:
+    hp = job.hyperparameters
+    return max(1, math.ceil(n_examples * hp["n_epochs"] / hp["batch_size"]))
+
+
+def train_config(job: FineTuningJob, n_examples: int, job_dir: Path, resume: Path | None,
+                 memory_limit_gb: float | None) -> dict[str, Any]:
+    """The TrainConfig fields (`mlx_core.train_config`) of one run of `job`."""
+    from mlx_core.lora import DEFAULT_TARGETS
+
+    iters = training_steps(job, n_examples)
+    save_every = max(1, math.ceil(iters / CHECKPOINTS_PER_JOB))
+    lora = job.lora
+    return {
+        "iters": iters, "batch_size": job.hyperparameters["batch_size"],
+        "learning_rate": BASE_LEARNING_RATE * job.hyperparameters["learning_rate_multiplier"],
+        "seed": job.seed, "max_seq_len": lora["max_seq_len"], "mask_prompt": lora["mask_prompt"],
+        "completion_after": lora["completion_after"], "lora_rank": lora["rank"],
+        "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+        "lora_layers": lora["num_layers"] or -1, "targets": lora["targets"] or list(DEFAULT_TARGETS),
+        "quantize": lora["quantize"], "steps_per_report": 1,
+        # With validation data every checkpoint gets a validation loss.
+        "steps_per_eval": save_every if job.validation_file else 0, "val_batches": -1,
+        "save_every": save_every, "adapter_path": str(job_dir / "adapter"),
+        "events_jsonl": str(job_dir / "events.jsonl"), "resume": str(resume) if resume else False,
+        "memory_limit_gb": memory_limit_gb, "progress": "lines",
+    }
+
+
+# -- claiming and recovering --------------------------------------------------------------------
+def claim_next_job(session: Session, worker_id: str, base_model: str) -> FineTuningJob | None:
+    """Atomically take the oldest queued job for `base_model`; None when there is none."""
+    t = now()
+    oldest = (select(FineTuningJob.id)
+              .where(FineTuningJob.status == "queued", FineTuningJob.model == base_model)
+              .order_by(FineTuningJob.created_at, FineTuningJob.id).limit(1).scalar_subquery())
+    claimed = session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.id == oldest, FineTuningJob.status == "queued")
+        .values(status="running", worker_id=worker_id, lease_expires_at=t + LEASE_S, pid=None,
+                attempts=FineTuningJob.attempts + 1, updated_at=t,
+                started_at=func.coalesce(FineTuningJob.started_at, t))
+        .returning(FineTuningJob.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    return session.get(FineTuningJob, claimed) if claimed else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _worker_gone(worker_id: str | None) -> bool:
+    """True only when the worker certainly died: it ran on this host and its pid is gone. A
+    worker elsewhere (or in this very process) is judged by its lease alone."""
+    host, _, rest = (worker_id or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    return not _process_alive(int(pid))
+
+
+def recover_lost_jobs(session: Session) -> list[str]:
+    """Queue again (or fail, after MAX_ATTEMPTS runs) running jobs whose worker is gone."""
+    t = now()
+    recovered = []
+    for job in session.scalars(select(FineTuningJob).where(FineTuningJob.status == "running")):
+        expired = job.lease_expires_at is None or job.lease_expires_at < t
+        if not (expired or _worker_gone(job.worker_id)):
+            continue
+        step = session.scalar(select(func.max(JobCheckpoint.step))
+                              .where(JobCheckpoint.job_id == job.id))
+        where = f"checkpoint step {step}" if step else "the start (no checkpoint yet)"
+        job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
+        if job.attempts >= MAX_ATTEMPTS:
+            job.status, job.finished_at = "failed", t
+            job.error = {"code": "worker_lost", "param": None, "message": (
+                f"The worker training this job stopped {job.attempts} times (last seen "
+                f"{job.worker_id}); giving up. Check the worker's log and "
+                f"{job.id}/train.log in the jobs folder, then create the job again.")}
+            add_event(session, job.id, job.error["message"], level="error")
+        else:
+            job.status = "queued"
+            add_event(session, job.id, f"The worker running this job stopped ({job.worker_id}); "
+                      f"queued again to resume from {where} (run {job.attempts + 1} of "
+                      f"{MAX_ATTEMPTS}).", level="warn")
+        recovered.append(job.id)
+    return recovered
+
+
+# -- the worker ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ConfigOnlyModel:
+    args: Any  # mlx_core.config.ModelArgs
+
+
+@dataclass
+class BaseModelConfig:
+    """What AdapterRegistry needs of the base model, read from its config.json alone: a standalone
+    worker has no engine, yet registers fine-tunes validated against the same shapes."""
+
+    model_id: str
+    loaded: _ConfigOnlyModel
+    slots: None = None  # no engine: nothing resident to unload
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        return None
+
+
+class JobWorker:
+    """Trains queued jobs, up to `settings.max_concurrent_jobs` at once, each in a child process.
+
+    A service of the server (`start`/`stop`) or the body of `loraforge worker` (`run`).
+    `registry` is the server's AdapterRegistry; without one (standalone) a registry validating
+    against the base model's config is made on first use.
+    """
+
+    def __init__(self, settings: Settings, registry: Any = None, *, poll_s: float = POLL_S) -> None:
+        self.settings, self.registry, self.poll_s = settings, registry, poll_s
+        self.db = Database.open(settings.database_url)
+        self.base_model = base_model_id(settings)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._runs: list[_JobRun] = []
+
+    async def start(self) -> None:
+        self.stopping.clear()
+        self._thread = threading.Thread(target=self.run, name="loraforge-jobs", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self._thread is not None:
+            await anyio.to_thread.run_sync(self._thread.join, STOP_GRACE_S + 10)
+        self.db.close()
+
+    def run(self) -> None:
+        """Claim and train jobs until `stopping` is set; then stop the trainers and queue their
+        jobs again (they resume from their checkpoints on the next start)."""
+        log.info("job worker %s: training jobs for %s, %d at a time", self.worker_id,
+                 self.base_model, self.settings.max_concurrent_jobs)
+        next_recovery = 0.0
+        while not self.stopping.is_set():
+            try:
+                if time.monotonic() >= next_recovery:
+                    for job_id in self.db.run_sync(recover_lost_jobs):
+                        log.warning("job %s lost its worker: queued again (or failed)", job_id)
+                    next_recovery = time.monotonic() + RECOVER_EVERY_S
+                self._runs = [r for r in self._runs if r.is_alive()]
+                while len(self._runs) < self.settings.max_concurrent_jobs:
+                    job = self.db.run_sync(
+                        lambda s: claim_next_job(s, self.worker_id, self.base_model))
+                    if job is None:
+                        break
+                    log.info("job %s: claimed (run %d)", job.id, job.attempts)
+                    run = _JobRun(self, job)
+                    self._runs.append(run)
+                    run.start()
+            except Exception:  # a database hiccup must not end the worker: log, retry later
+                log.exception("job worker loop failed; retrying")
+            self.stopping.wait(self.poll_s)
+        for run in self._runs:
+            run.join(STOP_GRACE_S + 5)
+
+    def memory_limit_gb(self) -> float | None:
+        text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{MEMORY_LIMIT_ENV}={text!r} is not a number of GB: fix or unset "
+                             "it in the worker's environment") from None
+
+    async def register(self, name: str, path: Path, job_id: str) -> None:
+        """Register the trained adapter as `name` (idempotent for the same job)."""
+        if self.registry is None:
+            from mlx_core.config import load_config
+            from server.adapters import AdapterRegistry
+
+            self.registry = AdapterRegistry(self.settings, self.db)
+            args = load_config(Path(_model_path(self.settings)))
+            self.registry.engine_service = BaseModelConfig(self.base_model, _ConfigOnlyModel(args))
+        existing = await self.registry.get(name)
+        if existing is not None and existing.fine_tuning_job_id == job_id:
+            return  # registered before a crash, not yet marked succeeded
+        await self.registry.engine_service.wait_ready(600)
+        await self.registry.register_path(name, str(path), job_id)
+
+
+@dataclass
+class _Progress:
+    """What the events of the current run said so far."""
+
+    iters: int
+    tokens_before: int = 0  # trained by earlier runs, up to the checkpoint this one resumed
+    trained_tokens: int = 0
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    succeeded: bool = False
+    error: dict[str, Any] | None = None
+    last_step: int = 0
+    seen: list[str] = field(default_factory=list)
+
+
+class _JobRun(threading.Thread):
+    """One run of one job: prepare the folder, start the trainer, follow it, finish the job."""
+
+    def __init__(self, worker: JobWorker, job: FineTuningJob) -> None:
+        super().__init__(name=f"loraforge-job-{job.id}", daemon=True)
+        self.worker, self.job, self.db = worker, job, worker.db
+        self.dir = worker.settings.jobs_dir / job.id
+        self.events = self.dir / "events.jsonl"
+        self.offset_file = self.dir / "events.offset"
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except APIError as e:
+            self._fail("registration_failed", e.message)
+        except Exception as e:
+            log.exception("job %s failed in the worker", self.job.id)
+            self._fail("worker_error", f"The worker failed while running this job ({e}). The "
+                       "worker's log has the details; create the job again once it is fixed.")
+
+    def _run(self) -> None:
+        from mlx_core.checkpoints import latest_checkpoint
+
+        job, settings = self.job, self.worker.settings
+        n_examples = self._prepare_data()
+        progress = _Progress(iters=training_steps(job, n_examples))
+        adapter = self.dir / "adapter"
+        if self._training_finished():
+            self._finish(progress)  # trained before the worker stopped; only registration is left
+            return
+        checkpoint = latest_checkpoint(adapter)
+        step = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
+        if checkpoint and step >= progress.iters:
+            # Stopped between the last checkpoint and the final save: the checkpoint is the result.
+            for name in ("adapters.safetensors", "adapter_config.json"):
+                shutil.copyfile(checkpoint / name, adapter / name)
+            self._finish(progress)
+            return
+        if checkpoint:
+            progress.tokens_before = self.db.run_sync(lambda s: _tokens_at(s, job.id, step))
+        config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
+        spec = {"model": _model_path(settings), "data": str(self.dir / "data"), "config": config}
+        (self.dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        outcome = self._train(progress)
+        if outcome == "finished":
+            if progress.succeeded:
+                self._finish(progress)
+            else:
+                error = progress.error or {"code": "training_failed", "message": (
+                    f"The trainer exited without finishing. See {self.dir / 'train.log'}; "
+                    "create the job again once it is fixed.")}
+                self._fail(error["code"], error["message"])
+
+    def _prepare_data(self) -> int:
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        job = self.job
+        files = self.db.run_sync(lambda s: {f.id: f for f in s.scalars(select(UploadedFile).where(
+            UploadedFile.id.in_([job.training_file, job.validation_file or ""])))})
+        pairs = [("train.jsonl", job.training_file), ("valid.jsonl", job.validation_file)]
+        for name, file_id in pairs:
+            target = data / name
+            if file_id is None or target.exists():
+                continue
+            if file_id not in files:
+                raise ValueError(f"{file_id} was deleted before the job could use it")
+            try:  # a hard link costs nothing and outlives a later delete of the file
+                os.link(files[file_id].path, target)
+            except OSError:
+                shutil.copyfile(files[file_id].path, target)
+        if job.training_file in files:
+            return files[job.training_file].n_examples or 1
+        with (data / "train.jsonl").open("rb") as f:  # resumed after the file was deleted
+            return sum(1 for line in f if line.strip())
+
+    def _training_finished(self) -> bool:
+        if not self.events.exists():
+            return False
+        for line in reversed(self.events.read_text(encoding="utf-8").splitlines()):
+            event = _parse(line)
+            if event and event.get("type") == "done":
+                return event.get("status") == "succeeded"
+        return False
+
+    # -- the child process ----------------------------------------------------------------------
+    def _train(self, progress: _Progress) -> str:
+        """Run the trainer; "finished" when it exited, "stopped" when this worker let go."""
+        cmd = [sys.executable, "-m", "server.jobs", str(self.dir / "spec.json"),
+               "--parent-pid", str(os.getpid())]
+        with (self.dir / "train.log").open("ab") as out:
+            # Own session: a Ctrl-C in the server's terminal reaches the worker, which decides.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.info("job %s: trainer pid %d (log %s)", self.job.id, proc.pid, self.dir / "train.log")
+        try:
+            while True:
+                exited = proc.poll() is not None
+                ours = self._follow(progress, proc.pid)
+                if not ours:
+                    _stop(proc)
+                    self._note_lost()
+                    return "stopped"
+                if self.worker.stopping.is_set():
+                    _stop(proc)
+                    self._requeue(progress)
+                    return "stopped"
+                if exited:
+                    return "finished"
+                time.sleep(TICK_S)
+        finally:
+            if proc.poll() is None:  # an exception above: never leave the trainer behind
+                _stop(proc)
+
+    def _follow(self, progress: _Progress, pid: int | None) -> bool:
+        """Ingest new events, renew the lease; False when the job is no longer ours."""
+        offset = int(self.offset_file.read_text()) if self.offset_file.exists() else 0
+        events, offset = _read_events(self.events, offset)
+
+        def tick(session: Session) -> bool:
+            job = session.get(FineTuningJob, self.job.id)
+            if job is None or job.status != "running" or job.worker_id != self.worker.worker_id:
+                return False
+            job.lease_expires_at, job.pid = now() + LEASE_S, pid
+            for event in events:
+                _ingest(session, job, event, progress)
+            return True
+
+        ours = self.db.run_sync(tick)
+        if ours:
+            # After the commit: a crash in between replays these events, never loses them.
+            self.offset_file.write_text(str(offset))
+        return ours
+
+    def _note_lost(self) -> None:
+        status = self.db.run_sync(lambda s: s.get(FineTuningJob, self.job.id).status)
+        if status == "cancelled":
+            self.db.run_sync(lambda s: add_event(s, self.job.id, "Trainer stopped"))
+            log.info("job %s: cancelled, trainer stopped", self.job.id)
+        else:
+            log.warning("job %s: taken over by another worker (status %s); trainer stopped",
+                        self.job.id, status)
+
+    def _requeue(self, progress: _Progress) -> None:
+        def requeue(session: Session) -> None:
+            job = self._ours(session)
+            if job is None:
+                return
+            # A shutdown is not a failed run: it does not count against MAX_ATTEMPTS.
+            job.status, job.attempts, job.worker_id = "queued", job.attempts - 1, None
+            job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
+            add_event(session, job.id, f"The worker stopped at step {progress.last_step}; the "
+                      "job is queued again and resumes from its last checkpoint.", level="warn")
+
+        self.db.run_sync(requeue)
+
+    def _ours(self, session: Session) -> FineTuningJob | None:
+        job = session.get(FineTuningJob, self.job.id)
+        ours = job and job.status == "running" and job.worker_id == self.worker.worker_id
+        return job if ours else None
+
+    # -- the outcome ----------------------------------------------------------------------------
+    def _fail(self, code: str, message: str) -> None:
+        def fail(session: Session) -> None:
+            job = self._ours(session)
+            if job is None:
+                return
+            job.status, job.finished_at = "failed", now()
+            job.error = {"code": code, "message": message, "param": None}
+            job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
+            add_event(session, job.id, message, level="error")
+
+        self.db.run_sync(fail)
+        log.warning("job %s failed: %s", self.job.id, message)
+
+    def _finish(self, progress: _Progress) -> None:
+        job = self.job
+        name = fine_tuned_model_name(job)
+        asyncio.run(self.worker.register(name, self.dir / "adapter", job.id))
+        result = self.db.run_sync(lambda s: self._result_file(s))
+
+        def succeed(session: Session) -> bool:
+            row = self._ours(session)
+            if row is None:
+                return False
+            row.status, row.fine_tuned_model, row.result_files = "succeeded", name, [result.id]
+            row.finished_at, row.lease_expires_at, row.pid, row.estimated_finish = now(), None, None, None
+            if progress.trained_tokens:
+                row.trained_tokens = progress.trained_tokens
+            add_event(session, job.id, f"New fine-tuned model created: {name}",
+                      data={"fine_tuned_model": name})
+            add_event(session, job.id, "The job has successfully completed")
+            return True
+
+        if not self.db.run_sync(succeed):  # cancelled while registering: undo the registration
+            asyncio.run(self.worker.registry.unregister(name))
+            self.db.run_sync(lambda s: s.delete(s.get(UploadedFile, result.id)))
+            Path(result.path).unlink(missing_ok=True)
+            return
+        log.info("job %s succeeded: %s", job.id, name)
+
+    def _result_file(self, session: Session) -> UploadedFile:
+        """The adapter as a .tar.gz in files/ (purpose fine-tune-results); made once per job."""
+        filename = f"{self.job.id}-adapter.tar.gz"
+        existing = session.scalars(select(UploadedFile).where(
+            UploadedFile.filename == filename, UploadedFile.purpose == RESULTS_PURPOSE)).first()
+        if existing is not None:
+            return existing
+        file_id = new_id("file")
+        path = self.worker.settings.files_dir / f"{file_id}.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:  # the layout POST /v1/adapters accepts back
+            for name in ("adapters.safetensors", "adapter_config.json"):
+                tar.add(self.dir / "adapter" / name, arcname=name)
+        row = UploadedFile(id=file_id, filename=filename, purpose=RESULTS_PURPOSE,
+                           bytes=path.stat().st_size, path=str(path), status="processed")
+        session.add(row)
+        return row
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the trainer's process group, SIGKILL it after STOP_GRACE_S."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tokens_at(session: Session, job_id: str, step: int) -> int:
+    row = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id,
+                                                      JobCheckpoint.step == step)).first()
+    return int(row.metrics.get("trained_tokens", 0)) if row else 0
+
+
+# -- trainer events -> job events ---------------------------------------------------------------
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines after byte `offset` (a line still being written waits for the next tick)."""
+    if not path.exists():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n") + 1
+    lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
+    return [e for e in map(_parse, lines) if e is not None], offset + end
+
+
+def _ingest(session: Session, job: FineTuningJob, event: dict[str, Any], p: _Progress) -> None:
+    kind, step = event.get("type"), int(event.get("step", 0))
+    at = f"Step {step}/{p.iters}"
+    if kind == "start":
+        p.iters = int(event.get("iters", p.iters))
+        info = {k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")}
+        if event.get("resumed_from"):
+            add_event(session, job.id, f"Resumed from checkpoint at step {step} (run "
+                      f"{job.attempts})", data={"step": step, "total_steps": p.iters, **info})
+        else:
+            add_event(session, job.id, "Fine-tuning job started",
+                      data={"total_steps": p.iters, **info})
+    elif kind == "train":
+        p.last_step, p.train_loss = step, float(event["loss"])
+        p.trained_tokens = p.tokens_before + int(event.get("trained_tokens", 0))
+        job.trained_tokens = p.trained_tokens
+        it_per_sec = float(event.get("it_per_sec") or 0)
+        if it_per_sec > 0:
+            job.estimated_finish = now() + math.ceil((p.iters - step) / it_per_sec)
+        add_event(session, job.id, f"{at}: training loss={p.train_loss:.4f}", type="metrics",
+                  data={"step": step, "total_steps": p.iters, "train_loss": p.train_loss,
+                        "learning_rate": event.get("learning_rate"),
+                        "tokens_per_sec": event.get("tokens_per_sec"),
+                        "peak_memory_gb": event.get("peak_memory_gb"),
+                        "trained_tokens": p.trained_tokens})
+    elif kind == "eval":
+        p.valid_loss = float(event["val_loss"])
+        add_event(session, job.id, f"{at}: validation loss={p.valid_loss:.4f}", type="metrics",
+                  data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss})
+    elif kind == "checkpoint":
+        metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
+        if p.valid_loss is not None:
+            metrics["valid_loss"] = p.valid_loss
+        row = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job.id,
+                                                          JobCheckpoint.step == step)).first()
+        if row is None:  # a resumed run may write a step again
+            session.add(JobCheckpoint(id=new_id("ftckpt"), job_id=job.id, step=step,
+                                      path=str(event["path"]), metrics=metrics, created_at=now()))
+        else:
+            row.path, row.metrics = str(event["path"]), metrics
+        add_event(session, job.id, f"Checkpoint created at step {step}", data={"step": step})
+    elif kind == "warning":
+        add_event(session, job.id, str(event.get("message")), level="warn")
+    elif kind == "done" and event.get("status") == "succeeded":
+        p.succeeded = True
+        peak = event.get("peak_memory_gb") or 0.0
+        add_event(session, job.id, f"Training finished at step {step}: training loss "
+                  f"{p.train_loss or 0:.4f}, peak memory {peak:.2f} GB",
+                  data={"step": step, "peak_memory_gb": peak})
+    elif kind == "error":
+        p.error = {"code": str(event.get("code", "training_failed")),
+                   "message": str(event.get("message"))}
+
+
+# -- the child process: `python -m server.jobs SPEC.json --parent-pid PID` ----------------------
+PR_SET_PDEATHSIG = 1
+_MEMORY_HINT = (" In the job request, lower hyperparameters.batch_size, lora.num_layers or "
+                "lora.max_seq_len, or set lora.quantize to 4.")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the worker that started this process exits, however it ends (kill -9 too)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills us when the parent dies
+
+    def watch() -> None:
+        # Where prctl does not exist (macOS), and for a parent that died before prctl ran.
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(3)
+
+    if os.getppid() != parent_pid:
+        os._exit(3)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _child_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.jobs",
+                                     description="Run one fine-tune job's trainer (the worker "
+                                     "starts this; people use `loraforge train`).")
+    parser.add_argument("spec", help="spec.json: {\"model\", \"data\", \"config\"}")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    ns = parser.parse_args(argv)
+    _die_with_parent(ns.parent_pid)
+
+    from mlx_core.errors import USER_ERRORS
+    from mlx_core.memory import MemoryPreflightError
+    from mlx_core.train import TrainConfig, train
+
+    spec = json.loads(Path(ns.spec).read_text())
+    config = TrainConfig.from_dict(spec["config"])
+    try:
+        train(spec["model"], spec["data"], config)
+        return 0
+    except USER_ERRORS as e:
+        memory = isinstance(e, MemoryPreflightError)
+        error = {"code": "insufficient_memory" if memory else "invalid_training_data",
+                 "message": f"{e}.{_MEMORY_HINT if memory else ''}"}
+        print(f"loraforge job: {e}", file=sys.stderr)
+        code = 2
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        error = {"code": "training_failed", "message": f"The trainer crashed: {type(e).__name__}: "
+                 f"{e}. {Path(ns.spec).parent / 'train.log'} has the traceback."}
+        code = 1
+    with open(config.events_jsonl, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"type": "error", "step": 0, "time": time.time(), **error}) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -30,33 +30,46 @@ _SOURCE = """
     float acc[M];
     #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
-    for (int c = lane; c < K / 32; c += 32) {      // c: chunk of 32 values (one uint4)
-        const uint4 q = wrow[c];
-        const int k0 = c * 32;
-        const float s = __bfloat162float(srow[k0 / G]);
-        const float b = __bfloat162float(brow[k0 / G]);
-        const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+    constexpr int CHUNKS = K / 32;                 // 32 values (one uint4) per chunk
+    constexpr int U = 4;                           // chunks in flight per lane
+    for (int c0 = lane; c0 < CHUNKS; c0 += 32 * U) {
+        uint4 q[U];
+        float s[U], b[U];
         #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
-            float dot = 0.f, xs = 0.f;
-            #pragma unroll
-            for (int part = 0; part < 4; ++part) {
-                const uint4 xx = xv[part];      // 8 bf16 activations
-                const uint32_t xw[4] = {xx.x, xx.y, xx.z, xx.w};
-                #pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    const __nv_bfloat162 pair = *reinterpret_cast<const __nv_bfloat162*>(&xw[h]);
-                    const float2 f = __bfloat1622float2(pair);
-                    const uint32_t word = qw[part];
-                    const float q0 = (float)((word >> (8 * h)) & 0xF);
-                    const float q1 = (float)((word >> (8 * h + 4)) & 0xF);
-                    dot = fmaf(q0, f.x, dot);
-                    dot = fmaf(q1, f.y, dot);
-                    xs += f.x + f.y;
-                }
+        for (int u = 0; u < U; ++u) {              // issue every load before any math
+            const int c = c0 + 32 * u;
+            if (c < CHUNKS) {
+                q[u] = wrow[c];
+                s[u] = __bfloat162float(srow[(c * 32) / G]);
+                b[u] = __bfloat162float(brow[(c * 32) / G]);
             }
-            acc[m] = fmaf(s, dot, fmaf(b, xs, acc[m]));
+        }
+        #pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c >= CHUNKS) break;
+            const int k0 = c * 32;
+            const uint32_t qw[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+            #pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)m * K + k0);
+                float dot = 0.f, xs = 0.f;
+                #pragma unroll
+                for (int part = 0; part < 4; ++part) {
+                    const uint4 xx = xv[part];      // 8 bf16 activations
+                    const uint32_t xw[4] = {xx.x, xx.y, xx.z, xx.w};
+                    #pragma unroll
+                    for (int h = 0; h < 4; ++h) {
+                        const __nv_bfloat162 pair = *reinterpret_cast<const __nv_bfloat162*>(&xw[h]);
+                        const float2 f = __bfloat1622float2(pair);
+                        const uint32_t word = qw[part];
+                        dot = fmaf((float)((word >> (8 * h)) & 0xF), f.x, dot);
+                        dot = fmaf((float)((word >> (8 * h + 4)) & 0xF), f.y, dot);
+                        xs += f.x + f.y;
+                    }
+                }
+                acc[m] = fmaf(s[u], dot, fmaf(b[u], xs, acc[m]));
+            }
         }
     }
     #pragma unroll

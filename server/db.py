@@ -233,9 +233,12 @@ _UPGRADE_LOCK = threading.Lock()
 
 
 def _migrations_dir() -> Path:
-    # pyproject maps the top-level migrations/ folder to the package server.migrations, so this
-    # finds the scripts in a source checkout and in an installed wheel alike.
-    module = importlib.import_module("server.migrations")
+    # pyproject maps the top-level migrations/ folder to the package server.migrations (installed
+    # or editable); a source tree on PYTHONPATH without an install has it beside server/.
+    try:
+        module = importlib.import_module("server.migrations")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "migrations"
     return Path(module.__file__ or "").parent
 
 

@@ -233,7 +233,9 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIE
 
 
 def handle_api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[ErrorBody]:
-    if exc.status_code >= 500:
+    if exc.status_code == 503:  # loading or shutting down: expected, the client retries
+        log.info("%s: %s", type(exc).__name__, exc.message)
+    elif exc.status_code >= 500:
         log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
     return error_response(exc)
 

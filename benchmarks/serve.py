@@ -99,6 +99,14 @@ async def load(url: str, models: list[str], texts: list[str], clients: int, max_
             "wall_s": round(wall, 2), "failed": clients - len(results)}
 
 
+def measure(url: str, models: list[str], texts: list[str], clients: int, max_tokens: int,
+            extra: dict) -> dict:
+    """One warm-up round at this concurrency (first-time kernel compilation for new batch shapes
+    is not what we measure), then the measured round; the same for every server."""
+    asyncio.run(load(url, models, texts, clients, 16, extra))
+    return asyncio.run(load(url, models, texts, clients, max_tokens, extra))
+
+
 def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -122,11 +130,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def make_adapters(model_path: Path, data_dir: Path, k: int) -> list[str]:
+    import mlx.core as mx
+
     from mlx_core.adapter_io import save_adapter
     from mlx_core.config import load_config
     from mlx_core.lora import Adapter, projection_parts
-
-    import mlx.core as mx
 
     args = load_config(model_path)
     parts = projection_parts(args)
@@ -168,17 +176,15 @@ def main() -> None:
         proc = subprocess.Popen(cmd, env=env)
         try:
             wait_ready(url, proc, "/ready")
-            asyncio.run(load(url, ["bench"], texts, 2, 8, {"ignore_eos": True}))  # warm-up
-            results["loraforge"] = [asyncio.run(load(url, ["bench"], texts, c, ns.max_tokens,
-                                                     {"ignore_eos": True})) for c in ns.clients]
+            results["loraforge"] = [measure(url, ["bench"], texts, c, ns.max_tokens, {"ignore_eos": True})
+                                    for c in ns.clients]
             if ns.adapters:
                 names = make_adapters(path, Path(data), ns.adapters)
                 for name in names:
                     httpx.post(f"{url}/v1/adapters", json={"name": name, "path": f"incoming/{name}"},
                                timeout=120).raise_for_status()
-                asyncio.run(load(url, names, texts, len(names), 8, {"ignore_eos": True}))  # load slots
                 results[f"loraforge_{ns.adapters}_adapters"] = [
-                    asyncio.run(load(url, names, texts, c, ns.max_tokens, {"ignore_eos": True}))
+                    measure(url, names, texts, c, ns.max_tokens, {"ignore_eos": True})
                     for c in ns.clients if c >= ns.adapters]
         finally:
             stop(proc)
@@ -190,8 +196,7 @@ def main() -> None:
                                  "--log-level", "WARNING"], env=env)
         try:
             wait_ready(url, proc, "/health")
-            asyncio.run(load(url, ["default_model"], texts, 2, 8, {}))
-            results["mlx_lm"] = [asyncio.run(load(url, ["default_model"], texts, c, ns.max_tokens, {}))
+            results["mlx_lm"] = [measure(url, ["default_model"], texts, c, ns.max_tokens, {})
                                  for c in ns.clients]
         finally:
             stop(proc)

@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None)
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--pack", action="store_true", help="loraforge packs short examples into full rows")
     p.add_argument("--data", default="random", help="'random' or a folder with train.jsonl")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the timing")
@@ -114,31 +115,22 @@ def token_lists(ns: argparse.Namespace, model_dir: Path) -> list[list[int]]:
 
 # -- workers ------------------------------------------------------------------------------------
 def run_loraforge(spec: dict) -> dict:
-    import mlx.core as mx
-    import mlx.nn as nn
 
-    from mlx_core.config import load_config
+    from mlx_core.config import Quantization
     from mlx_core.data import TokenizedExample
-    from mlx_core.model import Mistral
     from mlx_core.train import TrainConfig, TrainData, train
-    from mlx_core.weights import LoadedModel, fuse_projections, read_checkpoint
+    from mlx_core.weights import load_model
 
     folder = Path(spec["model"])
-    args = load_config(folder)
-    weights, _ = read_checkpoint(folder, args)
-    model = Mistral(args)
-    model.load_weights(list(fuse_projections(weights, args.n_layers).items()))
-    if spec["quantize"]:
-        nn.quantize(model, 64, spec["quantize"])
-    mx.eval(model.parameters())
-    model.eval()
-    loaded = LoadedModel(model, args, None, folder, "hf")
+    # The product's own load path (QLoRA quantizes tensor by tensor while reading).
+    loaded = load_model(folder, quantize=Quantization(64, spec["quantize"]) if spec["quantize"] else None)
     rows = [TokenizedExample(tuple(t), (False,) + (True,) * (len(t) - 1)) for t in spec["rows"]]
     steps: list[dict] = []
     config = TrainConfig(
         iters=spec["iters"], batch_size=spec["batch_size"], learning_rate=1e-5,
         lora_layers=spec["lora_layers"], lora_rank=spec["rank"], lora_alpha=2.0 * spec["rank"],
         grad_checkpoint=spec["grad_checkpoint"], max_seq_len=spec["seq_len"] + 1, steps_per_report=1,
+        pack=spec.get("pack", False),
         steps_per_eval=0, save_every=0, adapter_path=spec["out"], progress="none")
     train(loaded, TrainData(rows), config,
           on_event=lambda e: steps.append(e) if e["type"] == "train" else None)
@@ -220,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = token_lists(ns, model_dir)
         spec = {"model": str(model_dir), "rows": rows, "iters": ns.iters, "batch_size": ns.batch_size,
                 "seq_len": ns.seq_len, "lora_layers": ns.lora_layers, "rank": ns.rank,
-                "quantize": ns.quantize, "grad_checkpoint": ns.grad_checkpoint, "skip": ns.skip}
+                "quantize": ns.quantize, "grad_checkpoint": ns.grad_checkpoint, "skip": ns.skip,
+                "pack": ns.pack}
         ours = _worker("loraforge", {**spec, "out": str(Path(tmp) / "ours")})
         theirs = None if ns.no_mlx_lm else _worker("mlx_lm", {**spec, "out": str(Path(tmp) / "mlx_lm")})
     out = {
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": mx.default_device().type.name if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
         "model": ns.model or ("random-7b" if ns.random_7b else f"random {ns.random_shapes or '512,4,8,2,1408,32000'}"),
         "settings": {k: getattr(ns, k) for k in ("batch_size", "seq_len", "lora_layers", "rank", "quantize",
-                                                 "grad_checkpoint", "data", "iters", "skip", "dtype")},
+                                                 "grad_checkpoint", "data", "iters", "skip", "dtype", "pack")},
         "loraforge": ours,
         "mlx_lm": theirs,
     }

@@ -209,17 +209,28 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: Quantizatio
                     class_predicate=lambda p, m: f"{p}.scales" in weights)
     _check_names(model, weights, folder)
     cast = DTYPES[dtype] if dtype else None
+    requantize = quantize is not None and not args.quantization
+    if requantize:
+        # Quantize tensor by tensor as they are read: QLoRA on a 7B model never holds the dense
+        # weights (14 GB) beside the quantized ones, only one dense tensor at a time.
+        nn.quantize(model, quantize.group_size, quantize.bits)
+        args = _with_quantization(args, quantize)
+        model.args = args
+        quantized = {n[: -len(".scales")] for n, _ in tree_flatten(model.parameters()) if n.endswith(".scales")}
     # Evaluate tensor by tensor so no source array outlives its use (a 7B load stays ~1x in RAM).
     for name in list(weights):
         w = weights.pop(name)
         if cast is not None and mx.issubdtype(w.dtype, mx.floating) and not name.endswith(("scales", "biases")):
             w = w.astype(cast)
-        mx.eval(w)
-        model.load_weights([(name, w)], strict=False)
-    if quantize and not args.quantization:
-        nn.quantize(model, quantize.group_size, quantize.bits)
-        args = _with_quantization(args, quantize)
-        model.args = args
+        prefix = name[: -len(".weight")]
+        if requantize and name.endswith(".weight") and prefix in quantized:
+            wq, scales, biases = mx.quantize(w, quantize.group_size, quantize.bits)
+            parts = [(name, wq), (f"{prefix}.scales", scales), (f"{prefix}.biases", biases)]
+        else:
+            parts = [(name, w)]
+        mx.eval([a for _, a in parts])
+        del w
+        model.load_weights(parts, strict=False)
     mx.eval(model.parameters())
     model.eval()
     return LoadedModel(model, args, tokenizer, folder, fmt)

@@ -353,8 +353,10 @@ def plan_training_memory(model: object, args: ModelArgs, examples: Sequence[Toke
     if config.memory_limit_gb is not None:
         available = int(config.memory_limit_gb * GB)
     else:
-        # A model already in memory is part of the estimate, so count its bytes as available.
-        available = available_memory() + (mx.get_active_memory() if loaded else 0)
+        # A model already in memory is part of the estimate, so count its bytes as available
+        # (free RAM / free CUDA memory no longer include them; Metal's working set is a budget).
+        already = mx.get_active_memory() if loaded and not mx.metal.is_available() else 0
+        available = available_memory() + already
     est = shape.estimate(args, dtype_bytes)
     if config.auto_fit:
         fitted, changed, est = auto_fit(args, dtype_bytes, shape, available)

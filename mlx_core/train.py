@@ -56,7 +56,7 @@ from .train_config import (
     load_train_data,
 )
 from .train_log import EventHandler, TrainLog
-from .train_step import TrainStep, enable_grad_checkpoint, evaluate_loss, loss_sum, remove_lora
+from .train_step import TrainStep, enable_grad_checkpoint, evaluate_loss, loss_sum
 from .weights import LoadedModel, load_model, quantize_model
 
 
@@ -204,7 +204,7 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
     log.say("Training")
 
     def validate(step: int) -> None:
-        if not data.valid:
+        if not data.valid or config.val_batches == 0:
             return
         tic = time.perf_counter()
         batches = eval_batches(data.valid, config.batch_size, config.val_batches, config.max_seq_len)
@@ -431,5 +431,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["TrainConfig", "TrainData", "TrainResult", "TrainStep", "TrainingConfigError",
-           "enable_grad_checkpoint", "evaluate_loss", "load_train_data", "loss_sum", "remove_lora",
-           "train"]
+           "enable_grad_checkpoint", "evaluate_loss", "load_train_data", "loss_sum", "train"]

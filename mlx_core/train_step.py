@@ -14,7 +14,6 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .data import Batch
-from .lora import LoRALinear
 from .model import Mistral
 from .train_config import TrainConfig
 
@@ -57,15 +56,6 @@ def _checkpointed(cls: type) -> type:
     sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_checkpointed": True})
     _CHECKPOINTED[cls] = sub
     return sub
-
-
-def remove_lora(model: Mistral) -> None:
-    """Undo `apply_lora`: put every wrapped projection's base back (e.g. before serving)."""
-    for layer in model.model.layers:
-        for owner in (layer.self_attn, layer.mlp):
-            for name, child in list(owner.children().items()):
-                if isinstance(child, LoRALinear):
-                    setattr(owner, name, child.base)
 
 
 def _batch_arrays(batch: Batch) -> list[mx.array]:

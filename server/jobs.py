@@ -13,6 +13,8 @@
 - **Follow**: every TICK_S the thread reads the trainer's new JSON-lines events into `job_events`
   (and `job_checkpoints`), renews the job's lease, and learns of a cancel or of losing the job
   (the heartbeat finds the row no longer running under this worker) -> SIGTERM, then SIGKILL.
+  `events.offset` (written after each commit) says how much of events.jsonl is ingested, so a
+  crash replays a few events rather than losing any.
 - **Finish**: the adapter is registered as `ft:<base>:<suffix>:<job id>` through the server's
   AdapterRegistry, or, in a standalone `loraforge worker` (no engine), through a registry that
   validates against the base model's config.json alone; either way it is a row in `adapters`, and
@@ -43,9 +45,9 @@ import sys
 import tarfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import msgspec
@@ -62,12 +64,16 @@ from server.db import (
     now,
 )
 from server.errors import APIError, BadRequestError, ConflictError, NotFoundError
+from server.scheduler import DEMO_MODEL_ID
 from server.schemas import LoraOptions
 from server.settings import Settings
 
+if TYPE_CHECKING:  # the engine side, loaded only by the worker
+    from mlx_core.config import ModelArgs
+    from server.adapters import AdapterRegistry
+
 log = logging.getLogger("loraforge.jobs")
 
-DEMO_MODEL_ID = "loraforge-demo"  # the embedded model's served id (as the scheduler names it)
 FINISHED = ("succeeded", "failed", "cancelled")
 RESULTS_PURPOSE = "fine-tune-results"
 MEMORY_LIMIT_ENV = "LORAFORGE_JOB_MEMORY_LIMIT_GB"  # preflight budget for every job's trainer
@@ -193,8 +199,8 @@ def _resolve(value: Any, auto: Any, kind: type, low: float, high: float, name: s
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise _bad(f"{name} must be a whole number or \"auto\", got {value!r}.", param)
     if not low <= value <= high:
-        bound = f"above {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
-        raise _bad(f"{name} must be {bound} (or \"auto\"), got {value!r}.", param)
+        raise _bad(f"{name} must be between {low:g} and {high:g} (or \"auto\"), got {value!r}.",
+                   param)
     return kind(value)
 
 
@@ -257,6 +263,10 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise _bad(f"seed {request.seed} must be between 0 and {MAX_SEED}.", "seed")
     lora = request.lora
+    if lora.targets is None:  # stored resolved, so the job shows what is trained
+        from mlx_core.lora import DEFAULT_TARGETS
+
+        lora = msgspec.structs.replace(lora, targets=list(DEFAULT_TARGETS))
     text_examples = _is_text_format(Path(train.path))
     if request.prompt_loss_weight is not None and not text_examples:
         # The legacy weight scaled the prompt's loss; the trainer learns the prompt fully or not
@@ -264,22 +274,20 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
         lora = msgspec.structs.replace(lora, mask_prompt=request.prompt_loss_weight < 0.5)
     _check_lora(lora, settings, text_examples)
 
-    hyperparameters: dict[str, Any] = {"n_epochs": n_epochs, "batch_size": batch_size,
-                                       "learning_rate_multiplier": multiplier}
-    if request.prompt_loss_weight is not None:
-        hyperparameters["prompt_loss_weight"] = request.prompt_loss_weight
+    hyperparameters = {"n_epochs": n_epochs, "batch_size": batch_size,
+                       "learning_rate_multiplier": multiplier}
     job = FineTuningJob(
         id=new_id("ftjob"), model=model, training_file=train.id,
         validation_file=request.validation_file, hyperparameters=hyperparameters,
-        lora=msgspec.to_builtins(lora), suffix=suffix, api=request.api, status="validating_files",
-        seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        lora=msgspec.to_builtins(lora), suffix=suffix, api=request.api,
+        # Queued at once: the files were validated line by line when they were uploaded.
+        status="queued", seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
         result_files=[], attempts=0, cancel_requested=False)
     _check_trainer_accepts(job, n)
     session.add(job)
     add_event(session, job.id, f"Validating training file: {train.id}")
     if job.validation_file:
         add_event(session, job.id, f"Validating validation file: {job.validation_file}")
-    job.status = "queued"  # the files were validated line by line when they were uploaded
     iters = training_steps(job, n)
     add_event(session, job.id, f"Files validated, moving job to queued state ({iters} steps: {n} "
               f"examples x {n_epochs} epochs / batch {batch_size})", data={"total_steps": iters})
@@ -319,7 +327,8 @@ def cancel_job(session: Session, any_id: str) -> FineTuningJob:
     stops the trainer. A finished job is a 409."""
     job = get_job(session, any_id)
     if job.status in FINISHED:
-        raise ConflictError(f"Job {job.id} has already {job.status}, so it cannot be cancelled. "
+        done = "been cancelled" if job.status == "cancelled" else job.status
+        raise ConflictError(f"Job {job.id} has already {done}, so it cannot be cancelled. "
                             "Create a new job to train again.", param="fine_tuning_job_id",
                             code="job_already_finished")
     job.status, job.cancel_requested = "cancelled", True
@@ -337,8 +346,6 @@ def training_steps(job: FineTuningJob, n_examples: int) -> int:
 def train_config(job: FineTuningJob, n_examples: int, job_dir: Path, resume: Path | None,
                  memory_limit_gb: float | None) -> dict[str, Any]:
     """The TrainConfig fields (`mlx_core.train_config`) of one run of `job`."""
-    from mlx_core.lora import DEFAULT_TARGETS
-
     iters = training_steps(job, n_examples)
     save_every = max(1, math.ceil(iters / CHECKPOINTS_PER_JOB))
     lora = job.lora
@@ -348,10 +355,10 @@ def train_config(job: FineTuningJob, n_examples: int, job_dir: Path, resume: Pat
         "seed": job.seed, "max_seq_len": lora["max_seq_len"], "mask_prompt": lora["mask_prompt"],
         "completion_after": lora["completion_after"], "lora_rank": lora["rank"],
         "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-        "lora_layers": lora["num_layers"] or -1, "targets": lora["targets"] or list(DEFAULT_TARGETS),
+        "lora_layers": lora["num_layers"] or -1, "targets": lora["targets"],
         "quantize": lora["quantize"], "steps_per_report": 1,
         # With validation data every checkpoint gets a validation loss.
-        "steps_per_eval": save_every if job.validation_file else 0, "val_batches": -1,
+        "steps_per_eval": save_every if job.validation_file else 0,
         "save_every": save_every, "adapter_path": str(job_dir / "adapter"),
         "events_jsonl": str(job_dir / "events.jsonl"), "resume": str(resume) if resume else False,
         "memory_limit_gb": memory_limit_gb, "progress": "lines",
@@ -419,8 +426,8 @@ def recover_lost_jobs(session: Session) -> list[str]:
         else:
             job.status = "queued"
             add_event(session, job.id, f"The worker running this job stopped ({job.worker_id}); "
-                      f"queued again to resume from {where} (run {job.attempts + 1} of "
-                      f"{MAX_ATTEMPTS}).", level="warn")
+                      f"queued again to resume from {where} ({job.attempts} of {MAX_ATTEMPTS} "
+                      "runs used).", level="warn")
         recovered.append(job.id)
     return recovered
 
@@ -428,7 +435,7 @@ def recover_lost_jobs(session: Session) -> list[str]:
 # -- the worker ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _ConfigOnlyModel:
-    args: Any  # mlx_core.config.ModelArgs
+    args: ModelArgs
 
 
 @dataclass
@@ -439,23 +446,30 @@ class BaseModelConfig:
     model_id: str
     loaded: _ConfigOnlyModel
     slots: None = None  # no engine: nothing resident to unload
-
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        return None
+    ready: bool = True
 
 
 class JobWorker:
     """Trains queued jobs, up to `settings.max_concurrent_jobs` at once, each in a child process.
 
     A service of the server (`start`/`stop`) or the body of `loraforge worker` (`run`).
-    `registry` is the server's AdapterRegistry; without one (standalone) a registry validating
-    against the base model's config is made on first use.
+    `registry` is the server's AdapterRegistry; without one (standalone) the worker makes one that
+    validates adapters against the base model's config.json.
     """
 
-    def __init__(self, settings: Settings, registry: Any = None, *, poll_s: float = POLL_S) -> None:
-        self.settings, self.registry, self.poll_s = settings, registry, poll_s
+    def __init__(self, settings: Settings, registry: AdapterRegistry | None = None, *,
+                 poll_s: float = POLL_S) -> None:
+        from mlx_core.config import load_config
+        from server.adapters import AdapterRegistry
+
+        self.settings, self.poll_s = settings, poll_s
         self.db = Database.open(settings.database_url)
         self.base_model = base_model_id(settings)
+        if registry is None:
+            registry = AdapterRegistry(settings, self.db)
+            args = load_config(Path(_model_path(settings)))  # fails now if the model is missing
+            registry.engine_service = BaseModelConfig(self.base_model, _ConfigOnlyModel(args))
+        self.registry = registry
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -477,6 +491,11 @@ class JobWorker:
         jobs again (they resume from their checkpoints on the next start)."""
         log.info("job worker %s: training jobs for %s, %d at a time", self.worker_id,
                  self.base_model, self.settings.max_concurrent_jobs)
+        # In the server, wait for the model: a job finishing meanwhile could not be registered
+        # (and its lease would lapse while it waited).
+        while not getattr(self.registry.engine_service, "ready", True) and not self.stopping.wait(
+                self.poll_s):
+            pass
         next_recovery = 0.0
         while not self.stopping.is_set():
             try:
@@ -512,17 +531,9 @@ class JobWorker:
 
     async def register(self, name: str, path: Path, job_id: str) -> None:
         """Register the trained adapter as `name` (idempotent for the same job)."""
-        if self.registry is None:
-            from mlx_core.config import load_config
-            from server.adapters import AdapterRegistry
-
-            self.registry = AdapterRegistry(self.settings, self.db)
-            args = load_config(Path(_model_path(self.settings)))
-            self.registry.engine_service = BaseModelConfig(self.base_model, _ConfigOnlyModel(args))
         existing = await self.registry.get(name)
         if existing is not None and existing.fine_tuning_job_id == job_id:
             return  # registered before a crash, not yet marked succeeded
-        await self.registry.engine_service.wait_ready(600)
         await self.registry.register_path(name, str(path), job_id)
 
 
@@ -538,7 +549,7 @@ class _Progress:
     succeeded: bool = False
     error: dict[str, Any] | None = None
     last_step: int = 0
-    seen: list[str] = field(default_factory=list)
+    starts: int = 0  # trainer runs of this job that reached training, as far as ingested
 
 
 class _JobRun(threading.Thread):
@@ -568,7 +579,12 @@ class _JobRun(threading.Thread):
         n_examples = self._prepare_data()
         progress = _Progress(iters=training_steps(job, n_examples))
         adapter = self.dir / "adapter"
-        if self._training_finished():
+        # Earlier runs' starts, as far as ingested (lines past the offset are a dead run's that
+        # were never ingested: they are ingested first, and count their own start).
+        ingested = _read_events(self.events, 0, self._offset())[0]
+        progress.starts = sum(e.get("type") == "start" for e in ingested)
+        done = [e for e in _read_events(self.events, 0)[0] if e.get("type") == "done"]
+        if done and done[-1].get("status") == "succeeded":
             self._finish(progress)  # trained before the worker stopped; only registration is left
             return
         checkpoint = latest_checkpoint(adapter)
@@ -580,19 +596,25 @@ class _JobRun(threading.Thread):
             self._finish(progress)
             return
         if checkpoint:
-            progress.tokens_before = self.db.run_sync(lambda s: _tokens_at(s, job.id, step))
+            row = self.db.run_sync(lambda s: _checkpoint_at(s, job.id, step))
+            progress.tokens_before = int(row.metrics.get("trained_tokens", 0)) if row else 0
         config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
         spec = {"model": _model_path(settings), "data": str(self.dir / "data"), "config": config}
         (self.dir / "spec.json").write_text(json.dumps(spec, indent=2))
-        outcome = self._train(progress)
-        if outcome == "finished":
-            if progress.succeeded:
-                self._finish(progress)
-            else:
-                error = progress.error or {"code": "training_failed", "message": (
-                    f"The trainer exited without finishing. See {self.dir / 'train.log'}; "
-                    "create the job again once it is fixed.")}
-                self._fail(error["code"], error["message"])
+        returncode = self._train(progress)
+        if returncode is None:
+            return  # cancelled, taken over, or the worker is stopping
+        if progress.succeeded:
+            self._finish(progress)
+            return
+        how = f"exited with code {returncode}"
+        if returncode < 0:
+            how = f"was killed by signal {-returncode}" + (
+                " (often the system running out of memory)" if returncode == -signal.SIGKILL else "")
+        error = progress.error or {"code": "training_failed", "message": (
+            f"The trainer {how} before finishing. See {self.dir / 'train.log'}, then create the "
+            "job again.")}
+        self._fail(error["code"], error["message"])
 
     def _prepare_data(self) -> int:
         data = self.dir / "data"
@@ -616,18 +638,9 @@ class _JobRun(threading.Thread):
         with (data / "train.jsonl").open("rb") as f:  # resumed after the file was deleted
             return sum(1 for line in f if line.strip())
 
-    def _training_finished(self) -> bool:
-        if not self.events.exists():
-            return False
-        for line in reversed(self.events.read_text(encoding="utf-8").splitlines()):
-            event = _parse(line)
-            if event and event.get("type") == "done":
-                return event.get("status") == "succeeded"
-        return False
-
     # -- the child process ----------------------------------------------------------------------
-    def _train(self, progress: _Progress) -> str:
-        """Run the trainer; "finished" when it exited, "stopped" when this worker let go."""
+    def _train(self, progress: _Progress) -> int | None:
+        """Run the trainer: its exit code, or None when this worker stopped it first."""
         cmd = [sys.executable, "-m", "server.jobs", str(self.dir / "spec.json"),
                "--parent-pid", str(os.getpid())]
         with (self.dir / "train.log").open("ab") as out:
@@ -643,13 +656,13 @@ class _JobRun(threading.Thread):
                 if not ours:
                     _stop(proc)
                     self._note_lost()
-                    return "stopped"
+                    return None
                 if self.worker.stopping.is_set():
                     _stop(proc)
                     self._requeue(progress)
-                    return "stopped"
+                    return None
                 if exited:
-                    return "finished"
+                    return proc.returncode
                 time.sleep(TICK_S)
         finally:
             if proc.poll() is None:  # an exception above: never leave the trainer behind
@@ -657,8 +670,7 @@ class _JobRun(threading.Thread):
 
     def _follow(self, progress: _Progress, pid: int | None) -> bool:
         """Ingest new events, renew the lease; False when the job is no longer ours."""
-        offset = int(self.offset_file.read_text()) if self.offset_file.exists() else 0
-        events, offset = _read_events(self.events, offset)
+        events, offset = _read_events(self.events, self._offset())
 
         def tick(session: Session) -> bool:
             job = session.get(FineTuningJob, self.job.id)
@@ -674,6 +686,10 @@ class _JobRun(threading.Thread):
             # After the commit: a crash in between replays these events, never loses them.
             self.offset_file.write_text(str(offset))
         return ours
+
+    def _offset(self) -> int:
+        """Bytes of events.jsonl already turned into job events."""
+        return int(self.offset_file.read_text()) if self.offset_file.exists() else 0
 
     def _note_lost(self) -> None:
         status = self.db.run_sync(lambda s: s.get(FineTuningJob, self.job.id).status)
@@ -720,7 +736,7 @@ class _JobRun(threading.Thread):
         job = self.job
         name = fine_tuned_model_name(job)
         asyncio.run(self.worker.register(name, self.dir / "adapter", job.id))
-        result = self.db.run_sync(lambda s: self._result_file(s))
+        result = self._result_file()
 
         def succeed(session: Session) -> bool:
             row = self._ours(session)
@@ -742,21 +758,22 @@ class _JobRun(threading.Thread):
             return
         log.info("job %s succeeded: %s", job.id, name)
 
-    def _result_file(self, session: Session) -> UploadedFile:
+    def _result_file(self) -> UploadedFile:
         """The adapter as a .tar.gz in files/ (purpose fine-tune-results); made once per job."""
         filename = f"{self.job.id}-adapter.tar.gz"
-        existing = session.scalars(select(UploadedFile).where(
-            UploadedFile.filename == filename, UploadedFile.purpose == RESULTS_PURPOSE)).first()
-        if existing is not None:
+        existing = self.db.run_sync(lambda s: s.scalars(select(UploadedFile).where(
+            UploadedFile.filename == filename, UploadedFile.purpose == RESULTS_PURPOSE)).first())
+        if existing is not None:  # made before a crash, not yet recorded on the job
             return existing
         file_id = new_id("file")
         path = self.worker.settings.files_dir / f"{file_id}.tar.gz"
+        # Packed before the transaction, which then holds the database's write lock only briefly.
         with tarfile.open(path, "w:gz") as tar:  # the layout POST /v1/adapters accepts back
             for name in ("adapters.safetensors", "adapter_config.json"):
                 tar.add(self.dir / "adapter" / name, arcname=name)
         row = UploadedFile(id=file_id, filename=filename, purpose=RESULTS_PURPOSE,
                            bytes=path.stat().st_size, path=str(path), status="processed")
-        session.add(row)
+        self.db.run_sync(lambda s: s.add(row))
         return row
 
 
@@ -774,10 +791,21 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def _tokens_at(session: Session, job_id: str, step: int) -> int:
-    row = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id,
-                                                      JobCheckpoint.step == step)).first()
-    return int(row.metrics.get("trained_tokens", 0)) if row else 0
+def _checkpoint_at(session: Session, job_id: str, step: int) -> JobCheckpoint | None:
+    return session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id,
+                                                       JobCheckpoint.step == step)).first()
+
+
+def _checkpoint_row(session: Session, job_id: str, step: int, path: str) -> JobCheckpoint:
+    """The job's checkpoint row for `step`, added if missing (a resumed run may save a step
+    again, and a checkpoint saved just before a crash may never have been reported)."""
+    row = _checkpoint_at(session, job_id, step)
+    if row is None:
+        row = JobCheckpoint(id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics={},
+                            created_at=now())
+        session.add(row)
+    row.path = path
+    return row
 
 
 # -- trainer events -> job events ---------------------------------------------------------------
@@ -789,13 +817,14 @@ def _parse(line: str) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete lines after byte `offset` (a line still being written waits for the next tick)."""
+def _read_events(path: Path, offset: int, end: int = -1) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines from byte `offset` (to `end`) and the offset after the last of them (a
+    line still being written waits for the next tick)."""
     if not path.exists():
         return [], offset
     with path.open("rb") as f:
         f.seek(offset)
-        chunk = f.read()
+        chunk = f.read(end - offset if end >= 0 else -1)
     end = chunk.rfind(b"\n") + 1
     lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
     return [e for e in map(_parse, lines) if e is not None], offset + end
@@ -805,11 +834,16 @@ def _ingest(session: Session, job: FineTuningJob, event: dict[str, Any], p: _Pro
     kind, step = event.get("type"), int(event.get("step", 0))
     at = f"Step {step}/{p.iters}"
     if kind == "start":
-        p.iters = int(event.get("iters", p.iters))
+        p.iters, p.starts = int(event.get("iters", p.iters)), p.starts + 1
         info = {k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")}
         if event.get("resumed_from"):
-            add_event(session, job.id, f"Resumed from checkpoint at step {step} (run "
-                      f"{job.attempts})", data={"step": step, "total_steps": p.iters, **info})
+            _checkpoint_row(session, job.id, step, str(event["resumed_from"]))  # if never reported
+            add_event(session, job.id, f"Resumed from checkpoint at step {step} (run {p.starts})",
+                      data={"step": step, "total_steps": p.iters, **info})
+        elif p.starts > 1:
+            add_event(session, job.id, f"Fine-tuning restarted from step 0 (run {p.starts}): "
+                      "no checkpoint was saved before the last run stopped",
+                      data={"step": 0, "total_steps": p.iters, **info})
         else:
             add_event(session, job.id, "Fine-tuning job started",
                       data={"total_steps": p.iters, **info})
@@ -831,19 +865,15 @@ def _ingest(session: Session, job: FineTuningJob, event: dict[str, Any], p: _Pro
         add_event(session, job.id, f"{at}: validation loss={p.valid_loss:.4f}", type="metrics",
                   data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss})
     elif kind == "checkpoint":
-        metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
+        row = _checkpoint_row(session, job.id, step, str(event["path"]))
+        row.metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
         if p.valid_loss is not None:
-            metrics["valid_loss"] = p.valid_loss
-        row = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job.id,
-                                                          JobCheckpoint.step == step)).first()
-        if row is None:  # a resumed run may write a step again
-            session.add(JobCheckpoint(id=new_id("ftckpt"), job_id=job.id, step=step,
-                                      path=str(event["path"]), metrics=metrics, created_at=now()))
-        else:
-            row.path, row.metrics = str(event["path"]), metrics
+            row.metrics["valid_loss"] = p.valid_loss
         add_event(session, job.id, f"Checkpoint created at step {step}", data={"step": step})
     elif kind == "warning":
-        add_event(session, job.id, str(event.get("message")), level="warn")
+        message = str(event.get("message"))
+        if job.validation_file or not message.startswith("no valid.jsonl"):  # else: as asked
+            add_event(session, job.id, message, level="warn")
     elif kind == "done" and event.get("status") == "succeeded":
         p.succeeded = True
         peak = event.get("peak_memory_gb") or 0.0
@@ -900,8 +930,8 @@ def _child_main(argv: list[str]) -> int:
         return 0
     except USER_ERRORS as e:
         memory = isinstance(e, MemoryPreflightError)
-        error = {"code": "insufficient_memory" if memory else "invalid_training_data",
-                 "message": f"{e}.{_MEMORY_HINT if memory else ''}"}
+        error = {"code": "insufficient_memory" if memory else "training_failed",
+                 "message": str(e) + (_MEMORY_HINT if memory else "")}
         print(f"loraforge job: {e}", file=sys.stderr)
         code = 2
     except Exception as e:

@@ -371,6 +371,7 @@ def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
     done = _loraforge("train", "--model", str(tiny_hf_model), "--data", str(wikisql_slice),
                       "--iters", "2", "--batch-size", "2", "--lora-layers", "1",
                       "--targets", "q_proj,o_proj", "--lora-rank", "4", "--steps-per-eval", "0",
+                      "--max-seq-len", "64",
                       "--adapter-path", str(out), "--events-jsonl", str(tmp_path / "ev.jsonl"),
                       "--test", "--test-batches", "1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -378,7 +379,12 @@ def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
     adapter = load_adapter(out)
     assert (adapter.rank, adapter.targets, adapter.layers) == (4, ("q_proj", "o_proj"), (1,))
     events = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
-    assert events[0]["config"]["targets"] == ["q_proj", "o_proj"] and events[-1]["type"] == "done"
+    start = next(e for e in events if e["type"] == "start")
+    assert start["config"]["targets"] == ["q_proj", "o_proj"] and events[-1]["type"] == "done"
+    # WikiSQL rows are ~90 tokens: at --max-seq-len 64 the user is told, not silently cut.
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert any(w.startswith("train.jsonl: 8 of 8 examples were longer") for w in warnings)
+    assert "[WARNING] train.jsonl:" in done.stdout and "raise --max-seq-len" in done.stdout
     # Settings that cannot work: one line saying what to change, exit 2.
     bad = _loraforge("train", "--model", str(tiny_hf_model), "--data", str(wikisql_slice),
                      "--weight-decay", "0.1", cwd=tmp_path)

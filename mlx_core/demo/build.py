@@ -32,6 +32,7 @@ from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, pretrain
 from mlx_core.demo.quality import SqlQuality, sql_quality
 from mlx_core.demo.tokenizer_train import TokenizerConfig, train_tokenizer
 from mlx_core.examples import TextExample, read_jsonl
+from mlx_core.model import Mistral
 from mlx_core.tokenizer import Tokenizer
 from mlx_core.weights import DTYPES, load_model, save_model
 
@@ -68,6 +69,7 @@ class BuildConfig:
     n_valid: int = 1_000
     n_test: int = 1_000  # synthetic held-out tables (write_dataset keeps splits table-disjoint)
     n_held_out_domain: int = 500
+    n_probe: int = 200  # test examples generated at every evaluation during training
     dtype: str = "bf16"  # the shipped weights' precision
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelShape = field(default_factory=ModelShape)
@@ -158,8 +160,13 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
 
     args = config.model.args(tokenizer.vocab_size)
     identity = {"build": asdict(config), "tokenizer_sha256": _sha256(tok_path)}
+    probe_texts = test_texts[: config.n_probe]
+
+    def probe(model: Mistral) -> str:  # generation quality during training, on a few test tables
+        return "probe: " + sql_quality(model, tokenizer, probe_texts).line()
+
     model, result = pretrain(args, train_set, valid_set, config.pretrain, work, identity,
-                             resume=resume, log=log)
+                             resume=resume, log=log, probe=probe if config.n_probe else None)
 
     # Save in the shipped precision, then evaluate exactly what ships, loaded the way users load it.
     cast_parameters(model, DTYPES[config.dtype])
@@ -243,15 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=d.model.dim)
     p.add_argument("--layers", type=int, default=d.model.n_layers)
     p.add_argument("--hidden-dim", type=int, default=d.model.hidden_dim)
+    p.add_argument("--heads", type=int, default=d.model.n_heads)
+    p.add_argument("--kv-heads", type=int, default=d.model.n_kv_heads)
+    p.add_argument("--warmup-steps", type=int, default=d.pretrain.warmup_steps)
+    p.add_argument("--eval-every", type=int, default=d.pretrain.eval_every)
     p.add_argument("--vocab-size", type=int, default=d.tokenizer.vocab_size)
     ns = p.parse_args(argv)
     config = replace(
         d, seed=ns.seed, n_train=ns.n_train,
         tokenizer=replace(d.tokenizer, vocab_size=ns.vocab_size),
-        model=replace(d.model, dim=ns.dim, n_layers=ns.layers, hidden_dim=ns.hidden_dim),
+        model=replace(d.model, dim=ns.dim, n_layers=ns.layers, hidden_dim=ns.hidden_dim,
+                      n_heads=ns.heads, n_kv_heads=ns.kv_heads),
         pretrain=replace(d.pretrain, steps=ns.steps, seed=ns.seed, batch_size=ns.batch_size,
-                         learning_rate=ns.learning_rate,
-                         warmup_steps=min(d.pretrain.warmup_steps, max(ns.steps // 10, 1))),
+                         learning_rate=ns.learning_rate, eval_every=ns.eval_every,
+                         warmup_steps=min(ns.warmup_steps, max(ns.steps // 10, 1))),
     )
     build(config, ns.out.resolve(), ns.work_dir.resolve(), ns.resume, ns.wikisql)
     return 0

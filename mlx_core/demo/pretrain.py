@@ -169,11 +169,13 @@ def pretrain(
     identity: dict,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    probe: Callable[[Mistral], str] | None = None,
 ) -> tuple[Mistral, PretrainResult]:
     """Train a fresh model (or continue the latest checkpoint with `resume`); return it trained.
 
     `identity` names what the checkpoints' meaning depends on (model shape, data, config); a
-    resume with a different identity is refused rather than silently mixing two runs.
+    resume with a different identity is refused rather than silently mixing two runs. `probe`,
+    if given, runs at every evaluation (say, generation on a few prompts) and its line is logged.
     """
     identity = {**identity, "pretrain": asdict(config), "model": asdict(args)}
     model = Mistral(args)
@@ -235,8 +237,10 @@ def pretrain(
         if done % config.eval_every == 0 or done == config.steps:
             model.eval()
             valid_loss = evaluate_loss(model, valid_set, config)
-            model.train()
             log(f"step {done} valid loss {valid_loss:.4f}")
+            if probe is not None and done < config.steps:
+                log(f"step {done} {probe(model)}")
+            model.train()
         if done % config.checkpoint_every == 0 and done < config.steps:
             _save_checkpoint(work, done, model, optimizer, identity, config.keep_checkpoints)
     model.eval()

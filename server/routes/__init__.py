@@ -25,7 +25,7 @@ Injected: TypeAlias = Annotated[T, Dependency(kind="named"), SkipValidationMarke
 def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
     """Every /v1 route handler. `settings` lets a module be left out or configured per server."""
     # Imported here, not at the top: the route modules import `Injected` from this package.
-    from server.routes import adapters, completions, files, models
+    from server.routes import adapters, completions, files, fine_tuning, models
 
     return [*completions.route_handlers, *models.route_handlers, *adapters.route_handlers,
-            *files.route_handlers]
+            *files.route_handlers, *fine_tuning.handlers(settings)]

@@ -7,8 +7,8 @@ a slice of a fused projection's output; one wrapper per projection carries every
 Two wrappers:
 - `LoRALinear` trains one adapter (a frozen base plus A/B per target, dropout, scale).
 - `MultiLoRALinear` serves many adapters in one batch: the base matmul runs once for the whole
-  batch, and each row adds its own adapter's low-rank term, gathered from stacked slots by
-  `mx.gather_mm` (slot 0 is all zeros: the base model).
+  batch, and each row adds its own adapter's low-rank term from stacked slots (slot 0 is all
+  zeros: the base model).
 """
 
 from __future__ import annotations
@@ -217,51 +217,75 @@ def trainable_parameters_count(model: Mistral) -> int:
 class SlotContext:
     """The adapter slot of every batch row for the next forward, shared by all wrappers."""
 
-    def __init__(self) -> None:
-        self.ids: mx.array | None = None  # (B,) uint32
+    def __init__(self, n_slots: int) -> None:
+        self.n_slots = n_slots
+        self.ids: mx.array | None = None  # (B,) slot per row; None: no row uses an adapter
+        self._masks: dict[tuple[int, mx.Dtype], mx.array] = {}
+
+    def set(self, ids: mx.array | None) -> None:
+        self.ids = ids
+        self._masks.clear()
+
+    def mask(self, width: int, dtype: mx.Dtype) -> mx.array:
+        """(B, 1, S*width): 1 over the columns of each row's own slot, 0 elsewhere."""
+        key = (width, dtype)
+        if key not in self._masks:
+            cols = mx.arange(self.n_slots * width) // width
+            self._masks[key] = (cols[None, :] == self.ids[:, None]).astype(dtype)[:, None, :]
+        return self._masks[key]
 
 
 class MultiLoRALinear(nn.Module):
+    """A projection serving every resident adapter at once.
+
+    All slots' A matrices sit side by side, (in, S*R), and their B matrices stacked, (S*R, out),
+    so the low-rank term is two small dense matmuls for the whole batch; a per-row mask keeps
+    only the row's own slot. Dense rather than `mx.gather_mm`: gather_mm is float32-only on the
+    CPU backend, and this costs two small GEMMs per projection (S*R is a few hundred columns).
+    Slot 0 stays zero: the base model.
+    """
+
     def __init__(self, base: nn.Module, in_dims: int, out_dims: int, n_slots: int, ctx: SlotContext) -> None:
         super().__init__()
         self.base = base
         self.in_dims, self.out_dims, self.n_slots = in_dims, out_dims, n_slots
         self._ctx = ctx
-        self._a: mx.array | None = None  # (S, in, R)
-        self._b: mx.array | None = None  # (S, R, out), scale folded in
+        self._width = 0  # R: columns per slot (the largest rank seen, rounded up to 16)
+        self._a: mx.array | None = None  # (in, S*R)
+        self._b: mx.array | None = None  # (S*R, out), scale folded in
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        ids = self._ctx.ids
-        if ids is None or self._a is None:
+        if self._ctx.ids is None or self._a is None:
             return y
-        z = mx.gather_mm(x, self._a, rhs_indices=ids)
-        return y + mx.gather_mm(z, self._b, rhs_indices=ids)
+        z = (x @ self._a) * self._ctx.mask(self._width, x.dtype)
+        return y + z @ self._b
 
     def set_slot(self, slot: int, a: mx.array | None, b: mx.array | None, dtype: mx.Dtype) -> None:
         """Write one slot's A (in, r) and B (r, out) (None clears the slot)."""
-        if a is None:
-            if self._a is not None:
-                self._a[slot] = mx.zeros_like(self._a[slot])
-                self._b[slot] = mx.zeros_like(self._b[slot])
+        if a is None and self._a is None:
             return
-        r = a.shape[1]
-        width = 0 if self._a is None else self._a.shape[2]
-        if r > width:
+        r = 0 if a is None else a.shape[1]
+        if r > self._width:
             self._grow(-(-r // 16) * 16, dtype)
-        a = mx.pad(a.astype(dtype), [(0, 0), (0, self._a.shape[2] - r)])
-        b = mx.pad(b.astype(dtype), [(0, self._b.shape[1] - r), (0, 0)])
-        self._a[slot] = a
-        self._b[slot] = b
+        R = self._width
+        block_a = mx.zeros((self.in_dims, R), dtype=dtype)
+        block_b = mx.zeros((R, self.out_dims), dtype=dtype)
+        if a is not None:
+            block_a[:, :r] = a.astype(dtype)
+            block_b[:r, :] = b.astype(dtype)
+        self._a[:, slot * R : (slot + 1) * R] = block_a
+        self._b[slot * R : (slot + 1) * R, :] = block_b
 
     def _grow(self, width: int, dtype: mx.Dtype) -> None:
-        a = mx.zeros((self.n_slots, self.in_dims, width), dtype=dtype)
-        b = mx.zeros((self.n_slots, width, self.out_dims), dtype=dtype)
+        S, old = self.n_slots, self._width
+        a = mx.zeros((self.in_dims, S, width), dtype=dtype)
+        b = mx.zeros((S, width, self.out_dims), dtype=dtype)
         if self._a is not None:
-            old = self._a.shape[2]
-            a[:, :, :old] = self._a
-            b[:, :old, :] = self._b
-        self._a, self._b = a, b
+            a[:, :, :old] = self._a.reshape(self.in_dims, S, old)
+            b[:, :old, :] = self._b.reshape(S, old, self.out_dims)
+        self._a, self._b = a.reshape(self.in_dims, S * width), b.reshape(S * width, self.out_dims)
+        self._width = width
 
 
 class AdapterSlots:
@@ -275,7 +299,7 @@ class AdapterSlots:
                  loader: Callable[[str], Adapter]) -> None:
         self.model, self.max_rank, self.loader = model, max_rank, loader
         self.n_slots = max_loaded + 1  # slot 0: no adapter
-        self.ctx = SlotContext()
+        self.ctx = SlotContext(self.n_slots)
         self.dtype = model.model.norm.weight.dtype
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, LRU order
         self._pins = [0] * self.n_slots
@@ -324,7 +348,7 @@ class AdapterSlots:
             self._evict(adapter_id)
 
     def activate(self, slots: Sequence[int]) -> None:
-        self.ctx.ids = mx.array(list(slots), dtype=mx.uint32) if any(slots) else None
+        self.ctx.set(mx.array(list(slots), dtype=mx.int32) if any(slots) else None)
 
     def _free_slot(self) -> int | None:
         used = set(self._resident.values())

@@ -207,8 +207,7 @@ def _generate(loaded, ns: argparse.Namespace) -> None:
 
     print("Generating", flush=True)
     # The engine runs the model with the trained LoRA layers still in place: the adapter's exact
-    # math in any dtype. (AdapterSlots' gather_mm needs float32 on the CPU backend, and the
-    # seed's models are float16.)
+    # math, without saving and reloading it into adapter slots.
     loaded.model.eval()
     engine = Engine(loaded.model, loaded.tokenizer)
     params = SamplingParams(max_tokens=ns.num_tokens, temperature=ns.temp, seed=ns.seed)

@@ -116,3 +116,22 @@ def test_extract_round_trip(tiny_hf_model):
     ad = extract_adapter(loaded.model, 4, 2.0, ("q_proj", "v_proj"), (1,))
     assert set(ad.weights) == {(1, "q_proj"), (1, "v_proj")}
     ad.check_fits(loaded.args)
+
+
+def test_slots_serve_a_bf16_model(tiny_hf_model):
+    """Half-precision models (what real checkpoints are) work with adapter slots on every backend."""
+    loaded = load_model(tiny_hf_model, dtype="bf16")
+    adapter = random_adapter(loaded.args, ("q_proj", "v_proj"), (0, 1), rank=4, seed=5)
+    tokens = mx.array(np.random.RandomState(1).randint(3, 32000, size=(1, 10)))
+    reference = load_model(tiny_hf_model, dtype="bf16")
+    from mlx_core.lora import load_adapter_into
+
+    apply_lora(reference.model, adapter.rank, adapter.scale, adapter.targets, adapter.layers)
+    load_adapter_into(reference.model, adapter)
+    want = np.array(reference.model(tokens).astype(mx.float32))
+    slots = AdapterSlots(loaded.model, max_loaded=1, max_rank=8, loader=lambda _: adapter)
+    slots.activate([slots.acquire("a")])
+    got = np.array(loaded.model(tokens).astype(mx.float32))
+    base = np.array(load_model(tiny_hf_model, dtype="bf16").model(tokens).astype(mx.float32))
+    assert np.abs(want - base).max() > 1.0  # the adapter matters
+    np.testing.assert_allclose(got, want, atol=0.25, rtol=0.05)  # bf16 rounding only

@@ -3,8 +3,9 @@
 Startup (lifespan): create the data folders, apply database migrations, then start the engine
 service and any other services (e.g. the job worker) in order; shutdown stops them in reverse.
 Routes get `settings`, `db` (server.db.Database), `metrics` and `engine_service` injected, never
-from globals. `/v1/*` requires the API key when one is set; `/health`, `/ready`, `/metrics` and
-the API description (`/openapi.json`, `/docs`) are public: they hold no user data.
+from globals. `/v1/*` and the legacy unversioned `/fine-tunes*` require the API key when one is
+set; `/health`, `/ready`, `/metrics` and the API description (`/openapi.json`, `/docs`) are
+public: they hold no user data.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ GRACEFUL_SHUTDOWN_S = 30
 # Any request body may be this large (Litestar's default), or up to --max-upload-mb plus form
 # framing when that is larger; upload routes turn Litestar's limit off and enforce their own.
 MIN_BODY_LIMIT_BYTES = 10_000_000
+# Paths that need the API key: the API, and the legacy fine-tunes API old clients call without /v1.
+PROTECTED_PREFIXES = ("/v1/", "/fine-tunes")
 
 
 class Service(Protocol):
@@ -103,11 +106,12 @@ class LoraforgeApp(Litestar):
 
 
 def api_key_guard(api_key: str | None) -> Guard:
-    """A guard requiring `Authorization: Bearer <api_key>` on /v1/*; no-op without a key."""
+    """A guard requiring `Authorization: Bearer <api_key>` on /v1/* and /fine-tunes*; no-op
+    without a key."""
     expected = api_key.encode() if api_key else None
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:
-        if expected is None or not connection.scope["path"].startswith("/v1/"):
+        if expected is None or not connection.scope["path"].startswith(PROTECTED_PREFIXES):
             return
         header = connection.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")

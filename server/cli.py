@@ -3,13 +3,15 @@
 Each subcommand registers itself from the module that implements it (`register(subparsers)`
 returning nothing; the parser's `run` default takes the parsed namespace and returns an exit code).
 Known failures (bad paths, bad data, models that do not fit) print one line and exit 2: users see
-what to fix, never a traceback.
+what to fix, never a traceback. Output cut off by its reader (`loraforge jobs events | head`)
+ends quietly with 141, as `cat` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 
@@ -22,6 +24,7 @@ COMMAND_MODULES = (
     "server.cli_eval",  # eval, demo-data
     "server.cli_jobs",  # jobs
 )
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
 
 
 class UserError(Exception):
@@ -64,9 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(ns, "needs_mlx", True):
             _check_backend()
-        return int(ns.run(ns) or 0)
+        code = int(ns.run(ns) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except UserError as e:
         print(f"loraforge {ns.command}: {e}", file=sys.stderr)
         return 2
@@ -77,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _discard_stdout() -> None:
+    # Python flushes stdout again at exit; with the reader gone that would print a second error.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:  # not a real file (e.g. captured by a test): nothing is flushed to a pipe
+        pass
+
+
 def _is_user_error(e: Exception) -> bool:
     """Errors from the engine that describe bad input (they already say what to do)."""
     from mlx_core.errors import USER_ERRORS
@@ -85,4 +101,8 @@ def _is_user_error(e: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m server.cli` runs this file as __main__, a second copy of the module: run the
+    # imported server.cli, whose UserError is the one the server.cli_* modules raise.
+    from server.cli import main as _main
+
+    sys.exit(_main())

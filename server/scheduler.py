@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio.to_thread
 
@@ -28,7 +27,6 @@ from server.settings import Settings
 
 log = logging.getLogger("loraforge.scheduler")
 
-DEMO_MODEL_ID = "loraforge-demo"
 _IDLE_WAIT_S = 0.5
 
 
@@ -99,8 +97,7 @@ class EngineService:
 
         path = resolve_model_path(self.settings.model)
         self.loaded = load_model(path)
-        if not self.model_id:
-            self.model_id = DEMO_MODEL_ID if not self.settings.model else Path(path).resolve().name
+        self.model_id = self.settings.base_model_id()
         s = self.settings
         if self.adapter_loader is not None:
             self.slots = AdapterSlots(self.loaded.model, s.max_loaded_adapters, s.max_lora_rank,

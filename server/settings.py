@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "LORAFORGE_"
+DEMO_MODEL_ID = "loraforge-demo"  # the served id of the embedded default model (no --model)
 DEFAULT_DATA_DIR = Path("~/.loraforge")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 MIB = 1024 * 1024
@@ -120,6 +121,13 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
+
+    def base_model_id(self) -> str:
+        """The id the base model is served as, known without loading it: --served-model-name,
+        else the model folder's name (loraforge-demo for the embedded default model)."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).resolve().name if self.model else DEMO_MODEL_ID
 
     def ensure_dirs(self) -> None:
         """Create the data folder and its files/, adapters/, jobs/ subfolders if missing."""

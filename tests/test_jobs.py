@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from server.db import Database, FineTuningJob, UploadedFile
-from server.jobs import MEMORY_LIMIT_ENV
+from server.job_runner import MEMORY_LIMIT_ENV
 from server.settings import Settings
 from tests.serving import start_model_server, start_server
 

@@ -47,7 +47,7 @@ MAX_ERRORS_SHOWN = 5
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
 
 
-def _file_object(row: UploadedFile) -> FileObject:
+def file_object(row: UploadedFile) -> FileObject:
     return FileObject(
         id=row.id,
         bytes=row.bytes,
@@ -159,7 +159,7 @@ async def create_file(
         except BaseException:
             final_path.unlink(missing_ok=True)
             raise
-        return _file_object(row)
+        return file_object(row)
     finally:
         part_path.unlink(missing_ok=True)
 
@@ -186,7 +186,7 @@ async def list_files(
         return list(session.scalars(stmt.order_by(by_id).limit(limit + 1)))
 
     rows = await db.run(query)
-    data = [_file_object(row) for row in rows[:limit]]
+    data = [file_object(row) for row in rows[:limit]]
     return FileList(
         data=data,
         first_id=data[0].id if data else None,
@@ -205,7 +205,7 @@ async def _get_row(db: Database, file_id: str) -> UploadedFile:
 @get("/v1/files/{file_id:str}", tags=["files"])
 async def retrieve_file(db: Injected[Database], file_id: FromPath[str]) -> FileObject:
     """One file's metadata."""
-    return _file_object(await _get_row(db, file_id))
+    return file_object(await _get_row(db, file_id))
 
 
 @get("/v1/files/{file_id:str}/content", tags=["files"])

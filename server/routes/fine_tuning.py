@@ -3,7 +3,8 @@
 Both speak about the same rows: a job created either way is visible both ways. The new API shows
 a job as `ftjob-<hex>`, the legacy one as `ft-<hex>` (same hex); either id works in every route.
 Legacy statuses: validating_files and queued read as `pending`.
-The work itself (validation, queue, training) is in server.jobs; these handlers only translate.
+The work itself is in server.jobs (validation, queue) and server.job_runner (training); these
+handlers only translate.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import get, post
-from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
-from litestar.types import ControllerRouterHandler, Guard
+from litestar.types import ControllerRouterHandler
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,7 +23,7 @@ from server.db import Database, FineTuningJob, JobCheckpoint, JobEvent, Uploaded
 from server.errors import BadRequestError
 from server.generation import reject_unsupported
 from server.routes import Injected
-from server.routes.files import _file_object
+from server.routes.files import file_object
 from server.schemas import (
     CheckpointMetrics,
     FineTune,
@@ -93,7 +92,7 @@ def _checkpoint_object(row: JobCheckpoint, job: FineTuningJob) -> FineTuningJobC
 
 def _legacy_object(job: FineTuningJob, session: Session) -> FineTune:
     ids = [job.training_file, job.validation_file, *job.result_files]
-    files = {f.id: _file_object(f) for f in session.scalars(
+    files = {f.id: file_object(f) for f in session.scalars(
         select(UploadedFile).where(UploadedFile.id.in_([i for i in ids if i])))}
     events = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id,
                                                     JobEvent.type == "message")
@@ -232,22 +231,6 @@ def _paths(suffix: str = "") -> list[str]:
     return [f"{root}{suffix}" for root in LEGACY]
 
 
-def _unversioned_auth(api_key: str | None) -> Guard:
-    """The app's API-key guard, for the unversioned /fine-tunes paths too (it checks /v1/* only;
-    these paths hold the same jobs)."""
-    from server.app import api_key_guard
-
-    v1_guard = api_key_guard(api_key)
-
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        path = connection.scope["path"]
-        if not path.startswith("/v1/"):
-            connection = ASGIConnection({**connection.scope, "path": "/v1" + path})  # type: ignore[typeddict-item]
-        v1_guard(connection, handler)
-
-    return guard
-
-
 async def legacy_create(data: JSONBody[FineTuneCreateBody], settings: Injected[Settings],
                         db: Injected[Database]) -> FineTune:
     """Create a fine-tune (legacy API; the job also appears in /v1/fine_tuning/jobs)."""
@@ -299,9 +282,8 @@ route_handlers = [create_job, list_jobs, retrieve_job, cancel_job, list_events, 
 
 def handlers(settings: Settings) -> list[ControllerRouterHandler]:
     """Every route of this module; the legacy ones are also mounted without /v1 (old clients),
-    behind the same API key."""
-    options: dict[str, Any] = {"tags": ["fine-tunes (legacy)"],
-                               "guards": [_unversioned_auth(settings.api_key)]}
+    behind the same API key (the app's guard covers /fine-tunes too)."""
+    options: dict[str, Any] = {"tags": ["fine-tunes (legacy)"]}
     legacy = [
         post(_paths(), status_code=200, **options)(legacy_create),
         get(_paths(), **options)(legacy_list),

@@ -1,0 +1,596 @@
+"""Trains claimed fine-tune jobs: `JobWorker` and the child process that runs the trainer.
+
+- **Run** (`JobWorker`): claims jobs with `server.jobs.claim_next_job`; each claimed job gets a
+  thread that writes `jobs/<id>/spec.json` and starts
+  `python -m server.job_runner spec.json --parent-pid <worker pid>`, which trains with
+  `mlx_core.train`. The child dies with its parent (PR_SET_PDEATHSIG, plus a watchdog thread
+  comparing getppid()), so a killed server never leaves a trainer writing into the job folder.
+- **Follow**: every TICK_S the thread reads the trainer's new JSON-lines events into `job_events`
+  (and `job_checkpoints`), renews the job's lease, and learns of a cancel or of losing the job
+  (the heartbeat finds the row no longer running under this worker) -> SIGTERM, then SIGKILL.
+  `events.offset` (written after each commit) says how much of events.jsonl is ingested, so a
+  crash replays a few events rather than losing any.
+- **Finish**: the adapter is registered as `ft:<base>:<suffix>:<job id>` through the server's
+  AdapterRegistry, or, in a standalone `loraforge worker` (no engine), through a registry that
+  validates against the base model's config.json alone; either way it is a row in `adapters`, and
+  a server reads those per request, so it serves the model at once. The adapter is also packed as
+  a `fine-tune-results` file (`GET /v1/files/{id}/content`).
+- **Recover**: every RECOVER_EVERY_S the worker runs `server.jobs.recover_lost_jobs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db import Database, FineTuningJob, JobCheckpoint, UploadedFile, new_id, now
+from server.errors import APIError
+from server.jobs import (
+    LEASE_S,
+    RESULTS_PURPOSE,
+    add_event,
+    claim_next_job,
+    fine_tuned_model_name,
+    recover_lost_jobs,
+    train_config,
+    training_steps,
+)
+from server.settings import Settings
+
+if TYPE_CHECKING:  # the engine side, loaded only by the worker
+    from mlx_core.config import ModelArgs
+    from server.adapters import AdapterRegistry
+
+log = logging.getLogger("loraforge.jobs")
+
+MEMORY_LIMIT_ENV = "LORAFORGE_JOB_MEMORY_LIMIT_GB"  # preflight budget for every job's trainer
+
+# The worker's clock.
+TICK_S = 0.5  # events, heartbeat and cancel checks of a running job
+POLL_S = 1.0  # an idle worker looks for queued jobs this often
+RECOVER_EVERY_S = 10
+STOP_GRACE_S = 5  # SIGTERM, then SIGKILL after this long
+
+
+def _model_path(settings: Settings) -> str:
+    from server.cli_model import resolve_model_path
+
+    return resolve_model_path(settings.model)
+
+
+# -- the worker ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ConfigOnlyModel:
+    args: ModelArgs
+
+
+@dataclass
+class BaseModelConfig:
+    """What AdapterRegistry needs of the base model, read from its config.json alone: a standalone
+    worker has no engine, yet registers fine-tunes validated against the same shapes."""
+
+    model_id: str
+    loaded: _ConfigOnlyModel
+    slots: None = None  # no engine: nothing resident to unload
+    ready: bool = True
+
+
+class JobWorker:
+    """Trains queued jobs, up to `settings.max_concurrent_jobs` at once, each in a child process.
+
+    A service of the server (`start`/`stop`) or the body of `loraforge worker` (`run`).
+    `registry` is the server's AdapterRegistry; without one (standalone) the worker makes one that
+    validates adapters against the base model's config.json.
+    """
+
+    def __init__(self, settings: Settings, registry: AdapterRegistry | None = None, *,
+                 poll_s: float = POLL_S) -> None:
+        from mlx_core.config import load_config
+        from server.adapters import AdapterRegistry
+
+        self.settings, self.poll_s = settings, poll_s
+        self.db = Database.open(settings.database_url)
+        self.base_model = settings.base_model_id()
+        if registry is None:
+            registry = AdapterRegistry(settings, self.db)
+            args = load_config(Path(_model_path(settings)))  # fails now if the model is missing
+            registry.engine_service = BaseModelConfig(self.base_model, _ConfigOnlyModel(args))
+        self.registry = registry
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._runs: list[_JobRun] = []
+
+    async def start(self) -> None:
+        self.stopping.clear()
+        self._thread = threading.Thread(target=self.run, name="loraforge-jobs", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self._thread is not None:
+            await anyio.to_thread.run_sync(self._thread.join, STOP_GRACE_S + 10)
+        self.db.close()
+
+    def run(self) -> None:
+        """Claim and train jobs until `stopping` is set; then stop the trainers and queue their
+        jobs again (they resume from their checkpoints on the next start)."""
+        log.info("job worker %s: training jobs for %s, %d at a time", self.worker_id,
+                 self.base_model, self.settings.max_concurrent_jobs)
+        # In the server, wait for the model: a job finishing meanwhile could not be registered
+        # (and its lease would lapse while it waited).
+        while not getattr(self.registry.engine_service, "ready", True) and not self.stopping.wait(
+                self.poll_s):
+            pass
+        next_recovery = 0.0
+        while not self.stopping.is_set():
+            try:
+                if time.monotonic() >= next_recovery:
+                    for job_id in self.db.run_sync(recover_lost_jobs):
+                        log.warning("job %s lost its worker: queued again (or failed)", job_id)
+                    next_recovery = time.monotonic() + RECOVER_EVERY_S
+                self._runs = [r for r in self._runs if r.is_alive()]
+                while len(self._runs) < self.settings.max_concurrent_jobs:
+                    job = self.db.run_sync(
+                        lambda s: claim_next_job(s, self.worker_id, self.base_model))
+                    if job is None:
+                        break
+                    log.info("job %s: claimed (run %d)", job.id, job.attempts)
+                    run = _JobRun(self, job)
+                    self._runs.append(run)
+                    run.start()
+            except Exception:  # a database hiccup must not end the worker: log, retry later
+                log.exception("job worker loop failed; retrying")
+            self.stopping.wait(self.poll_s)
+        for run in self._runs:
+            run.join(STOP_GRACE_S + 5)
+
+    def memory_limit_gb(self) -> float | None:
+        text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{MEMORY_LIMIT_ENV}={text!r} is not a number of GB: fix or unset "
+                             "it in the worker's environment") from None
+
+    async def register(self, name: str, path: Path, job_id: str) -> None:
+        """Register the trained adapter as `name` (idempotent for the same job)."""
+        existing = await self.registry.get(name)
+        if existing is not None and existing.fine_tuning_job_id == job_id:
+            return  # registered before a crash, not yet marked succeeded
+        await self.registry.register_path(name, str(path), job_id)
+
+
+@dataclass
+class _Progress:
+    """What the events of the current run said so far."""
+
+    iters: int
+    tokens_before: int = 0  # trained by earlier runs, up to the checkpoint this one resumed
+    trained_tokens: int = 0
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    succeeded: bool = False
+    error: dict[str, Any] | None = None
+    last_step: int = 0
+    starts: int = 0  # trainer runs of this job that reached training, as far as ingested
+
+
+class _JobRun(threading.Thread):
+    """One run of one job: prepare the folder, start the trainer, follow it, finish the job."""
+
+    def __init__(self, worker: JobWorker, job: FineTuningJob) -> None:
+        super().__init__(name=f"loraforge-job-{job.id}", daemon=True)
+        self.worker, self.job, self.db = worker, job, worker.db
+        self.dir = worker.settings.jobs_dir / job.id
+        self.events = self.dir / "events.jsonl"
+        self.offset_file = self.dir / "events.offset"
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except APIError as e:
+            self._fail("registration_failed", e.message)
+        except Exception as e:
+            log.exception("job %s failed in the worker", self.job.id)
+            self._fail("worker_error", f"The worker failed while running this job ({e}). The "
+                       "worker's log has the details; create the job again once it is fixed.")
+
+    def _run(self) -> None:
+        from mlx_core.checkpoints import latest_checkpoint
+
+        job, settings = self.job, self.worker.settings
+        n_examples = self._prepare_data()
+        progress = _Progress(iters=training_steps(job, n_examples))
+        adapter = self.dir / "adapter"
+        # Earlier runs' starts, as far as ingested (lines past the offset are a dead run's that
+        # were never ingested: they are ingested first, and count their own start).
+        ingested = _read_events(self.events, 0, self._offset())[0]
+        progress.starts = sum(e.get("type") == "start" for e in ingested)
+        done = [e for e in _read_events(self.events, 0)[0] if e.get("type") == "done"]
+        if done and done[-1].get("status") == "succeeded":
+            self._finish(progress)  # trained before the worker stopped; only registration is left
+            return
+        checkpoint = latest_checkpoint(adapter)
+        step = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
+        if checkpoint and step >= progress.iters:
+            # Stopped between the last checkpoint and the final save: the checkpoint is the result.
+            for name in ("adapters.safetensors", "adapter_config.json"):
+                shutil.copyfile(checkpoint / name, adapter / name)
+            self._finish(progress)
+            return
+        if checkpoint:
+            row = self.db.run_sync(lambda s: _checkpoint_at(s, job.id, step))
+            progress.tokens_before = int(row.metrics.get("trained_tokens", 0)) if row else 0
+        config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
+        spec = {"model": _model_path(settings), "data": str(self.dir / "data"), "config": config}
+        (self.dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        returncode = self._train(progress)
+        if returncode is None:
+            return  # cancelled, taken over, or the worker is stopping
+        if progress.succeeded:
+            self._finish(progress)
+            return
+        how = f"exited with code {returncode}"
+        if returncode < 0:
+            how = f"was killed by signal {-returncode}" + (
+                " (often the system running out of memory)" if returncode == -signal.SIGKILL else "")
+        error = progress.error or {"code": "training_failed", "message": (
+            f"The trainer {how} before finishing. See {self.dir / 'train.log'}, then create the "
+            "job again.")}
+        self._fail(error["code"], error["message"])
+
+    def _prepare_data(self) -> int:
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        job = self.job
+        files = self.db.run_sync(lambda s: {f.id: f for f in s.scalars(select(UploadedFile).where(
+            UploadedFile.id.in_([job.training_file, job.validation_file or ""])))})
+        pairs = [("train.jsonl", job.training_file), ("valid.jsonl", job.validation_file)]
+        for name, file_id in pairs:
+            target = data / name
+            if file_id is None or target.exists():
+                continue
+            if file_id not in files:
+                raise ValueError(f"{file_id} was deleted before the job could use it")
+            try:  # a hard link costs nothing and outlives a later delete of the file
+                os.link(files[file_id].path, target)
+            except OSError:
+                shutil.copyfile(files[file_id].path, target)
+        if job.training_file in files:
+            return files[job.training_file].n_examples or 1
+        with (data / "train.jsonl").open("rb") as f:  # resumed after the file was deleted
+            return sum(1 for line in f if line.strip())
+
+    # -- the child process ----------------------------------------------------------------------
+    def _train(self, progress: _Progress) -> int | None:
+        """Run the trainer: its exit code, or None when this worker stopped it first."""
+        cmd = [sys.executable, "-m", "server.job_runner", str(self.dir / "spec.json"),
+               "--parent-pid", str(os.getpid())]
+        with (self.dir / "train.log").open("ab") as out:
+            # Own session: a Ctrl-C in the server's terminal reaches the worker, which decides.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.info("job %s: trainer pid %d (log %s)", self.job.id, proc.pid, self.dir / "train.log")
+        try:
+            while True:
+                exited = proc.poll() is not None
+                ours = self._follow(progress, proc.pid)
+                if not ours:
+                    _stop(proc)
+                    self._note_lost()
+                    return None
+                if self.worker.stopping.is_set():
+                    _stop(proc)
+                    self._requeue(progress)
+                    return None
+                if exited:
+                    return proc.returncode
+                time.sleep(TICK_S)
+        finally:
+            if proc.poll() is None:  # an exception above: never leave the trainer behind
+                _stop(proc)
+
+    def _follow(self, progress: _Progress, pid: int | None) -> bool:
+        """Ingest new events, renew the lease; False when the job is no longer ours."""
+        events, offset = _read_events(self.events, self._offset())
+
+        def tick(session: Session) -> bool:
+            job = session.get(FineTuningJob, self.job.id)
+            if job is None or job.status != "running" or job.worker_id != self.worker.worker_id:
+                return False
+            job.lease_expires_at, job.pid = now() + LEASE_S, pid
+            for event in events:
+                _ingest(session, job, event, progress)
+            return True
+
+        ours = self.db.run_sync(tick)
+        if ours:
+            # After the commit: a crash in between replays these events, never loses them.
+            self.offset_file.write_text(str(offset))
+        return ours
+
+    def _offset(self) -> int:
+        """Bytes of events.jsonl already turned into job events."""
+        return int(self.offset_file.read_text()) if self.offset_file.exists() else 0
+
+    def _note_lost(self) -> None:
+        status = self.db.run_sync(lambda s: s.get(FineTuningJob, self.job.id).status)
+        if status == "cancelled":
+            self.db.run_sync(lambda s: add_event(s, self.job.id, "Trainer stopped"))
+            log.info("job %s: cancelled, trainer stopped", self.job.id)
+        else:
+            log.warning("job %s: taken over by another worker (status %s); trainer stopped",
+                        self.job.id, status)
+
+    def _requeue(self, progress: _Progress) -> None:
+        def requeue(session: Session) -> None:
+            job = self._ours(session)
+            if job is None:
+                return
+            # A shutdown is not a failed run: it does not count against MAX_ATTEMPTS.
+            job.status, job.attempts, job.worker_id = "queued", job.attempts - 1, None
+            job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
+            add_event(session, job.id, f"The worker stopped at step {progress.last_step}; the "
+                      "job is queued again and resumes from its last checkpoint.", level="warn")
+
+        self.db.run_sync(requeue)
+
+    def _ours(self, session: Session) -> FineTuningJob | None:
+        job = session.get(FineTuningJob, self.job.id)
+        ours = job and job.status == "running" and job.worker_id == self.worker.worker_id
+        return job if ours else None
+
+    # -- the outcome ----------------------------------------------------------------------------
+    def _fail(self, code: str, message: str) -> None:
+        def fail(session: Session) -> None:
+            job = self._ours(session)
+            if job is None:
+                return
+            job.status, job.finished_at = "failed", now()
+            job.error = {"code": code, "message": message, "param": None}
+            job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
+            add_event(session, job.id, message, level="error")
+
+        self.db.run_sync(fail)
+        log.warning("job %s failed: %s", self.job.id, message)
+
+    def _finish(self, progress: _Progress) -> None:
+        job = self.job
+        name = fine_tuned_model_name(job)
+        asyncio.run(self.worker.register(name, self.dir / "adapter", job.id))
+        result = self._result_file()
+
+        def succeed(session: Session) -> bool:
+            row = self._ours(session)
+            if row is None:
+                return False
+            row.status, row.fine_tuned_model, row.result_files = "succeeded", name, [result.id]
+            row.finished_at, row.lease_expires_at, row.pid, row.estimated_finish = now(), None, None, None
+            if progress.trained_tokens:
+                row.trained_tokens = progress.trained_tokens
+            add_event(session, job.id, f"New fine-tuned model created: {name}",
+                      data={"fine_tuned_model": name})
+            add_event(session, job.id, "The job has successfully completed")
+            return True
+
+        if not self.db.run_sync(succeed):  # cancelled while registering: undo the registration
+            asyncio.run(self.worker.registry.unregister(name))
+            self.db.run_sync(lambda s: s.delete(s.get(UploadedFile, result.id)))
+            Path(result.path).unlink(missing_ok=True)
+            return
+        log.info("job %s succeeded: %s", job.id, name)
+
+    def _result_file(self) -> UploadedFile:
+        """The adapter as a .tar.gz in files/ (purpose fine-tune-results); made once per job."""
+        filename = f"{self.job.id}-adapter.tar.gz"
+        existing = self.db.run_sync(lambda s: s.scalars(select(UploadedFile).where(
+            UploadedFile.filename == filename, UploadedFile.purpose == RESULTS_PURPOSE)).first())
+        if existing is not None:  # made before a crash, not yet recorded on the job
+            return existing
+        file_id = new_id("file")
+        path = self.worker.settings.files_dir / f"{file_id}.tar.gz"
+        # Packed before the transaction, which then holds the database's write lock only briefly.
+        with tarfile.open(path, "w:gz") as tar:  # the layout POST /v1/adapters accepts back
+            for name in ("adapters.safetensors", "adapter_config.json"):
+                tar.add(self.dir / "adapter" / name, arcname=name)
+        row = UploadedFile(id=file_id, filename=filename, purpose=RESULTS_PURPOSE,
+                           bytes=path.stat().st_size, path=str(path), status="processed")
+        self.db.run_sync(lambda s: s.add(row))
+        return row
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the trainer's process group, SIGKILL it after STOP_GRACE_S."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _checkpoint_at(session: Session, job_id: str, step: int) -> JobCheckpoint | None:
+    return session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id,
+                                                       JobCheckpoint.step == step)).first()
+
+
+def _checkpoint_row(session: Session, job_id: str, step: int, path: str) -> JobCheckpoint:
+    """The job's checkpoint row for `step`, added if missing (a resumed run may save a step
+    again, and a checkpoint saved just before a crash may never have been reported)."""
+    row = _checkpoint_at(session, job_id, step)
+    if row is None:
+        row = JobCheckpoint(id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics={},
+                            created_at=now())
+        session.add(row)
+    row.path = path
+    return row
+
+
+# -- trainer events -> job events ---------------------------------------------------------------
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _read_events(path: Path, offset: int, end: int = -1) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines from byte `offset` (to `end`) and the offset after the last of them (a
+    line still being written waits for the next tick)."""
+    if not path.exists():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read(end - offset if end >= 0 else -1)
+    end = chunk.rfind(b"\n") + 1
+    lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
+    return [e for e in map(_parse, lines) if e is not None], offset + end
+
+
+def _ingest(session: Session, job: FineTuningJob, event: dict[str, Any], p: _Progress) -> None:
+    kind, step = event.get("type"), int(event.get("step", 0))
+    at = f"Step {step}/{p.iters}"
+    if kind == "start":
+        p.iters, p.starts = int(event.get("iters", p.iters)), p.starts + 1
+        info = {k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")}
+        if event.get("resumed_from"):
+            _checkpoint_row(session, job.id, step, str(event["resumed_from"]))  # if never reported
+            add_event(session, job.id, f"Resumed from checkpoint at step {step} (run {p.starts})",
+                      data={"step": step, "total_steps": p.iters, **info})
+        elif p.starts > 1:
+            add_event(session, job.id, f"Fine-tuning restarted from step 0 (run {p.starts}): "
+                      "no checkpoint was saved before the last run stopped",
+                      data={"step": 0, "total_steps": p.iters, **info})
+        else:
+            add_event(session, job.id, "Fine-tuning job started",
+                      data={"total_steps": p.iters, **info})
+    elif kind == "train":
+        p.last_step, p.train_loss = step, float(event["loss"])
+        p.trained_tokens = p.tokens_before + int(event.get("trained_tokens", 0))
+        job.trained_tokens = p.trained_tokens
+        it_per_sec = float(event.get("it_per_sec") or 0)
+        if it_per_sec > 0:
+            job.estimated_finish = now() + math.ceil((p.iters - step) / it_per_sec)
+        add_event(session, job.id, f"{at}: training loss={p.train_loss:.4f}", type="metrics",
+                  data={"step": step, "total_steps": p.iters, "train_loss": p.train_loss,
+                        "learning_rate": event.get("learning_rate"),
+                        "tokens_per_sec": event.get("tokens_per_sec"),
+                        "peak_memory_gb": event.get("peak_memory_gb"),
+                        "trained_tokens": p.trained_tokens})
+    elif kind == "eval":
+        p.valid_loss = float(event["val_loss"])
+        add_event(session, job.id, f"{at}: validation loss={p.valid_loss:.4f}", type="metrics",
+                  data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss})
+    elif kind == "checkpoint":
+        row = _checkpoint_row(session, job.id, step, str(event["path"]))
+        row.metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
+        if p.valid_loss is not None:
+            row.metrics["valid_loss"] = p.valid_loss
+        add_event(session, job.id, f"Checkpoint created at step {step}", data={"step": step})
+    elif kind == "warning":
+        message = str(event.get("message"))
+        if job.validation_file or not message.startswith("no valid.jsonl"):  # else: as asked
+            add_event(session, job.id, message, level="warn")
+    elif kind == "done" and event.get("status") == "succeeded":
+        p.succeeded = True
+        peak = event.get("peak_memory_gb") or 0.0
+        add_event(session, job.id, f"Training finished at step {step}: training loss "
+                  f"{p.train_loss or 0:.4f}, peak memory {peak:.2f} GB",
+                  data={"step": step, "peak_memory_gb": peak})
+    elif kind == "error":
+        p.error = {"code": str(event.get("code", "training_failed")),
+                   "message": str(event.get("message"))}
+
+
+# -- the child process: `python -m server.job_runner SPEC.json --parent-pid PID` ----------------
+PR_SET_PDEATHSIG = 1
+_MEMORY_HINT = (" In the job request, lower hyperparameters.batch_size, lora.num_layers or "
+                "lora.max_seq_len, or set lora.quantize to 4.")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the worker that started this process exits, however it ends (kill -9 too)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills us when the parent dies
+
+    def watch() -> None:
+        # Where prctl does not exist (macOS), and for a parent that died before prctl ran.
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(3)
+
+    if os.getppid() != parent_pid:
+        os._exit(3)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _child_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.job_runner",
+                                     description="Run one fine-tune job's trainer (the worker "
+                                     "starts this; people use `loraforge train`).")
+    parser.add_argument("spec", help="spec.json: {\"model\", \"data\", \"config\"}")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    ns = parser.parse_args(argv)
+    _die_with_parent(ns.parent_pid)
+
+    from mlx_core.errors import USER_ERRORS
+    from mlx_core.memory import MemoryPreflightError
+    from mlx_core.train import TrainConfig, train
+
+    spec = json.loads(Path(ns.spec).read_text())
+    config = TrainConfig.from_dict(spec["config"])
+    try:
+        train(spec["model"], spec["data"], config)
+        return 0
+    except USER_ERRORS as e:
+        memory = isinstance(e, MemoryPreflightError)
+        error = {"code": "insufficient_memory" if memory else "training_failed",
+                 "message": str(e) + (_MEMORY_HINT if memory else "")}
+        print(f"loraforge job: {e}", file=sys.stderr)
+        code = 2
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        error = {"code": "training_failed", "message": f"The trainer crashed: {type(e).__name__}: "
+                 f"{e}. {Path(ns.spec).parent / 'train.log'} has the traceback."}
+        code = 1
+    with open(config.events_jsonl, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"type": "error", "step": 0, "time": time.time(), **error}) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -35,8 +35,9 @@ def main() -> None:
                 ours = qmv4(x, wq, s, b, group)
                 err = float(mx.max(mx.abs(ours.astype(mx.float32) - ref.astype(mx.float32))))
                 scale = float(mx.max(mx.abs(ref.astype(mx.float32))))
-                t_ref = timeit(lambda: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=group, bits=4))
-                t_ours = timeit(lambda: qmv4(x, wq, s, b, group))
+                t_ref = timeit(lambda x=x, wq=wq, s=s, b=b, group=group: mx.quantized_matmul(
+                    x, wq, s, b, transpose=True, group_size=group, bits=4))
+                t_ours = timeit(lambda x=x, wq=wq, s=s, b=b, group=group: qmv4(x, wq, s, b, group))
                 nbytes = wq.nbytes + s.nbytes + b.nbytes
                 results[f"{name}_g{group}_m{rows}"] = {
                     "max_abs_err": err, "ref_max_abs": scale,

@@ -146,7 +146,7 @@ def make_adapters(model_path: Path, data_dir: Path, k: int) -> list[str]:
                 p = parts[t]
                 weights[(layer, t)] = (mx.random.normal((p.in_dims, 8)) * 0.01,
                                        mx.random.normal((8, p.end - p.start)) * 0.01)
-        adapter = Adapter(8, 2.0, ("q_proj", "v_proj"), tuple(sorted({l for l, _ in weights})), weights,
+        adapter = Adapter(8, 2.0, ("q_proj", "v_proj"), tuple(sorted({layer for layer, _ in weights})), weights,
                           fingerprint=args.shape_fingerprint())
         save_adapter(data_dir / "incoming" / f"bench-{a}", adapter)
         names.append(f"bench-{a}")

@@ -15,8 +15,11 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -196,62 +199,62 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One archive entry, whichever the archive format."""
+
+    name: str
+    size: int
+    kind: str  # "file" | "dir" | "other" (links, devices: refused)
+    open: Callable[[], BinaryIO]
+
+
+def _members(archive: Path, stack: ExitStack) -> list[_Member]:
+    if zipfile.is_zipfile(archive):
+        z = stack.enter_context(zipfile.ZipFile(archive))
+
+        def zip_kind(m: zipfile.ZipInfo) -> str:
+            if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                return "other"  # a symlink stored in the zip
+            return "dir" if m.is_dir() else "file"
+
+        return [_Member(m.filename, m.file_size, zip_kind(m), lambda m=m: z.open(m)) for m in z.infolist()]
+    if tarfile.is_tarfile(archive):
+        t = stack.enter_context(tarfile.open(archive))
+        return [_Member(m.name, m.size, "file" if m.isfile() else "dir" if m.isdir() else "other",
+                        lambda m=m: t.extractfile(m)) for m in t.getmembers()]
+    raise BadRequestError("the upload is neither a .tar(.gz) nor a .zip archive: pack the adapter "
+                          "folder with `tar czf adapter.tgz -C folder .`", param="file", code="invalid_archive")
+
+
 def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> Path:
     """Unpack an archive refusing absolute paths, '..', links, devices and decompression bombs;
     return the folder that holds the adapter files."""
-    total = 0
-
-    def check(name: str, size: int) -> None:
-        nonlocal total
-        p = Path(name)
-        if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")):
-            raise BadRequestError(f"archive member {name!r} has an unsafe path: archives may only hold "
-                                  "relative paths inside one folder", param="file", code="unsafe_archive")
-        total += size
-        if total > max_bytes:
-            raise BadRequestError("archive unpacks to more than "
-                                  f"{MAX_EXPANSION}x its size: refused as a possible decompression bomb",
-                                  param="file", code="unsafe_archive")
-
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            members = z.infolist()
-            if len(members) > MAX_MEMBERS:
-                raise BadRequestError(f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file")
-            for m in members:
-                check(m.filename, m.file_size)
-                if (m.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise BadRequestError(f"archive member {m.filename!r} is a symlink: not allowed",
-                                          param="file", code="unsafe_archive")
-            for m in members:
-                target = dest / m.filename
-                if m.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(m) as src, target.open("wb") as out:
-                    _copy_limited(src, out, m.file_size)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as t:
-            members = t.getmembers()
-            if len(members) > MAX_MEMBERS:
-                raise BadRequestError(f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file")
-            for m in members:
-                check(m.name, m.size)
-                if not (m.isfile() or m.isdir()):
-                    raise BadRequestError(f"archive member {m.name!r} is a link or special file: not allowed",
-                                          param="file", code="unsafe_archive")
-            for m in members:
-                target = dest / m.name
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with t.extractfile(m) as src, target.open("wb") as out:
-                    _copy_limited(src, out, m.size)
-    else:
-        raise BadRequestError("the upload is neither a .tar(.gz) nor a .zip archive: pack the adapter "
-                              "folder with `tar czf adapter.tgz -C folder .`", param="file", code="invalid_archive")
+    with ExitStack() as stack:
+        members = _members(archive, stack)
+        if len(members) > MAX_MEMBERS:
+            raise BadRequestError(f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file")
+        total = 0
+        for m in members:  # check everything before writing anything
+            p = Path(m.name)
+            if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")):
+                raise BadRequestError(f"archive member {m.name!r} has an unsafe path: archives may only "
+                                      "hold relative paths inside one folder", param="file", code="unsafe_archive")
+            if m.kind == "other":
+                raise BadRequestError(f"archive member {m.name!r} is a link or special file: not allowed",
+                                      param="file", code="unsafe_archive")
+            total += m.size
+            if total > max_bytes:
+                raise BadRequestError(f"archive unpacks to more than {MAX_EXPANSION}x its size: refused as "
+                                      "a possible decompression bomb", param="file", code="unsafe_archive")
+        for m in members:
+            target = dest / m.name
+            if m.kind == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with m.open() as src, target.open("wb") as out:
+                _copy_limited(src, out, m.size)
     # The adapter is the archive root or its single top-level folder.
     entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
     if len(entries) == 1 and entries[0].is_dir():

@@ -12,6 +12,7 @@ Intermediate files (corpus, tokenizer, checkpoints) live in --work-dir, never in
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import platform
@@ -98,6 +99,18 @@ def openblas_loaded() -> bool:
         return False
 
 
+def single_threaded_openblas() -> bool:
+    """Give a preloaded OpenBLAS one thread: each training stream then has a core of its own
+    instead of two streams' BLAS threads fighting over the same cores. False if not loaded."""
+    if not openblas_loaded():
+        return False
+    try:
+        ctypes.CDLL(OPENBLAS.name).openblas_set_num_threads(1)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def speed_hint(gflops: float) -> str | None:
     """A hint for a Linux CPU build running on MLX's slow reference BLAS, or None."""
     if mx.default_device() != mx.cpu or platform.system() != "Linux" or openblas_loaded():
@@ -114,12 +127,13 @@ def _texts(path: Path) -> list[str]:
     return [e.text for e in read_jsonl(path) if isinstance(e, TextExample)]
 
 
-def _tokenized(texts: list[str], tokenizer: Tokenizer, max_seq_len: int) -> list[TokenizedExample]:
-    # Loss on the SQL answer and its EOS only: predicting random table ids and values in the
-    # prompt teaches nothing, and the answer is what the model is for.
+def _tokenized(texts: list[str], tokenizer: Tokenizer, max_seq_len: int,
+               mask_prompt: bool = True) -> list[TokenizedExample]:
+    # The SQL answer and its EOS are the targets; with mask_prompt=False the prompt is too (the
+    # trainer weighs it with prompt_weight: predicting random table ids and values teaches little).
     examples, report = tokenize_examples(
         [TextExample(t) for t in texts], tokenizer, max_seq_len,
-        mask_prompt=True, completion_after="A:",
+        mask_prompt=mask_prompt, completion_after="A:",
     )
     if report.n_dropped:
         raise ValueError(report.warning())
@@ -140,6 +154,8 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
     log(f"device {mx.default_device()}; fp32 matmul {gflops:.0f} GFLOP/s")
     if hint := speed_hint(gflops):
         log(f"hint: {hint}")
+    if config.pretrain.parallel_streams > 1 and single_threaded_openblas():
+        log(f"OpenBLAS set to one thread per stream ({config.pretrain.parallel_streams} streams)")
 
     data = work / "data"
     log(f"corpus: {config.n_train}/{config.n_valid}/{config.n_test} examples, seed {config.seed}, "
@@ -154,19 +170,24 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
 
     max_len = config.pretrain.max_seq_len
     train_set = _tokenized(train_texts, tokenizer, max_len)
+    train_full = (_tokenized(train_texts, tokenizer, max_len, mask_prompt=False)
+                  if config.pretrain.prompt_weight else None)
     valid_set = _tokenized(valid_texts, tokenizer, max_len)
     n_tokens = sum(len(e.tokens) for e in train_set)
     log(f"tokenized: {n_tokens} training tokens ({n_tokens / len(train_set):.1f} per example)")
 
     args = config.model.args(tokenizer.vocab_size)
-    identity = {"build": asdict(config), "tokenizer_sha256": _sha256(tok_path)}
+    # What the checkpoints depend on (pretrain() adds its own config and the model's shape).
+    identity = {"corpus": [config.seed, config.held_out_domain, config.n_train],
+                "tokenizer_sha256": _sha256(tok_path)}
     probe_texts = test_texts[: config.n_probe]
 
     def probe(model: Mistral) -> str:  # generation quality during training, on a few test tables
         return "probe: " + sql_quality(model, tokenizer, probe_texts).line()
 
     model, result = pretrain(args, train_set, valid_set, config.pretrain, work, identity,
-                             resume=resume, log=log, probe=probe if config.n_probe else None)
+                             resume=resume, log=log, probe=probe if config.n_probe else None,
+                             train_full=train_full)
 
     # Save in the shipped precision, then evaluate exactly what ships, loaded the way users load it.
     cast_parameters(model, DTYPES[config.dtype])
@@ -254,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=d.model.n_kv_heads)
     p.add_argument("--warmup-steps", type=int, default=d.pretrain.warmup_steps)
     p.add_argument("--eval-every", type=int, default=d.pretrain.eval_every)
+    p.add_argument("--prompt-weight", type=float, default=d.pretrain.prompt_weight)
+    p.add_argument("--streams", type=int, default=d.pretrain.parallel_streams,
+                   help="CPU streams (cores) a step's rows are split over")
     p.add_argument("--vocab-size", type=int, default=d.tokenizer.vocab_size)
     ns = p.parse_args(argv)
     config = replace(
@@ -263,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                       n_heads=ns.heads, n_kv_heads=ns.kv_heads),
         pretrain=replace(d.pretrain, steps=ns.steps, seed=ns.seed, batch_size=ns.batch_size,
                          learning_rate=ns.learning_rate, eval_every=ns.eval_every,
+                         prompt_weight=ns.prompt_weight, parallel_streams=ns.streams,
                          warmup_steps=min(ns.warmup_steps, max(ns.steps // 10, 1))),
     )
     build(config, ns.out.resolve(), ns.work_dir.resolve(), ns.resume, ns.wikisql)

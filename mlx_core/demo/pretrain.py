@@ -50,6 +50,8 @@ class PretrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     max_seq_len: int = 384  # every corpus example fits (the longest are ~170 tokens)
+    prompt_weight: float = 0.0  # loss weight of prompt tokens (answers and EOS weigh 1)
+    parallel_streams: int = 2  # device streams a step's rows are split over (CPU: one core each)
     init_std: float = 0.02
     seed: int = 0
     log_every: int = 50
@@ -92,6 +94,17 @@ def _map_with_path(tree: dict | list, fn: Callable[[str, mx.array], mx.array], p
     if isinstance(tree, list):
         return [_map_with_path(v, fn, f"{prefix}{i}.") for i, v in enumerate(tree)]
     return fn(prefix[:-1], tree)
+
+
+def weighted_loss(model: Mistral, inputs: mx.array, targets: mx.array, weights: mx.array,
+                  answer: mx.array, denominator: mx.array) -> tuple[mx.array, mx.array]:
+    """(sum of weighted cross-entropy, sum over answer tokens), both / `denominator`, in fp32.
+
+    Sums over a whole batch's answer tokens, not per-row means: the rows of one step can then be
+    split over several streams and their gradients added up to exactly the full batch's.
+    """
+    losses = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+    return (losses * weights).sum() / denominator, (losses * answer).sum() / denominator
 
 
 def masked_loss(model: Mistral, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
@@ -159,6 +172,43 @@ def _resume(path: Path, model: Mistral, optimizer: optim.Optimizer, identity: di
     return int(state["step"])
 
 
+# -- batches -------------------------------------------------------------------------------------
+@dataclass
+class WeightedBatch:
+    inputs: mx.array  # (B, L) int32
+    targets: mx.array  # (B, L) int32
+    weights: mx.array  # (B, L) float32: 1 on answer tokens, prompt_weight on prompt tokens
+    answer: mx.array  # (B, L) float32: 1 on answer tokens (and EOS)
+    n_tokens: int  # non-padding input tokens
+
+
+class WeightedBatches:
+    """BatchStream's batches with a loss weight per token: answers 1, prompts `prompt_weight`.
+
+    Two BatchStreams over the same examples tokenized with and without the prompt mask share
+    lengths and seed, hence the same plan: step s of both holds the same rows.
+    """
+
+    def __init__(self, answer_set: Sequence[TokenizedExample],
+                 full_set: Sequence[TokenizedExample] | None, config: PretrainConfig,
+                 start_step: int) -> None:
+        if config.prompt_weight and full_set is None:
+            raise ValueError("prompt_weight > 0 needs the examples tokenized without the prompt mask")
+        kw = dict(batch_size=config.batch_size, seed=config.seed, pack=False,
+                  max_seq_len=config.max_seq_len, start_step=start_step)
+        self.prompt_weight = config.prompt_weight
+        self.answers = BatchStream(answer_set, **kw)
+        self.full = BatchStream(full_set, **kw) if config.prompt_weight else None
+
+    def __next__(self) -> WeightedBatch:
+        a: Batch = next(self.answers)
+        weights = a.loss_mask
+        if self.full is not None:
+            f = next(self.full)
+            weights = a.loss_mask + self.prompt_weight * (f.loss_mask - a.loss_mask)
+        return WeightedBatch(a.inputs, a.targets, weights, a.loss_mask, a.n_tokens)
+
+
 # -- the loop ------------------------------------------------------------------------------------
 def pretrain(
     args: ModelArgs,
@@ -170,14 +220,18 @@ def pretrain(
     resume: bool = False,
     log: Callable[[str], None] = print,
     probe: Callable[[Mistral], str] | None = None,
+    train_full: Sequence[TokenizedExample] | None = None,
 ) -> tuple[Mistral, PretrainResult]:
     """Train a fresh model (or continue the latest checkpoint with `resume`); return it trained.
 
-    `identity` names what the checkpoints' meaning depends on (model shape, data, config); a
-    resume with a different identity is refused rather than silently mixing two runs. `probe`,
-    if given, runs at every evaluation (say, generation on a few prompts) and its line is logged.
+    `train_set` is tokenized with the prompt masked (answers are the targets); `train_full`, the
+    same examples without the mask, is needed when `config.prompt_weight` > 0. `identity` names
+    what the checkpoints' meaning depends on (model shape, data, config); a resume with a
+    different identity is refused rather than silently mixing two runs. `probe`, if given, runs
+    at every evaluation (say, generation on a few prompts) and its line is logged.
     """
     identity = {**identity, "pretrain": asdict(config), "model": asdict(args)}
+    identity["pretrain"].pop("parallel_streams")  # only where the work runs, not what it computes
     model = Mistral(args)
     init_weights(model, config.init_std, config.seed)
     optimizer = build_optimizer(
@@ -195,41 +249,64 @@ def pretrain(
     log(f"model: {n_params / 1e6:.2f}M parameters; {len(train_set)} training examples; "
         f"steps {start}..{config.steps} of batch {config.batch_size}")
 
+    # MLX's CPU backend runs elementwise ops (exp in softmax, SiLU, cross-entropy: most of the
+    # time of a model this small) on one thread per stream. Splitting each batch's rows over
+    # several streams runs them side by side; the gradients of the parts add up to the batch's.
+    loss_and_grad = nn.value_and_grad(model, weighted_loss)
+    part_grads = mx.compile(partial(loss_and_grad, model), inputs=[model.state],
+                            outputs=[model.state])
     state = [model.state, optimizer.state]
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-        loss, grads = loss_and_grad(model, inputs, targets, mask)
-        grads, norm = optim.clip_grad_norm(grads, config.grad_clip)
-        optimizer.update(model, grads)
-        return loss, norm
+    def apply(grads: list[dict]) -> mx.array:
+        total = grads[0]
+        for g in grads[1:]:
+            total = tree_map(mx.add, total, g)
+        total, norm = optim.clip_grad_norm(total, config.grad_clip)
+        optimizer.update(model, total)
+        return norm
 
-    stream = BatchStream(train_set, config.batch_size, config.seed, pack=False,
-                         max_seq_len=config.max_seq_len, start_step=start)
+    n_parts = max(1, min(config.parallel_streams, config.batch_size))
+    streams = [mx.default_stream(mx.default_device())]
+    streams += [mx.new_stream(mx.default_device()) for _ in range(n_parts - 1)]
+    cuts = [round(i * config.batch_size / n_parts) for i in range(n_parts + 1)]
+
+    def step(b: WeightedBatch) -> tuple[mx.array, mx.array, mx.array]:
+        denominator = mx.maximum(b.answer.sum(), 1.0)
+        losses, answer_losses, grads = [], [], []
+        for stream, lo, hi in zip(streams, cuts, cuts[1:]):
+            with mx.stream(stream):
+                (loss, answer), g = part_grads(b.inputs[lo:hi], b.targets[lo:hi],
+                                               b.weights[lo:hi], b.answer[lo:hi], denominator)
+            losses.append(loss)
+            answer_losses.append(answer)
+            grads.append(g)
+        return sum(losses), sum(answer_losses), apply(grads)
+
+    batches = WeightedBatches(train_set, train_full, config, start)
     model.train()
     t0 = last = time.perf_counter()
     tokens = interval_tokens = 0
     losses: list[float] = []
     train_loss = valid_loss = float("nan")
     for s in range(start, config.steps):
-        batch: Batch = next(stream)
-        loss, norm = step(batch.inputs, batch.targets, batch.loss_mask)
-        mx.eval(state, loss, norm)
-        losses.append(loss.item())
+        batch = next(batches)
+        loss, answer_loss, norm = step(batch)
+        mx.eval(state, loss, answer_loss, norm)
+        losses.append(answer_loss.item())
         tokens += batch.n_tokens
         interval_tokens += batch.n_tokens
         done = s + 1
-        if not math.isfinite(losses[-1]):
+        if not math.isfinite(loss.item()):
             raise PretrainError(
-                f"loss became {losses[-1]} at step {done}: lower --learning-rate (now "
+                f"loss became {loss.item()} at step {done}: lower the learning rate (now "
                 f"{config.learning_rate}) and start afresh"
             )
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
             train_loss = sum(losses) / len(losses)
             eta = (now - t0) / (done - start) * (config.steps - done)
-            log(f"step {done}/{config.steps} loss {train_loss:.4f} "
+            log(f"step {done}/{config.steps} answer loss {train_loss:.4f} "
                 f"lr {optimizer.learning_rate.item():.2e} grad {norm.item():.2f} "
                 f"tok/s {interval_tokens / (now - last):.0f} "
                 f"peak {mx.get_peak_memory() / 2**30:.2f} GB eta {eta / 60:.1f} min")
@@ -237,7 +314,7 @@ def pretrain(
         if done % config.eval_every == 0 or done == config.steps:
             model.eval()
             valid_loss = evaluate_loss(model, valid_set, config)
-            log(f"step {done} valid loss {valid_loss:.4f}")
+            log(f"step {done} valid answer loss {valid_loss:.4f}")
             if probe is not None and done < config.steps:
                 log(f"step {done} {probe(model)}")
             model.train()

@@ -190,6 +190,22 @@ def read_checkpoint(folder: Path, args: ModelArgs) -> tuple[dict[str, mx.array],
     )
 
 
+def check_model_folder(path: str | Path) -> ModelArgs:
+    """Cheap checks before a slow load: the folder, its config, tokenizer and weight files.
+    Raises the same errors `load_model` would, naming the file and the fix."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: no such model folder; pass --model PATH to a model directory")
+    args = load_config(folder)
+    Tokenizer.from_folder(folder)
+    if not any(any(folder.glob(p)) for p in ("*.safetensors", "consolidated.*.pth", "weights.npz")):
+        raise WeightsError(
+            f"{folder}: no weights found (model*.safetensors, consolidated.00.pth or weights.npz); "
+            "point --model at a complete model folder"
+        )
+    return args
+
+
 def load_model(path: str | Path, dtype: str | None = None, quantize: Quantization | None = None) -> LoadedModel:
     """Load any supported model folder. `dtype` casts float weights; `quantize` quantizes a
     dense model at load (QLoRA); an already quantized checkpoint loads as it is."""

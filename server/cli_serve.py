@@ -44,9 +44,13 @@ def build_services(settings: Settings):
 
 
 def run_serve(ns: argparse.Namespace) -> int:
+    from mlx_core.weights import check_model_folder
     from server.app import run_server
+    from server.cli_model import resolve_model_path
 
     settings = Settings.from_args(ns)
+    # Fail now, in one line, rather than serve 503s for a model that can never load.
+    check_model_folder(resolve_model_path(settings.model))
     metrics, registry, engine, services = build_services(settings)
     run_server(settings, engine_service=engine, services=services, metrics=metrics,
                adapter_registry=registry)

@@ -169,13 +169,20 @@ class EngineService:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.monotonic_ns():x}"
 
+    def require_ready(self) -> None:
+        """Raise the 503 that explains why requests cannot be served yet (or at all)."""
+        if self.load_error is not None:
+            raise ServiceUnavailableError(f"the model failed to load ({self.load_error}): restart the "
+                                          "server with a working --model", code="model_load_failed")
+        if not self.ready:
+            raise ServiceUnavailableError("the model is not loaded yet (or the server is shutting down): "
+                                          "retry shortly", retry_after_s=5, code="model_loading")
+
     def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, GenerationOutput]]:
         """Submit requests together (errors raise here, before any response is started) and
         return an async iterator of (index in `requests`, output) until all finish. Closing the
         iterator early aborts what is still running."""
-        if not self.ready:
-            raise ServiceUnavailableError("the model is not loaded yet (or the server is shutting down): "
-                                          "retry shortly", retry_after_s=5)
+        self.require_ready()
         s = self.settings
         for r in requests:
             try:

@@ -45,10 +45,10 @@ OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
 @dataclass(frozen=True)
 class ModelShape:
     dim: int = 256
-    n_layers: int = 6
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    hidden_dim: int = 768
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    hidden_dim: int = 640
     max_position_embeddings: int = 1024  # corpus examples are < 200 tokens; WikiSQL's < 300
     tie_word_embeddings: bool = False
 
@@ -67,7 +67,7 @@ class BuildConfig:
     seed: int = 0
     held_out_domain: str = "mountains"  # never in pretraining: the LoRA fine-tuning showcase
     n_train: int = 200_000
-    n_valid: int = 1_000
+    n_valid: int = 500
     n_test: int = 1_000  # synthetic held-out tables (write_dataset keeps splits table-disjoint)
     n_held_out_domain: int = 500
     n_probe: int = 200  # test examples generated at every evaluation during training

@@ -42,9 +42,9 @@ class PretrainError(RuntimeError):
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 6000
-    batch_size: int = 64  # examples per step (unpacked rows, grouped by length)
-    learning_rate: float = 2e-3
+    steps: int = 4000
+    batch_size: int = 32  # examples per step (unpacked rows, grouped by length)
+    learning_rate: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
     weight_decay: float = 0.05
@@ -55,7 +55,7 @@ class PretrainConfig:
     init_std: float = 0.02
     seed: int = 0
     log_every: int = 50
-    eval_every: int = 1000
+    eval_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
 

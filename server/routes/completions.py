@@ -42,8 +42,9 @@ async def create_chat_completion(
 def _require(service: EngineService | None) -> EngineService:
     from server.errors import ServiceUnavailableError
 
-    if service is None or not service.ready:
-        raise ServiceUnavailableError("the model is not loaded yet: retry shortly", retry_after_s=5)
+    if service is None:
+        raise ServiceUnavailableError("this server runs without a model: start it with `loraforge serve`")
+    service.require_ready()
     return service
 
 

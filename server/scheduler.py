@@ -191,6 +191,19 @@ class EngineService:
                 too_long = "context length" in str(e)
                 raise BadRequestError(str(e), param="max_tokens" if too_long else "prompt",
                                       code="context_length_exceeded" if too_long else None) from e
+        capacity = s.max_num_seqs + s.max_queue
+        if len(requests) > capacity:
+            raise BadRequestError(
+                f"this request asks for {len(requests)} sequences (n x prompts), more than this server "
+                f"holds at once ({s.max_num_seqs} running + {s.max_queue} queued): lower n or send "
+                "fewer prompts per request", param="n")
+        budget = self.engine.kv_budget_tokens
+        need = sum(len(r.prompt) + r.params.max_tokens for r in requests)
+        if budget and need > budget:
+            raise BadRequestError(
+                f"this request needs {need} tokens of KV cache (n x (prompt + max_tokens)), more than "
+                f"the server's budget of {budget} (--kv-cache-memory-gb): lower n or max_tokens",
+                param="max_tokens")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         now = time.perf_counter()

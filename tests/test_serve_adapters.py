@@ -207,3 +207,15 @@ def test_queue_full_is_429(tiny_hf_model, tmp_path):
             t.join()
         assert 429 in statuses and 200 in statuses
         assert any(h for s, h in zip(statuses, headers) if s == 429)
+
+
+def test_more_sequences_than_the_server_holds_is_400(tiny_hf_model, tmp_path):
+    settings = Settings(model=str(tiny_hf_model), data_dir=tmp_path, served_model_name="tiny",
+                        start_worker=False, max_num_seqs=2, max_queue=2, kv_cache_memory_gb=0.0001)
+    with start_model_server(settings) as (url, _):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "n": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "n": 4, "max_tokens": 400})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 4})
+        assert r.status_code == 200

@@ -44,7 +44,7 @@ class PretrainError(RuntimeError):
 class PretrainConfig:
     steps: int = 4000
     batch_size: int = 32  # examples per step (unpacked rows, grouped by length)
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
     weight_decay: float = 0.05

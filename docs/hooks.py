@@ -86,7 +86,8 @@ def render_api_reference(schema: dict[str, Any]) -> str:
         "says what to change and `param` names the field at fault. Besides the statuses listed "
         "per route: 401 without the right API key (when the server has one, on `/v1/*` and "
         "`/fine-tunes*`), 404 for unknown ids, 409 for conflicts, 413 for uploads over "
-        "`--max-upload-mb`, 429 when the request queue is full, 503 while the model loads.",
+        "`--max-upload-mb`, 429 when the request queue is full, 503 while the model loads (or "
+        "if it failed to load).",
         "",
     ]
     for tag, operations in group_operations(schema).items():
@@ -191,37 +192,28 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [row(*header), row(*("---" for _ in header)), *(row(*r) for r in rows), ""]
 
 
-_NOTES: dict[str, dict[str, str]] | None = None
-
-
 def field_notes() -> dict[str, dict[str, str]]:
     """Schema name -> field -> what loraforge does with an OpenAI field it cannot honour (the
     request Structs' `unsupported` and `accepted_and_ignored` lists)."""
-    global _NOTES
-    if _NOTES is None:
-        from server.schemas import RequestBody
+    from server.schemas import RequestBody
 
-        _NOTES = {}
-        todo = list(RequestBody.__subclasses__())
-        while todo:
-            cls = todo.pop()
-            todo += cls.__subclasses__()
-            notes = {name: "Not supported by loraforge: a 400 if set." for name in cls.unsupported}
-            notes.update({name: "Accepted and ignored." for name in cls.accepted_and_ignored})
-            _NOTES[cls.__name__] = notes
-    return _NOTES
+    found: dict[str, dict[str, str]] = {}
+    todo = list(RequestBody.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        notes = {name: "Not supported by loraforge: a 400 if set." for name in cls.unsupported}
+        notes.update({name: "Accepted and ignored." for name in cls.accepted_and_ignored})
+        found[cls.__name__] = notes
+    return found
 
 
 def render_schema_section(name: str, schema: dict) -> list[str]:
     out = [f"### {name} {{ #{anchor(name)} }}", ""]
     if schema.get("description"):
         out += [schema["description"].strip(), ""]
-    table = fields_table(schema)
-    if table:
-        out += table
-    else:
-        out += [f"Type: {type_of(schema)}", ""]
-    return out
+    fields = fields_table(schema)
+    return out + (fields or [f"Type: {type_of(schema)}", ""])
 
 
 # -- schema -> text -----------------------------------------------------------------------------
@@ -286,7 +278,12 @@ def row(*cells: object) -> str:
 
 
 def cell_text(value: object) -> str:
-    return " ".join(str(value).split()).replace("|", "\\|")
+    """One line for a table cell: `|` escaped, and `<`/`>` outside code spans too, so help text
+    such as "<data-dir>/loraforge.db" shows instead of being read as an HTML tag."""
+    parts = " ".join(str(value).split()).replace("|", "\\|").split("`")
+    for i in range(0, len(parts), 2):  # even parts are outside backticks
+        parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
 
 
 # -- the settings table -------------------------------------------------------------------------
@@ -295,7 +292,7 @@ def render_settings_table() -> str:
     from server.settings import Settings, env_var
 
     takers = settings_commands()
-    out = ["| Flag | Environment variable | Default | Meaning | Commands |", "|---|---|---|---|---|"]
+    rows = []
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -304,9 +301,9 @@ def render_settings_table() -> str:
         if f.metadata.get("choices"):
             help_text += " (" + ", ".join(f.metadata["choices"]) + ")"
         commands = ", ".join(f"`{c}`" for c in takers.get(f.name, [])) or "—"
-        out.append(row(f"`{flag}`", f"`{env_var(f.name)}`", setting_default(f), help_text,
-                       commands))
-    return "\n".join(out)
+        rows.append((f"`{flag}`", f"`{env_var(f.name)}`", setting_default(f), help_text, commands))
+    header = ("Flag", "Environment variable", "Default", "Meaning", "Commands")
+    return "\n".join(table(header, rows))
 
 
 def setting_default(f: dataclasses.Field) -> str:

@@ -8,8 +8,8 @@
   var, default, help, and the commands that take it (read from the real argument parsers).
 - `<!-- readme-intro -->` (index.md) becomes README.md's introduction (the text between its title
   and its first `##` section), links into docs/ rewritten to site pages.
-- `<!-- benchmark-results -->` (benchmarks.md) becomes a snippet include of
-  benchmarks/RESULTS.md when that file exists, else a note on how to produce the numbers.
+- `<!-- benchmark-results -->` (benchmarks.md) becomes a pymdownx.snippets include of
+  benchmarks/RESULTS.md (less its title) when that file exists, else a note saying it does not.
 
 Wired up in mkdocs.yml (`hooks: [docs/hooks.py]`); excluded from the site by `exclude_docs`.
 """
@@ -373,9 +373,15 @@ def readme_intro(readme: Path) -> str:
 
 
 def benchmark_results(results: Path) -> str:
-    if results.is_file():
-        return f'--8<-- "{RESULTS_FILE}"'
-    return (
-        f"No recorded results in this checkout (`{RESULTS_FILE}` does not exist yet): run the "
-        "scripts below on your machine and keep their JSON."
-    )
+    """A snippet include of RESULTS.md without its `# ` title (the page has one), whose `##`
+    sections become the page's; without the file, a `## Results` section saying so."""
+    if not results.is_file():
+        return (
+            f"## Results\n\nNo recorded results in this checkout (`{RESULTS_FILE}` does not "
+            "exist yet): run the scripts below on your machine and keep their JSON."
+        )
+    lines = results.read_text(encoding="utf-8").splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip()), 0)
+    if lines and lines[first].startswith("# "):
+        return f'--8<-- "{RESULTS_FILE}:{first + 2}"'  # 1-based: from the line after the title
+    return f'--8<-- "{RESULTS_FILE}"'

@@ -1,7 +1,7 @@
 """Batch-1 generation speed: loraforge's engine vs mlx-lm on the same weights, in one run.
 
-    python benchmarks/generate.py --random 7b --dtype bf16 [--quantize 4]
-    python benchmarks/generate.py --model PATH
+    python -m benchmarks.generate --random 7b --dtype bf16 [--quantize 4]
+    python -m benchmarks.generate --model PATH
 
 Prints JSON: prompt tokens/s (prefill) and generation tokens/s (decode) for each, and the ratio.
 Greedy, EOS ignored on both sides (random weights would stop at random).

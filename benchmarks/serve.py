@@ -1,7 +1,7 @@
 """Serving throughput: N concurrent streaming clients against `loraforge serve` and
 `mlx_lm.server` on the same weights, in one run.
 
-    python benchmarks/serve.py --random 7b --clients 1 8 32 [--adapters 8]
+    python -m benchmarks.serve --random 7b --clients 1 8 32 [--adapters 8]
 
 Each client sends one streaming completion (a ~100-token prompt of its own, 128 new tokens,
 greedy). Prints JSON per server and client count: aggregate generated tokens/s, median and p99

@@ -139,11 +139,11 @@ def load_adapter(path: str | Path, args: ModelArgs | None = None) -> Adapter:
         if config.exists():
             cfg = _read_json(config)
             if cfg.get("format") == "loraforge":
-                return _load_ours(p / "adapters.safetensors", cfg)
+                return _tagged(_load_ours(p / "adapters.safetensors", cfg), "loraforge")
             if "lora_parameters" in cfg or "fine_tune_type" in cfg:
-                return _load_mlx_lm(p, cfg)
+                return _tagged(_load_mlx_lm(p, cfg), "mlx-lm")
             if "peft_type" in cfg or "lora_alpha" in cfg:
-                return _load_peft(p, cfg)
+                return _tagged(_load_peft(p, cfg), "peft")
             raise AdapterFormatError(f"{config}: keys {sorted(cfg)[:8]} match no known adapter config; {ACCEPTED}")
         if not (p / "adapters.npz").exists():
             found = sorted(f.name for f in p.iterdir())[:10]
@@ -152,9 +152,14 @@ def load_adapter(path: str | Path, args: ModelArgs | None = None) -> Adapter:
     if p.suffix == ".npz":
         side = p.with_suffix(".json")
         if side.exists() and _read_json(side).get("format") == "loraforge":
-            return _load_ours(p, _read_json(side))
-        return _load_seed(p, args)
+            return _tagged(_load_ours(p, _read_json(side)), "loraforge")
+        return _tagged(_load_seed(p, args), "mlx-examples-npz")
     raise AdapterFormatError(f"{p}: not an adapter file; {ACCEPTED}")
+
+
+def _tagged(adapter: Adapter, source_format: str) -> Adapter:
+    adapter.source_format = source_format
+    return adapter
 
 
 def _read_json(path: Path) -> dict:

@@ -76,6 +76,7 @@ class Adapter:
     dropout: float = 0.0
     base_model: str | None = None
     fingerprint: str | None = None
+    source_format: str | None = None  # "loraforge", "mlx-lm", "peft" or "mlx-examples-npz"
 
     def check_fits(self, args: ModelArgs) -> None:
         """Raise AdapterError unless every tensor fits the base model's shapes."""

@@ -95,10 +95,12 @@ class AdapterRegistry:
         return info
 
     # -- changes ----------------------------------------------------------------------------------
-    async def register_path(self, name: str, path: str, job_id: str | None = None) -> AdapterInfo:
-        """Register an adapter from a folder or file inside the data dir."""
+    async def register_path(self, name: str, path: str, job_id: str | None = None,
+                            replace: bool = False) -> AdapterInfo:
+        """Register an adapter from a folder or file inside the data dir. With `replace`, an
+        adapter of the same name is swapped out only once the new one has been validated."""
         src = self._inside_data_dir(path)
-        return await self._register(name, src, job_id)
+        return await self._register(name, src, job_id, replace)
 
     async def register_archive(self, name: str, archive: Path) -> AdapterInfo:
         """Register an uploaded .tar(.gz) or .zip holding one adapter folder."""
@@ -106,15 +108,44 @@ class AdapterRegistry:
             root = _safe_extract(archive, Path(tmp), archive.stat().st_size * MAX_EXPANSION)
             return await self._register(name, root, None)
 
-    async def _register(self, name: str, src: Path, job_id: str | None) -> AdapterInfo:
+    async def _register(self, name: str, src: Path, job_id: str | None, replace: bool = False) -> AdapterInfo:
         _check_name(name, allow_ft=job_id is not None)
-        if await self.get(name) is not None:
+        if not replace and await self.get(name) is not None:
             raise ConflictError(f"an adapter named {name!r} is already registered: delete it first "
                                 "(DELETE /v1/adapters/{name}) or pick another name", param="name",
                                 code="adapter_exists")
         service = self.engine_service
         if service is None or service.loaded is None:
             raise BadRequestError("the base model is not loaded yet: retry shortly")
+        row = dbm.Adapter(id=dbm.new_id("lora"), name=name, path="", source_format="", base_model=service.model_id,
+                          rank=0, alpha=0.0, targets=[], fingerprint="", size_bytes=0, fine_tuning_job_id=job_id)
+        dest = self.settings.adapters_dir / row.id
+        # MLX work (reading, checking, writing the weights) runs where the model's other MLX
+        # work runs: on the engine thread, when this process has one.
+        adapter = await _on_engine(service, lambda: self._store(src, dest, service))
+        row.path, row.source_format = str(dest), adapter.source_format or "loraforge"
+        row.rank, row.targets = adapter.rank, list(adapter.targets)
+        row.alpha = float(adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank)
+        row.size_bytes = sum(f.stat().st_size for f in dest.iterdir())
+        row.fingerprint = _sha256(dest / "adapters.safetensors")
+        replaced: list[dbm.Adapter] = []
+
+        def swap(s: Session) -> None:
+            if replace and (old := _delete_by_name(s, name)) is not None:
+                replaced.append(old)
+                s.flush()
+            s.add(row)
+
+        try:
+            await self.db.run(swap)
+        except Exception:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        for old in replaced:
+            await self._forget(old)
+        return AdapterInfo.of(row)
+
+    def _store(self, src: Path, dest: Path, service) -> Adapter:
         args = service.loaded.args
         try:
             adapter = load_adapter(src, args)
@@ -125,33 +156,23 @@ class AdapterRegistry:
             raise BadRequestError(f"adapter rank {adapter.rank} is above this server's --max-lora-rank "
                                   f"{self.settings.max_lora_rank}: restart with a larger --max-lora-rank",
                                   param="lora_path", code="invalid_adapter")
-        row = dbm.Adapter(id=dbm.new_id("lora"), name=name, path="", source_format=getattr(adapter, "source_format", None) or "lora",
-                          base_model=service.model_id, rank=adapter.rank,
-                          alpha=float(adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank),
-                          targets=list(adapter.targets), fingerprint="", size_bytes=0, fine_tuning_job_id=job_id)
-        dest = self.settings.adapters_dir / row.id
         save_adapter(dest, adapter, base_model=service.model_id)
-        row.path = str(dest)
-        row.size_bytes = sum(f.stat().st_size for f in dest.iterdir())
-        row.fingerprint = _sha256(dest / "adapters.safetensors")
-        try:
-            await self.db.run(lambda s: s.add(row))
-        except Exception:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise
-        return AdapterInfo.of(row)
+        return adapter
 
     async def unregister(self, name: str) -> AdapterInfo:
         row = await self.db.run(lambda s: _delete_by_name(s, name))
         if row is None:
             raise NotFoundError(f"no adapter named {name!r}: GET /v1/adapters lists them",
                                 param="name", code="adapter_not_found")
+        await self._forget(row)
+        return AdapterInfo.of(row)
+
+    async def _forget(self, row: dbm.Adapter) -> None:
         service = self.engine_service
-        if service is not None and service.slots is not None:
+        if service is not None and getattr(service, "slots", None) is not None:
             # Requests in flight keep the resident copy until they finish.
             await service.run_on_engine(lambda: _unload(service, row.id))
         shutil.rmtree(row.path, ignore_errors=True)
-        return AdapterInfo.of(row)
 
     def _inside_data_dir(self, path: str) -> Path:
         data = self.settings.data_dir.resolve()
@@ -165,6 +186,11 @@ class AdapterRegistry:
             raise BadRequestError(f"{path} does not exist under {data}", param="lora_path",
                                   code="path_not_found")
         return candidate
+
+
+async def _on_engine(service, fn):
+    run = getattr(service, "run_on_engine", None)
+    return await run(fn) if run is not None and getattr(service, "engine", None) is not None else fn()
 
 
 def _unload(service, adapter_id: str) -> None:

@@ -219,3 +219,18 @@ def test_more_sequences_than_the_server_holds_is_400(tiny_hf_model, tmp_path):
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 4})
         assert r.status_code == 200
+
+
+def test_load_inplace_replaces_only_after_the_new_adapter_validates(server):
+    url, engine = server
+    data = engine.settings.data_dir
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": "incoming/none",
+                                                         "load_inplace": True})
+    assert r.status_code == 400
+    names = [a["id"] for a in httpx.get(f"{url}/v1/adapters").json()["data"]]
+    assert "mlp" in names  # the bad replacement left the old one in place
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": str(data / "incoming/kvo"),
+                                                         "load_inplace": True})
+    assert r.status_code == 200
+    mlp = [a for a in httpx.get(f"{url}/v1/adapters").json()["data"] if a["id"] == "mlp"][0]
+    assert mlp["targets"] == ["k_proj", "v_proj", "o_proj"] and mlp["source_format"] == "loraforge"

@@ -75,9 +75,7 @@ async def delete_adapter(name: FromPath[str], adapter_registry: Injected[Adapter
 async def load_lora_adapter(data: JSONBody[LoadLoraAdapterRequest],
                             adapter_registry: Injected[AdapterRegistry]) -> Response[str]:
     """vLLM's shape: plain-text success message."""
-    if data.load_inplace and await adapter_registry.get(data.lora_name) is not None:
-        await adapter_registry.unregister(data.lora_name)
-    await adapter_registry.register_path(data.lora_name, data.lora_path)
+    await adapter_registry.register_path(data.lora_name, data.lora_path, replace=data.load_inplace)
     return Response(f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain")
 
 

@@ -75,8 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(run=run_train)
 
     lo = sub.add_parser("lora", help="mlx-examples lora.py's command line (train, test, generate)")
-    lo.add_argument("--model", required=True,
-                    help="model folder (convert.py's weights.npz + params.json + tokenizer.model, or any we load)")
+    lo.add_argument("--model", default=None,
+                    help="model folder (convert.py's weights.npz + params.json + tokenizer.model, or any "
+                    "we load; default: the embedded demo model)")
     lo.add_argument("--num-tokens", "-n", type=int, default=100, help="how many tokens to generate")
     lo.add_argument("--write-every", type=int, default=1, help="after how many tokens to print text")
     lo.add_argument("--temp", type=float, default=0.8, help="sampling temperature")
@@ -163,6 +164,7 @@ def run_lora(ns: argparse.Namespace) -> int:
     from mlx_core.lora import apply_lora, load_adapter_into
     from mlx_core.train import train
     from mlx_core.weights import load_model
+    from server.cli_model import resolve_model_path
     adapter_file = Path(ns.adapter_file)
     config = TrainConfig(
         iters=ns.iters, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
@@ -178,7 +180,7 @@ def run_lora(ns: argparse.Namespace) -> int:
         return 2
 
     if ns.train:
-        result = train(ns.model, ns.data, config)
+        result = train(resolve_model_path(ns.model), ns.data, config)
         loaded = result.model  # the trained LoRA layers are still applied
     else:
         if not adapter_file.exists():
@@ -186,7 +188,7 @@ def run_lora(ns: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{adapter_file}: no adapter file; train one first with "
                                     "--train, or pass --adapter-file PATH to an existing one")
         print("Loading pretrained model", flush=True)
-        loaded = load_model(ns.model)
+        loaded = load_model(resolve_model_path(ns.model))
         adapter = load_adapter(adapter_file, loaded.args)
         adapter.check_fits(loaded.args)
         print(f"Loading adapters from {adapter_file}", flush=True)

@@ -100,9 +100,17 @@ def _is_user_error(e: Exception) -> bool:
     return isinstance(e, USER_ERRORS)
 
 
+def entry() -> int:
+    """The `loraforge` console script: `main` in a process with the fastest CPU BLAS at hand."""
+    from mlx_core.cpu_blas import reexec_with_openblas
+
+    reexec_with_openblas()
+    return main()
+
+
 if __name__ == "__main__":
     # `python -m server.cli` runs this file as __main__, a second copy of the module: run the
     # imported server.cli, whose UserError is the one the server.cli_* modules raise.
-    from server.cli import main as _main
+    from server.cli import entry as _entry
 
-    sys.exit(_main())
+    sys.exit(_entry())

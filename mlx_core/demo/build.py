@@ -12,7 +12,6 @@ Intermediate files (corpus, tokenizer, checkpoints) live in --work-dir, never in
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import platform
@@ -26,8 +25,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_core.config import ModelArgs
+from mlx_core.cpu_blas import OPENBLAS, openblas_loaded, set_openblas_threads
 from mlx_core.data import TokenizedExample, tokenize_examples
 from mlx_core.demo import ASSET_FILES, assets_dir
+from mlx_core.demo.augment import augment
 from mlx_core.demo.corpus import DOMAINS, generate_examples, write_dataset
 from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, pretrain
 from mlx_core.demo.quality import SqlQuality, sql_quality
@@ -39,7 +40,6 @@ from mlx_core.weights import DTYPES, load_model, save_model
 
 MAX_ASSET_BYTES = 20 * 2**20  # the package ships the weights: keep the wheel small
 WIKISQL_TEST = Path("/work/shared/data/wikisql/test.jsonl")  # evaluation only, never trained on
-OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class BuildConfig:
     n_test: int = 1_000  # synthetic held-out tables (write_dataset keeps splits table-disjoint)
     n_held_out_domain: int = 500
     n_probe: int = 200  # test examples generated at every evaluation during training
-    dtype: str = "bf16"  # the shipped weights' precision
+    fresh_value_rate: float = 0.5  # training conditions whose text value is made up (augment.py)
+    dtype: str = "f32"  # shipped in fp32: on a Linux CPU only fp32 matmuls get a fast BLAS (cpu_blas.py)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelShape = field(default_factory=ModelShape)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -92,25 +93,6 @@ def matmul_gflops(n: int = 512, repeats: int = 4) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def openblas_loaded() -> bool:
-    try:
-        return "openblas" in Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-
-
-def single_threaded_openblas() -> bool:
-    """Give a preloaded OpenBLAS one thread: each training stream then has a core of its own
-    instead of two streams' BLAS threads fighting over the same cores. False if not loaded."""
-    if not openblas_loaded():
-        return False
-    try:
-        ctypes.CDLL(OPENBLAS.name).openblas_set_num_threads(1)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
 def speed_hint(gflops: float) -> str | None:
     """A hint for a Linux CPU build running on MLX's slow reference BLAS, or None."""
     if mx.default_device() != mx.cpu or platform.system() != "Linux" or openblas_loaded():
@@ -127,13 +109,12 @@ def _texts(path: Path) -> list[str]:
     return [e.text for e in read_jsonl(path) if isinstance(e, TextExample)]
 
 
-def _tokenized(texts: list[str], tokenizer: Tokenizer, max_seq_len: int,
-               mask_prompt: bool = True) -> list[TokenizedExample]:
-    # The SQL answer and its EOS are the targets; with mask_prompt=False the prompt is too (the
-    # trainer weighs it with prompt_weight: predicting random table ids and values teaches little).
+def _tokenized(texts: list[str], tokenizer: Tokenizer, max_seq_len: int) -> list[TokenizedExample]:
+    # Loss on the SQL answer and its EOS only: predicting random table ids and values in the
+    # prompt teaches nothing, and the answer is what the model is for.
     examples, report = tokenize_examples(
         [TextExample(t) for t in texts], tokenizer, max_seq_len,
-        mask_prompt=mask_prompt, completion_after="A:",
+        mask_prompt=True, completion_after="A:",
     )
     if report.n_dropped:
         raise ValueError(report.warning())
@@ -154,7 +135,8 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
     log(f"device {mx.default_device()}; fp32 matmul {gflops:.0f} GFLOP/s")
     if hint := speed_hint(gflops):
         log(f"hint: {hint}")
-    if config.pretrain.parallel_streams > 1 and single_threaded_openblas():
+    if config.pretrain.parallel_streams > 1 and set_openblas_threads(1):
+        # each stream a core of its own, not two streams' BLAS threads fighting over the cores
         log(f"OpenBLAS set to one thread per stream ({config.pretrain.parallel_streams} streams)")
 
     data = work / "data"
@@ -169,16 +151,17 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
     log(f"tokenizer: {tokenizer.vocab_size} pieces -> {tok_path}")
 
     max_len = config.pretrain.max_seq_len
+    # The tokenizer learns from the corpus as it is; the model from it with some values made up.
+    train_texts = augment(train_texts, config.seed, config.fresh_value_rate)
     train_set = _tokenized(train_texts, tokenizer, max_len)
-    train_full = (_tokenized(train_texts, tokenizer, max_len, mask_prompt=False)
-                  if config.pretrain.prompt_weight else None)
     valid_set = _tokenized(valid_texts, tokenizer, max_len)
     n_tokens = sum(len(e.tokens) for e in train_set)
     log(f"tokenized: {n_tokens} training tokens ({n_tokens / len(train_set):.1f} per example)")
 
     args = config.model.args(tokenizer.vocab_size)
     # What the checkpoints depend on (pretrain() adds its own config and the model's shape).
-    identity = {"corpus": [config.seed, config.held_out_domain, config.n_train],
+    identity = {"corpus": [config.seed, config.held_out_domain, config.n_train,
+                           config.fresh_value_rate],
                 "tokenizer_sha256": _sha256(tok_path)}
     probe_texts = test_texts[: config.n_probe]
 
@@ -186,8 +169,7 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
         return "probe: " + sql_quality(model, tokenizer, probe_texts).line()
 
     model, result = pretrain(args, train_set, valid_set, config.pretrain, work, identity,
-                             resume=resume, log=log, probe=probe if config.n_probe else None,
-                             train_full=train_full)
+                             resume=resume, log=log, probe=probe if config.n_probe else None)
 
     # Save in the shipped precision, then evaluate exactly what ships, loaded the way users load it.
     cast_parameters(model, DTYPES[config.dtype])
@@ -233,8 +215,9 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
     }
     (staged / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*ASSET_FILES, "build.json"):
-        shutil.copyfile(staged / name, out / name)
+    if out.resolve() != staged.resolve():
+        for name in (*ASSET_FILES, "build.json"):
+            shutil.copyfile(staged / name, out / name)
     log(f"wrote {out} ({size / 2**20:.1f} MB) in {record['build_seconds'] / 60:.0f} min")
     return record
 
@@ -275,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=d.model.n_kv_heads)
     p.add_argument("--warmup-steps", type=int, default=d.pretrain.warmup_steps)
     p.add_argument("--eval-every", type=int, default=d.pretrain.eval_every)
-    p.add_argument("--prompt-weight", type=float, default=d.pretrain.prompt_weight)
     p.add_argument("--streams", type=int, default=d.pretrain.parallel_streams,
                    help="CPU streams (cores) a step's rows are split over")
     p.add_argument("--vocab-size", type=int, default=d.tokenizer.vocab_size)
@@ -287,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                       n_heads=ns.heads, n_kv_heads=ns.kv_heads),
         pretrain=replace(d.pretrain, steps=ns.steps, seed=ns.seed, batch_size=ns.batch_size,
                          learning_rate=ns.learning_rate, eval_every=ns.eval_every,
-                         prompt_weight=ns.prompt_weight, parallel_streams=ns.streams,
+                         parallel_streams=ns.streams,
                          warmup_steps=min(ns.warmup_steps, max(ns.steps // 10, 1))),
     )
     build(config, ns.out.resolve(), ns.work_dir.resolve(), ns.resume, ns.wikisql)

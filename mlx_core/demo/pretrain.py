@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_core.config import ModelArgs
@@ -42,15 +43,14 @@ class PretrainError(RuntimeError):
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 4000
+    steps: int = 5000
     batch_size: int = 32  # examples per step (unpacked rows, grouped by length)
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     max_seq_len: int = 384  # every corpus example fits (the longest are ~170 tokens)
-    prompt_weight: float = 0.0  # loss weight of prompt tokens (answers and EOS weigh 1)
     parallel_streams: int = 2  # device streams a step's rows are split over (CPU: one core each)
     init_std: float = 0.02
     seed: int = 0
@@ -96,22 +96,26 @@ def _map_with_path(tree: dict | list, fn: Callable[[str, mx.array], mx.array], p
     return fn(prefix[:-1], tree)
 
 
-def weighted_loss(model: Mistral, inputs: mx.array, targets: mx.array, weights: mx.array,
-                  answer: mx.array, denominator: mx.array) -> tuple[mx.array, mx.array]:
-    """(sum of weighted cross-entropy, sum over answer tokens), both / `denominator`, in fp32.
+def answer_loss(model: Mistral, inputs: mx.array, positions: mx.array, targets: mx.array,
+                mask: mx.array, denominator: mx.array) -> mx.array:
+    """Summed cross-entropy of the answer tokens / `denominator`, in fp32.
 
-    Sums over a whole batch's answer tokens, not per-row means: the rows of one step can then be
-    split over several streams and their gradients added up to exactly the full batch's.
+    `Mistral.__call__` projects every position onto the vocabulary; only the answers are
+    targets, so this runs the same layers and projects just the rows at `positions` (B, A),
+    a quarter of the positions: the lm_head matmul and the softmax over the vocabulary shrink
+    alike. A sum over a batch's answer tokens (not per-row means) lets a step's rows be split
+    over several streams whose gradients add up to exactly the whole batch's.
     """
-    losses = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
-    return (losses * weights).sum() / denominator, (losses * answer).sum() / denominator
-
-
-def masked_loss(model: Mistral, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    """Mean cross-entropy over the target tokens (the loss mask), in fp32."""
-    logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets) * mask
-    return losses.sum() / mx.maximum(mask.sum(), 1.0)
+    h = model.model.embed_tokens(inputs)
+    for i, layer in enumerate(model.model.layers):
+        h = layer(h, "causal", None, i, 0, None)  # no sliding window: checked in pretrain()
+    h = model.model.norm(mx.take_along_axis(h, positions[..., None], axis=1))
+    if model.args.tie_word_embeddings:
+        logits = model.model.embed_tokens.as_linear(h)
+    else:
+        logits = model.lm_head(h)
+    losses = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    return (losses * mask).sum() / denominator
 
 
 def evaluate_loss(model: Mistral, examples: Sequence[TokenizedExample], config: PretrainConfig,
@@ -119,9 +123,9 @@ def evaluate_loss(model: Mistral, examples: Sequence[TokenizedExample], config: 
     """Target-token-weighted mean loss over `examples` (unpacked, in file order)."""
     total, count = 0.0, 0
     for batch in eval_batches(examples, config.batch_size, max_batches, config.max_seq_len):
-        loss = masked_loss(model, batch.inputs, batch.targets, batch.loss_mask)
-        total += loss.item() * batch.n_target_tokens
-        count += batch.n_target_tokens
+        b = AnswerBatch.of(batch)
+        total += answer_loss(model, b.inputs, b.positions, b.targets, b.mask, mx.array(1.0)).item()
+        count += b.n_targets
     return total / max(count, 1)
 
 
@@ -173,40 +177,40 @@ def _resume(path: Path, model: Mistral, optimizer: optim.Optimizer, identity: di
 
 
 # -- batches -------------------------------------------------------------------------------------
+TRIM_MULTIPLE = 16  # widths rounded up to this: little padding, a few dozen compiled shapes
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 @dataclass
-class WeightedBatch:
-    inputs: mx.array  # (B, L) int32
-    targets: mx.array  # (B, L) int32
-    weights: mx.array  # (B, L) float32: 1 on answer tokens, prompt_weight on prompt tokens
-    answer: mx.array  # (B, L) float32: 1 on answer tokens (and EOS)
+class AnswerBatch:
+    """A `Batch` cut down to what the answer loss needs."""
+
+    inputs: mx.array  # (B, W) int32: the rows, trimmed to the longest (rounded to TRIM_MULTIPLE)
+    positions: mx.array  # (B, A) int32: the positions whose next token is an answer token
+    targets: mx.array  # (B, A) int32: those answer tokens (the last one EOS)
+    mask: mx.array  # (B, A) float32: 1 where a row has an answer token, 0 past its end
     n_tokens: int  # non-padding input tokens
+    n_targets: int
 
-
-class WeightedBatches:
-    """BatchStream's batches with a loss weight per token: answers 1, prompts `prompt_weight`.
-
-    Two BatchStreams over the same examples tokenized with and without the prompt mask share
-    lengths and seed, hence the same plan: step s of both holds the same rows.
-    """
-
-    def __init__(self, answer_set: Sequence[TokenizedExample],
-                 full_set: Sequence[TokenizedExample] | None, config: PretrainConfig,
-                 start_step: int) -> None:
-        if config.prompt_weight and full_set is None:
-            raise ValueError("prompt_weight > 0 needs the examples tokenized without the prompt mask")
-        kw = dict(batch_size=config.batch_size, seed=config.seed, pack=False,
-                  max_seq_len=config.max_seq_len, start_step=start_step)
-        self.prompt_weight = config.prompt_weight
-        self.answers = BatchStream(answer_set, **kw)
-        self.full = BatchStream(full_set, **kw) if config.prompt_weight else None
-
-    def __next__(self) -> WeightedBatch:
-        a: Batch = next(self.answers)
-        weights = a.loss_mask
-        if self.full is not None:
-            f = next(self.full)
-            weights = a.loss_mask + self.prompt_weight * (f.loss_mask - a.loss_mask)
-        return WeightedBatch(a.inputs, a.targets, weights, a.loss_mask, a.n_tokens)
+    @classmethod
+    def of(cls, batch: Batch) -> AnswerBatch:
+        """Trim a `Batch` whose loss mask marks one contiguous answer per row (or none)."""
+        mask = np.asarray(batch.loss_mask) > 0
+        B, L = mask.shape
+        has = mask.any(axis=1)
+        first = np.where(has, mask.argmax(axis=1), 0)
+        end = np.where(has, L - mask[:, ::-1].argmax(axis=1), 0)  # one past the last target
+        width = min(_round_up(max(int(end.max()), 1), TRIM_MULTIPLE), L)
+        span = _round_up(max(int((end - first).max()), 1), TRIM_MULTIPLE)
+        offsets = np.arange(span)
+        positions = np.minimum(first[:, None] + offsets, width - 1).astype(np.int32)
+        targets = np.take_along_axis(np.asarray(batch.targets), positions, axis=1)
+        answer = (offsets < (end - first)[:, None]).astype(np.float32)
+        return cls(batch.inputs[:, :width], mx.array(positions), mx.array(targets),
+                   mx.array(answer), batch.n_tokens, int(answer.sum()))
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -220,16 +224,20 @@ def pretrain(
     resume: bool = False,
     log: Callable[[str], None] = print,
     probe: Callable[[Mistral], str] | None = None,
-    train_full: Sequence[TokenizedExample] | None = None,
 ) -> tuple[Mistral, PretrainResult]:
     """Train a fresh model (or continue the latest checkpoint with `resume`); return it trained.
 
-    `train_set` is tokenized with the prompt masked (answers are the targets); `train_full`, the
-    same examples without the mask, is needed when `config.prompt_weight` > 0. `identity` names
-    what the checkpoints' meaning depends on (model shape, data, config); a resume with a
-    different identity is refused rather than silently mixing two runs. `probe`, if given, runs
-    at every evaluation (say, generation on a few prompts) and its line is logged.
+    `train_set` and `valid_set` are tokenized with the prompt masked: each example's answer
+    (and its EOS) is the target. `identity` names what the checkpoints' meaning depends on
+    (corpus, tokenizer; this adds the config and model shape); a resume with a different
+    identity is refused rather than silently mixing two runs. `probe`, if given, runs at every
+    evaluation (say, generation on a few prompts) and its line is logged.
     """
+    if args.sliding_window is not None and args.sliding_window < config.max_seq_len:
+        raise ValueError(
+            f"sliding_window {args.sliding_window} is shorter than max_seq_len "
+            f"{config.max_seq_len}: the demo model is trained with plain causal attention"
+        )
     identity = {**identity, "pretrain": asdict(config), "model": asdict(args)}
     identity["pretrain"].pop("parallel_streams")  # only where the work runs, not what it computes
     model = Mistral(args)
@@ -252,7 +260,7 @@ def pretrain(
     # MLX's CPU backend runs elementwise ops (exp in softmax, SiLU, cross-entropy: most of the
     # time of a model this small) on one thread per stream. Splitting each batch's rows over
     # several streams runs them side by side; the gradients of the parts add up to the batch's.
-    loss_and_grad = nn.value_and_grad(model, weighted_loss)
+    loss_and_grad = nn.value_and_grad(model, answer_loss)
     part_grads = mx.compile(partial(loss_and_grad, model), inputs=[model.state],
                             outputs=[model.state])
     state = [model.state, optimizer.state]
@@ -271,35 +279,35 @@ def pretrain(
     streams += [mx.new_stream(mx.default_device()) for _ in range(n_parts - 1)]
     cuts = [round(i * config.batch_size / n_parts) for i in range(n_parts + 1)]
 
-    def step(b: WeightedBatch) -> tuple[mx.array, mx.array, mx.array]:
-        denominator = mx.maximum(b.answer.sum(), 1.0)
-        losses, answer_losses, grads = [], [], []
+    def step(b: AnswerBatch) -> tuple[mx.array, mx.array]:
+        denominator = mx.array(max(b.n_targets, 1), dtype=mx.float32)
+        losses, grads = [], []
         for stream, lo, hi in zip(streams, cuts, cuts[1:]):
             with mx.stream(stream):
-                (loss, answer), g = part_grads(b.inputs[lo:hi], b.targets[lo:hi],
-                                               b.weights[lo:hi], b.answer[lo:hi], denominator)
+                loss, g = part_grads(b.inputs[lo:hi], b.positions[lo:hi], b.targets[lo:hi],
+                                     b.mask[lo:hi], denominator)
             losses.append(loss)
-            answer_losses.append(answer)
             grads.append(g)
-        return sum(losses), sum(answer_losses), apply(grads)
+        return sum(losses), apply(grads)
 
-    batches = WeightedBatches(train_set, train_full, config, start)
+    batches = BatchStream(train_set, config.batch_size, config.seed, pack=False,
+                          max_seq_len=config.max_seq_len, start_step=start)
     model.train()
     t0 = last = time.perf_counter()
     tokens = interval_tokens = 0
     losses: list[float] = []
     train_loss = valid_loss = float("nan")
     for s in range(start, config.steps):
-        batch = next(batches)
-        loss, answer_loss, norm = step(batch)
-        mx.eval(state, loss, answer_loss, norm)
-        losses.append(answer_loss.item())
+        batch = AnswerBatch.of(next(batches))
+        loss, norm = step(batch)
+        mx.eval(state, loss, norm)
+        losses.append(loss.item())
         tokens += batch.n_tokens
         interval_tokens += batch.n_tokens
         done = s + 1
-        if not math.isfinite(loss.item()):
+        if not math.isfinite(losses[-1]):
             raise PretrainError(
-                f"loss became {loss.item()} at step {done}: lower the learning rate (now "
+                f"loss became {losses[-1]} at step {done}: lower the learning rate (now "
                 f"{config.learning_rate}) and start afresh"
             )
         if done % config.log_every == 0 or done == config.steps:

@@ -63,7 +63,7 @@ class PretrainConfig:
 @dataclass
 class PretrainResult:
     steps: int
-    train_loss: float  # mean over the last log interval
+    train_loss: float | None  # mean over the last log interval; None if nothing was trained
     valid_loss: float
     seconds: float  # training time of this process (a resumed run counts from its resume)
     tokens: int  # input tokens (padding excluded) of this process
@@ -296,7 +296,8 @@ def pretrain(
     t0 = last = time.perf_counter()
     tokens = interval_tokens = 0
     losses: list[float] = []
-    train_loss = valid_loss = float("nan")
+    train_loss: float | None = None
+    valid_loss = float("nan")
     for s in range(start, config.steps):
         batch = AnswerBatch.of(next(batches))
         loss, norm = step(batch)

@@ -64,6 +64,8 @@ if TYPE_CHECKING:  # the engine side, loaded only by the worker
 log = logging.getLogger("loraforge.jobs")
 
 MEMORY_LIMIT_ENV = "LORAFORGE_JOB_MEMORY_LIMIT_GB"  # preflight budget for every job's trainer
+EVENTS_FILE = "events.jsonl"  # the trainer's JSON-lines events, in jobs/<id>/
+OFFSET_FILE = "events.offset"  # bytes of EVENTS_FILE already ingested as job events
 
 # The worker's clock.
 TICK_S = 0.5  # events, heartbeat and cancel checks of a running job
@@ -146,7 +148,7 @@ class JobWorker:
         while not self.stopping.is_set():
             try:
                 if time.monotonic() >= next_recovery:
-                    for job_id in self.db.run_sync(recover_lost_jobs):
+                    for job_id in self._recover():
                         log.warning("job %s lost its worker: queued again (or failed)", job_id)
                     next_recovery = time.monotonic() + RECOVER_EVERY_S
                 self._runs = [r for r in self._runs if r.is_alive()]
@@ -164,6 +166,22 @@ class JobWorker:
             self.stopping.wait(self.poll_s)
         for run in self._runs:
             run.join(STOP_GRACE_S + 5)
+
+    def _recover(self) -> list[str]:
+        """`recover_lost_jobs`, with each lost run's un-ingested events ingested first: the
+        job's events then read in the order things happened (started, trained, stopped)."""
+        offsets: list[tuple[Path, int]] = []
+
+        def ingest(session: Session, job: FineTuningJob) -> None:
+            folder = self.settings.jobs_dir / job.id
+            end = ingest_dead_run(session, job, folder)
+            if end is not None:
+                offsets.append((folder / OFFSET_FILE, end))
+
+        recovered = self.db.run_sync(lambda s: recover_lost_jobs(s, before_requeue=ingest))
+        for path, end in offsets:  # after the commit, as in _JobRun._follow
+            path.write_text(str(end))
+        return recovered
 
     def memory_limit_gb(self) -> float | None:
         text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
@@ -205,8 +223,8 @@ class _JobRun(threading.Thread):
         super().__init__(name=f"loraforge-job-{job.id}", daemon=True)
         self.worker, self.job, self.db = worker, job, worker.db
         self.dir = worker.settings.jobs_dir / job.id
-        self.events = self.dir / "events.jsonl"
-        self.offset_file = self.dir / "events.offset"
+        self.events = self.dir / EVENTS_FILE
+        self.offset_file = self.dir / OFFSET_FILE
 
     def run(self) -> None:
         try:
@@ -474,6 +492,26 @@ def _read_events(path: Path, offset: int, end: int = -1) -> tuple[list[dict[str,
     end = chunk.rfind(b"\n") + 1
     lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
     return [e for e in map(_parse, lines) if e is not None], offset + end
+
+
+def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int | None:
+    """Ingest the events a stopped run wrote after its worker's last ingest; return the new
+    offset into events.jsonl (to be written once the session commits), or None if none."""
+    events_path, offset_path = folder / EVENTS_FILE, folder / OFFSET_FILE
+    offset = int(offset_path.read_text()) if offset_path.exists() else 0
+    events, end = _read_events(events_path, offset)
+    if not events:
+        return None
+    earlier = _read_events(events_path, 0, offset)[0]
+    starts = [e for e in earlier + events if e.get("type") == "start"]
+    p = _Progress(iters=int(starts[-1].get("iters", 0)) if starts else 0,
+                  starts=sum(e.get("type") == "start" for e in earlier))
+    if starts and starts[-1].get("resumed_from"):
+        row = _checkpoint_at(session, job.id, int(starts[-1].get("step", 0)))
+        p.tokens_before = int(row.metrics.get("trained_tokens", 0)) if row else 0
+    for event in events:
+        _ingest(session, job, event, p)
+    return end
 
 
 def _ingest(session: Session, job: FineTuningJob, event: dict[str, Any], p: _Progress) -> None:

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,14 +352,22 @@ def _worker_gone(worker_id: str | None) -> bool:
     return not _process_alive(int(pid))
 
 
-def recover_lost_jobs(session: Session) -> list[str]:
-    """Queue again (or fail, after MAX_ATTEMPTS runs) running jobs whose worker is gone."""
+def recover_lost_jobs(session: Session,
+                      before_requeue: Callable[[Session, FineTuningJob], None] | None = None,
+                      ) -> list[str]:
+    """Queue again (or fail, after MAX_ATTEMPTS runs) running jobs whose worker is gone.
+
+    `before_requeue(session, job)` runs first for each such job (the worker ingests what the
+    lost run wrote but never reported).
+    """
     t = now()
     recovered = []
     for job in session.scalars(select(FineTuningJob).where(FineTuningJob.status == "running")):
         expired = job.lease_expires_at is None or job.lease_expires_at < t
         if not (expired or _worker_gone(job.worker_id)):
             continue
+        if before_requeue is not None:
+            before_requeue(session, job)
         step = session.scalar(select(func.max(JobCheckpoint.step))
                               .where(JobCheckpoint.job_id == job.id))
         where = f"checkpoint step {step}" if step else "the start (no checkpoint yet)"

@@ -20,7 +20,8 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from server.db import Adapter, Database, FineTuningJob, now, upgrade_database
+from server.db import Adapter, Database, FineTuningJob, JobEvent, now, upgrade_database
+from server.job_runner import JobWorker
 from server.jobs import MAX_ATTEMPTS, claim_next_job, recover_lost_jobs
 from server.settings import Settings
 from tests.serving import start_model_server, start_server
@@ -278,3 +279,34 @@ def test_a_job_whose_worker_keeps_dying_fails_after_three_runs(tmp_path):
     assert "stopped 3 times" in rows[third.id].error["message"]
     assert "create the job again" in rows[third.id].error["message"]
     db.close()
+
+
+def test_a_lost_runs_unreported_events_come_before_its_recovery(tiny_hf_model, tmp_path):
+    # The worker died after its trainer wrote these lines and before it ingested them: the
+    # recovering worker ingests them first, so the job's events read in the order they happened.
+    settings = Settings(model=str(tiny_hf_model), served_model_name="tiny", data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    upgrade_database(settings.database_url)
+    worker = JobWorker(settings)
+    job = FineTuningJob(model="tiny", training_file="file-x", hyperparameters={}, lora={}, seed=0,
+                        status="running", attempts=1, worker_id="elsewhere:1:a",
+                        lease_expires_at=now() - 1)
+    worker.db.run_sync(lambda s: s.add(job))
+    folder = settings.jobs_dir / job.id
+    folder.mkdir(parents=True)
+    lines = [{"type": "start", "iters": 4, "step": 0},
+             {"type": "train", "step": 1, "loss": 2.5, "trained_tokens": 10},
+             {"type": "checkpoint", "step": 2, "path": str(folder / "adapter" / "step-2")}]
+    events = folder / "events.jsonl"
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"type": "tr')
+
+    assert worker._recover() == [job.id]
+    messages = worker.db.run_sync(lambda s: list(s.scalars(
+        select(JobEvent.message).where(JobEvent.job_id == job.id).order_by(JobEvent.id))))
+    assert messages == ["Fine-tuning job started", "Step 1/4: training loss=2.5000",
+                        "Checkpoint created at step 2",
+                        "The worker running this job stopped (elsewhere:1:a); queued again to "
+                        "resume from checkpoint step 2 (1 of 3 runs used)."]
+    # Ingested up to the last complete line; the torn one is left for whoever reads on.
+    assert int((folder / "events.offset").read_text()) == events.read_text().rfind("\n") + 1
+    assert worker._recover() == []

@@ -64,6 +64,16 @@ def test_writes_sql_that_runs_on_unseen_tables_and_stops(demo_model, build_recor
     assert quality.execution >= 0.9, quality
 
 
+def test_answers_through_the_chat_template_too(demo_model, build_record) -> None:
+    # /v1/chat/completions renders one user turn with the Mistral template; the model must
+    # answer that as it answers "...\nA:".
+    held_out = build_record["held_out_domain"]
+    examples = generate_examples(30, seed=FRESH_SEED + 1, exclude_domains=(held_out,))
+    quality = sql_quality(demo_model.model, demo_model.tokenizer, examples, chat=True)
+    assert quality.stop_rate == 1.0, quality
+    assert quality.execution >= 0.9, quality
+
+
 def test_completion_is_one_sql_statement(demo_model) -> None:
     prompt = ("table: 1-555123-7\ncolumns: Ship, Builder, Launched, Fate\n"
               "Q: Which builder has fate Scrapped?\nA:")
@@ -76,4 +86,5 @@ def test_build_record_reports_the_targets(build_record) -> None:
     metrics = build_record["metrics"]
     assert metrics["synthetic_test"]["execution"] >= 0.9
     assert metrics["synthetic_test"]["stop_rate"] >= 0.99
+    assert metrics["synthetic_test_chat"]["execution"] >= 0.9
     assert {"held_out_domain", "wikisql_test"} <= set(metrics)

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import platform
+import random
 import shutil
 import sys
 import time
@@ -29,11 +30,11 @@ from mlx_core.cpu_blas import OPENBLAS, openblas_loaded, set_openblas_threads
 from mlx_core.data import TokenizedExample, tokenize_examples
 from mlx_core.demo import ASSET_FILES, assets_dir
 from mlx_core.demo.augment import augment
-from mlx_core.demo.corpus import DOMAINS, generate_examples, write_dataset
-from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, pretrain
+from mlx_core.demo.corpus import DOMAINS, generate_examples, to_chat, write_dataset
+from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, latest_checkpoint, pretrain
 from mlx_core.demo.quality import SqlQuality, sql_quality
 from mlx_core.demo.tokenizer_train import TokenizerConfig, train_tokenizer
-from mlx_core.examples import TextExample, read_jsonl
+from mlx_core.examples import TextExample, parse_example, read_jsonl
 from mlx_core.model import Mistral
 from mlx_core.tokenizer import Tokenizer
 from mlx_core.weights import DTYPES, load_model, save_model
@@ -76,6 +77,12 @@ class BuildConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelShape = field(default_factory=ModelShape)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # Stage 2: the stage-1 model goes on learning with this share of its examples wrapped in the
+    # Mistral chat template, so /v1/chat/completions works on the demo as well as completions.
+    chat_fraction: float = 0.5
+    chat_stage: PretrainConfig = field(default_factory=lambda: PretrainConfig(
+        steps=1000, learning_rate=3e-4, warmup_steps=50, min_lr_ratio=0.1, eval_every=250,
+        checkpoint_every=250))
 
 
 def log(message: str) -> None:
@@ -109,12 +116,16 @@ def _texts(path: Path) -> list[str]:
     return [e.text for e in read_jsonl(path) if isinstance(e, TextExample)]
 
 
-def _tokenized(texts: list[str], tokenizer: Tokenizer, max_seq_len: int) -> list[TokenizedExample]:
+def _tokenized(texts: list[str], tokenizer: Tokenizer, max_seq_len: int,
+               chat_fraction: float = 0.0, seed: int = 0) -> list[TokenizedExample]:
     # Loss on the SQL answer and its EOS only: predicting random table ids and values in the
-    # prompt teaches nothing, and the answer is what the model is for.
+    # prompt teaches nothing, and the answer is what the model is for. A `chat_fraction` share
+    # of the examples (chosen by `seed`) is wrapped in the chat template, answer = assistant turn.
+    chooser = random.Random(f"chat-stage:{seed}")
     examples, report = tokenize_examples(
-        [TextExample(t) for t in texts], tokenizer, max_seq_len,
-        mask_prompt=True, completion_after="A:",
+        [parse_example(to_chat(t), "demo corpus") if chooser.random() < chat_fraction
+         else TextExample(t) for t in texts],
+        tokenizer, max_seq_len, mask_prompt=True, completion_after="A:",
     )
     if report.n_dropped:
         raise ValueError(report.warning())
@@ -170,6 +181,22 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
 
     model, result = pretrain(args, train_set, valid_set, config.pretrain, work, identity,
                              resume=resume, log=log, probe=probe if config.n_probe else None)
+    if config.chat_stage.steps:
+        stage1 = latest_checkpoint(work)
+        log(f"stage 2: {config.chat_fraction:.0%} of the examples as chats, from {stage1}")
+        chat_train = _tokenized(train_texts, tokenizer, max_len, config.chat_fraction, config.seed)
+        chat_valid = _tokenized(valid_texts, tokenizer, max_len, config.chat_fraction, config.seed)
+        chat_identity = {**identity, "stage1": asdict(config.pretrain),
+                         "chat_fraction": config.chat_fraction}
+
+        def probe_chat(model: Mistral) -> str:
+            return (f"{probe(model)} | chat "
+                    + sql_quality(model, tokenizer, probe_texts, chat=True).line())
+
+        model, result = pretrain(args, chat_train, chat_valid, config.chat_stage, work / "chat",
+                                 chat_identity, resume=resume, log=log,
+                                 probe=probe_chat if config.n_probe else None,
+                                 init=stage1 / "model.safetensors")
 
     # Save in the shipped precision, then evaluate exactly what ships, loaded the way users load it.
     cast_parameters(model, DTYPES[config.dtype])
@@ -190,9 +217,11 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
     }
     if wikisql is not None and wikisql.is_file():
         evals["wikisql_test"] = _texts(wikisql)
-    for name, texts in evals.items():
+    runs = [(name, texts, False) for name, texts in evals.items()]
+    runs.append(("synthetic_test_chat", test_texts, True))  # the same tables through the chat template
+    for name, texts, chat in runs:
         t = time.perf_counter()
-        quality: SqlQuality = sql_quality(loaded.model, loaded.tokenizer, texts)
+        quality: SqlQuality = sql_quality(loaded.model, loaded.tokenizer, texts, chat=chat)
         metrics[name] = asdict(quality)
         log(f"{name}: {quality.line()} in {time.perf_counter() - t:.0f} s")
 
@@ -201,7 +230,7 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
         "command": "python -m mlx_core.demo.build " + " ".join(sys.argv[1:]),
         "seed": config.seed,
         "held_out_domain": config.held_out_domain,
-        "steps": result.steps,
+        "steps": config.pretrain.steps + config.chat_stage.steps,  # stage 1 + the chat stage
         "config": asdict(config),
         "model_args": asdict(args),
         "parameters": int(sum(v.size for v in _leaves(loaded.model.parameters()))),

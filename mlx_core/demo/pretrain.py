@@ -224,8 +224,12 @@ def pretrain(
     resume: bool = False,
     log: Callable[[str], None] = print,
     probe: Callable[[Mistral], str] | None = None,
+    init: Path | None = None,
 ) -> tuple[Mistral, PretrainResult]:
     """Train a fresh model (or continue the latest checkpoint with `resume`); return it trained.
+
+    `init`, a model.safetensors of the same shape, replaces the random initialisation (a later
+    stage of training starting where an earlier one ended; the caller's `identity` names it).
 
     `train_set` and `valid_set` are tokenized with the prompt masked: each example's answer
     (and its EOS) is the target. `identity` names what the checkpoints' meaning depends on
@@ -242,6 +246,8 @@ def pretrain(
     identity["pretrain"].pop("parallel_streams")  # only where the work runs, not what it computes
     model = Mistral(args)
     init_weights(model, config.init_std, config.seed)
+    if init is not None:
+        model.load_weights(str(init))
     optimizer = build_optimizer(
         "adamw", config.learning_rate, "cosine", config.warmup_steps, config.steps,
         weight_decay=config.weight_decay, min_lr_ratio=config.min_lr_ratio,

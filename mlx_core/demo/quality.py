@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mlx_core.demo.corpus import to_chat
 from mlx_core.engine import Engine, GenerationRequest
+from mlx_core.examples import ChatMessage
 from mlx_core.model import Mistral
 from mlx_core.sampling import SamplingParams
 from mlx_core.tokenizer import Tokenizer
@@ -38,13 +40,15 @@ class SqlQuality:
                 f"stop {self.stop_rate:.1%}  (n={self.n})")
 
 
-def complete(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str],
+def complete(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
              max_tokens: int = MAX_SQL_TOKENS, batch_size: int = 64) -> list[Completion]:
-    """Greedy completions of `prompts`, generated in one running batch of up to `batch_size`."""
+    """Greedy completions of `prompts` (texts, or token ids such as a rendered chat), generated
+    in one running batch of up to `batch_size`."""
     engine = Engine(model, tokenizer, max_num_seqs=batch_size, prefix_cache_tokens=0)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     for i, prompt in enumerate(prompts):
-        engine.add_request(GenerationRequest(str(i), tokenizer.encode(prompt), params))
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        engine.add_request(GenerationRequest(str(i), ids, params))
     texts: list[list[str]] = [[] for _ in prompts]
     finish: list[str | None] = [None] * len(prompts)
     while engine.has_work():
@@ -56,13 +60,21 @@ def complete(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str],
     return [Completion("".join(t).strip(), f == "stop") for t, f in zip(texts, finish)]
 
 
+def chat_prompt(tokenizer: Tokenizer, example: str) -> list[int]:
+    """A WikiSQL-format example's question as /v1/chat/completions renders it: one user turn
+    (table, columns and question, as `corpus.to_chat` writes it)."""
+    user = to_chat(example)["messages"][0]["content"]
+    return tokenizer.encode_chat([ChatMessage("user", user)])
+
+
 def sql_quality(model: Mistral, tokenizer: Tokenizer, examples: Sequence[str],
-                batch_size: int = 64) -> SqlQuality:
-    """Execution/exact accuracy and stop rate of greedy SQL for WikiSQL-format examples."""
+                batch_size: int = 64, chat: bool = False) -> SqlQuality:
+    """Execution/exact accuracy and stop rate of greedy SQL for WikiSQL-format examples,
+    prompted as text ("...\nA:") or, with `chat`, through the chat template."""
     if not examples:
         raise ValueError("no examples to evaluate: pass WikiSQL-format texts with their answers")
-    completions = complete(model, tokenizer, [prompt_of(e) for e in examples],
-                           batch_size=batch_size)
+    prompts = [chat_prompt(tokenizer, e) if chat else prompt_of(e) for e in examples]
+    completions = complete(model, tokenizer, prompts, batch_size=batch_size)
     executed = exact = 0
     for text, done in zip(examples, completions, strict=True):
         example = parse_example(text)

@@ -119,8 +119,11 @@ class Mistral(nn.Module):
         positions: mx.array | None = None,
         segment_ids: mx.array | None = None,
         last_only: bool = False,
+        output_positions: mx.array | None = None,
     ) -> mx.array:
-        """Logits (B, L, vocab) for token ids (B, L); (B, 1, vocab) with `last_only` (prefill).
+        """Logits (B, L, vocab) for token ids (B, L); (B, 1, vocab) with `last_only` (prefill);
+        (B, A, vocab) for the positions `output_positions` (B, A) only (a loss on a few targets
+        per row need not project every position onto the vocabulary).
 
         With a cache: the tokens continue every row of the cache. Without: a fresh causal pass;
         `positions` and `segment_ids` (B, L) describe packed training rows (attention stays
@@ -140,6 +143,8 @@ class Mistral(nn.Module):
             cache.advance(L)
         if last_only:
             h = h[:, -1:, :]
+        elif output_positions is not None:
+            h = mx.take_along_axis(h, output_positions[..., None], axis=1)
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)

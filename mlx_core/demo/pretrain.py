@@ -100,20 +100,12 @@ def answer_loss(model: Mistral, inputs: mx.array, positions: mx.array, targets: 
                 mask: mx.array, denominator: mx.array) -> mx.array:
     """Summed cross-entropy of the answer tokens / `denominator`, in fp32.
 
-    `Mistral.__call__` projects every position onto the vocabulary; only the answers are
-    targets, so this runs the same layers and projects just the rows at `positions` (B, A),
-    a quarter of the positions: the lm_head matmul and the softmax over the vocabulary shrink
-    alike. A sum over a batch's answer tokens (not per-row means) lets a step's rows be split
-    over several streams whose gradients add up to exactly the whole batch's.
+    Only the answers are targets, so only the rows at `positions` (B, A), about a quarter of
+    them, are projected onto the vocabulary: the lm_head matmul and the softmax shrink alike.
+    A sum over a batch's answer tokens (not per-row means) lets a step's rows be split over
+    several streams whose gradients add up to exactly the whole batch's.
     """
-    h = model.model.embed_tokens(inputs)
-    for i, layer in enumerate(model.model.layers):
-        h = layer(h, "causal", None, i, 0, None)  # no sliding window: checked in pretrain()
-    h = model.model.norm(mx.take_along_axis(h, positions[..., None], axis=1))
-    if model.args.tie_word_embeddings:
-        logits = model.model.embed_tokens.as_linear(h)
-    else:
-        logits = model.lm_head(h)
+    logits = model(inputs, output_positions=positions)
     losses = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
     return (losses * mask).sum() / denominator
 
@@ -237,11 +229,6 @@ def pretrain(
     identity is refused rather than silently mixing two runs. `probe`, if given, runs at every
     evaluation (say, generation on a few prompts) and its line is logged.
     """
-    if args.sliding_window is not None and args.sliding_window < config.max_seq_len:
-        raise ValueError(
-            f"sliding_window {args.sliding_window} is shorter than max_seq_len "
-            f"{config.max_seq_len}: the demo model is trained with plain causal attention"
-        )
     identity = {**identity, "pretrain": asdict(config), "model": asdict(args)}
     identity["pretrain"].pop("parallel_streams")  # only where the work runs, not what it computes
     model = Mistral(args)

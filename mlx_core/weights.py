@@ -190,14 +190,18 @@ def read_checkpoint(folder: Path, args: ModelArgs) -> tuple[dict[str, mx.array],
     )
 
 
-def check_model_folder(path: str | Path) -> ModelArgs:
-    """Cheap checks before a slow load: the folder, its config, tokenizer and weight files.
-    Raises the same errors `load_model` would, naming the file and the fix."""
+def _open_folder(path: str | Path) -> tuple[Path, ModelArgs, Tokenizer]:
+    """A model folder's path, config and tokenizer: what every load reads before the weights."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise WeightsError(f"{folder}: no such model folder; pass --model PATH to a model directory")
-    args = load_config(folder)
-    Tokenizer.from_folder(folder)
+    return folder, load_config(folder), Tokenizer.from_folder(folder)
+
+
+def check_model_folder(path: str | Path) -> ModelArgs:
+    """Cheap checks before a slow load: the folder, its config, tokenizer and weight files.
+    Raises the same errors `load_model` would, naming the file and the fix."""
+    folder, args, _ = _open_folder(path)
     if not any(any(folder.glob(p)) for p in ("*.safetensors", "consolidated.*.pth", "weights.npz")):
         raise WeightsError(
             f"{folder}: no weights found (model*.safetensors, consolidated.00.pth or weights.npz); "
@@ -209,11 +213,7 @@ def check_model_folder(path: str | Path) -> ModelArgs:
 def load_model(path: str | Path, dtype: str | None = None, quantize: Quantization | None = None) -> LoadedModel:
     """Load any supported model folder. `dtype` casts float weights; `quantize` quantizes a
     dense model at load (QLoRA); an already quantized checkpoint loads as it is."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise WeightsError(f"{folder}: no such model folder; pass --model PATH to a model directory")
-    args = load_config(folder)
-    tokenizer = Tokenizer.from_folder(folder)
+    folder, args, tokenizer = _open_folder(path)
     weights, fmt = read_checkpoint(folder, args)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)

@@ -117,17 +117,17 @@ class AdapterRegistry:
         service = self.engine_service
         if service is None or service.loaded is None:
             raise BadRequestError("the base model is not loaded yet: retry shortly")
-        row = dbm.Adapter(id=dbm.new_id("lora"), name=name, path="", source_format="", base_model=service.model_id,
-                          rank=0, alpha=0.0, targets=[], fingerprint="", size_bytes=0, fine_tuning_job_id=job_id)
-        dest = self.settings.adapters_dir / row.id
+        adapter_id = dbm.new_id("lora")
+        dest = self.settings.adapters_dir / adapter_id
         # MLX work (reading, checking, writing the weights) runs where the model's other MLX
         # work runs: on the engine thread, when this process has one.
         adapter = await _on_engine(service, lambda: self._store(src, dest, service))
-        row.path, row.source_format = str(dest), adapter.source_format or "loraforge"
-        row.rank, row.targets = adapter.rank, list(adapter.targets)
-        row.alpha = float(adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank)
-        row.size_bytes = sum(f.stat().st_size for f in dest.iterdir())
-        row.fingerprint = _sha256(dest / "adapters.safetensors")
+        row = dbm.Adapter(
+            id=adapter_id, name=name, path=str(dest), source_format=adapter.source_format or "loraforge",
+            base_model=service.model_id, rank=adapter.rank, targets=list(adapter.targets),
+            alpha=float(adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank),
+            fingerprint=_sha256(dest / "adapters.safetensors"),
+            size_bytes=sum(f.stat().st_size for f in dest.iterdir()), fine_tuning_job_id=job_id)
         replaced: list[dbm.Adapter] = []
 
         def swap(s: Session) -> None:

@@ -146,18 +146,7 @@ async def ready(engine_service: Injected[EngineService | None]) -> HealthStatus:
             "with `loraforge serve` (optionally --model PATH).",
             code="engine_not_started",
         )
-    load_error = getattr(engine_service, "load_error", None)
-    if load_error is not None:
-        raise ServiceUnavailableError(
-            f"The model failed to load ({load_error}). Restart the server with a working --model.",
-            code="model_load_failed",
-        )
-    if not engine_service.ready:
-        raise ServiceUnavailableError(
-            "The model is still loading. Retry in a few seconds.",
-            retry_after_s=5,
-            code="model_loading",
-        )
+    engine_service.require_ready()  # the same 503 (failed, or still loading) requests get
     return HealthStatus("ready")
 
 

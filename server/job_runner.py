@@ -260,8 +260,7 @@ class _JobRun(threading.Thread):
             self._finish(progress)
             return
         if checkpoint:
-            row = self.db.run_sync(lambda s: _checkpoint_at(s, job.id, step))
-            progress.tokens_before = int(row.metrics.get("trained_tokens", 0)) if row else 0
+            progress.tokens_before = self.db.run_sync(lambda s: _tokens_at(s, job.id, step))
         config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
         spec = {"model": _model_path(settings), "data": str(self.dir / "data"), "config": config}
         (self.dir / "spec.json").write_text(json.dumps(spec, indent=2))
@@ -352,8 +351,7 @@ class _JobRun(threading.Thread):
         return ours
 
     def _offset(self) -> int:
-        """Bytes of events.jsonl already turned into job events."""
-        return int(self.offset_file.read_text()) if self.offset_file.exists() else 0
+        return _ingested_bytes(self.offset_file)
 
     def _note_lost(self) -> None:
         status = self.db.run_sync(lambda s: s.get(FineTuningJob, self.job.id).status)
@@ -494,11 +492,22 @@ def _read_events(path: Path, offset: int, end: int = -1) -> tuple[list[dict[str,
     return [e for e in map(_parse, lines) if e is not None], offset + end
 
 
+def _ingested_bytes(offset_file: Path) -> int:
+    """Bytes of events.jsonl already turned into job events (what OFFSET_FILE holds)."""
+    return int(offset_file.read_text()) if offset_file.exists() else 0
+
+
+def _tokens_at(session: Session, job_id: str, step: int) -> int:
+    """Tokens trained up to the job's checkpoint at `step` (where a resumed run counts from)."""
+    row = _checkpoint_at(session, job_id, step)
+    return int(row.metrics.get("trained_tokens", 0)) if row else 0
+
+
 def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int | None:
     """Ingest the events a stopped run wrote after its worker's last ingest; return the new
     offset into events.jsonl (to be written once the session commits), or None if none."""
-    events_path, offset_path = folder / EVENTS_FILE, folder / OFFSET_FILE
-    offset = int(offset_path.read_text()) if offset_path.exists() else 0
+    events_path = folder / EVENTS_FILE
+    offset = _ingested_bytes(folder / OFFSET_FILE)
     events, end = _read_events(events_path, offset)
     if not events:
         return None
@@ -507,8 +516,7 @@ def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int |
     p = _Progress(iters=int(starts[-1].get("iters", 0)) if starts else 0,
                   starts=sum(e.get("type") == "start" for e in earlier))
     if starts and starts[-1].get("resumed_from"):
-        row = _checkpoint_at(session, job.id, int(starts[-1].get("step", 0)))
-        p.tokens_before = int(row.metrics.get("trained_tokens", 0)) if row else 0
+        p.tokens_before = _tokens_at(session, job.id, int(starts[-1].get("step", 0)))
     for event in events:
         _ingest(session, job, event, p)
     return end

@@ -15,6 +15,7 @@ from litestar import Litestar, get, post
 from litestar.params import JSONBody
 
 from server.errors import APIError, RateLimitError, decode_body, exception_handlers
+from server.scheduler import EngineService
 from server.schemas import CompletionRequest
 from server.settings import Settings, SettingsError
 from tests.serving import serve, start_server
@@ -61,8 +62,11 @@ def test_ready_is_503_without_an_engine(base_url):
 class FakeLoadingEngine:
     """Stands in for the engine service only to exercise /ready's two states."""
 
+    require_ready = EngineService.require_ready  # the real readiness rule, on this fake's state
+
     def __init__(self) -> None:
         self.ready = False
+        self.load_error = None
         self.started = self.stopped = False
 
     async def start(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -214,8 +215,8 @@ def make_engine(url: str) -> Engine:
         # The driver must not issue its own BEGINs; SQLAlchemy's "begin" event below does.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        _enable_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         # In WAL mode NORMAL loses no data on a process crash, only maybe the last commit on
         # power loss, and avoids an fsync per commit (the trainer writes an event per step).
@@ -227,6 +228,21 @@ def make_engine(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _enable_wal(cursor: Any) -> None:
+    # Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "database is
+    # locked" at once, without the busy handler, when another process is mid-migration on it
+    # (its deadlock rule). Retry for as long as busy_timeout would have waited.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 _UPGRADE_LOCK = threading.Lock()

@@ -5,7 +5,7 @@ Two measurements, both on held-out examples:
 - `test_loss`: mean cross-entropy per target token and its perplexity, tokenized exactly as
   training tokenizes (BOS, EOS, prompt mask), so it compares with the trainer's validation loss.
 - `evaluate_sql`: greedy generation on ``table:/columns:/Q:/A:`` prompts, scored by exact match
-  and by execution on synthesized SQLite tables (`mlx_core.wikisql`). Generation runs with no stop
+  and by execution on synthesized SQLite tables (`mlx_core.sql_scoring`). Generation runs with no stop
   sequence unless one is asked for, because whether the model *stops by itself* (emits EOS after
   the SQL) is one of the things being measured: `stop_rate`. Accuracy is reported on the text as
   generated and on its first line, so the cost of not stopping is visible.
@@ -34,13 +34,13 @@ from .examples import (
 from .lora import AdapterSlots
 from .model import Mistral
 from .sampling import SamplingParams
+from .sql_scoring import execution_match
 from .tokenizer import Tokenizer
 from .wikisql import (
     ExampleFormatError,
     SqlExample,
     SqlParseError,
     exact_match,
-    execution_match,
     parse_example,
     parse_query,
     prompt_of,

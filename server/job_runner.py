@@ -1,12 +1,10 @@
-"""Trains claimed fine-tune jobs: `JobWorker` and the child process that runs the trainer.
+"""Trains claimed fine-tune jobs: `JobWorker`, and a thread per running job.
 
 - **Run** (`JobWorker`): claims jobs with `server.jobs.claim_next_job`; each claimed job gets a
-  thread that writes `jobs/<id>/spec.json` and starts
-  `python -m server.job_runner spec.json --parent-pid <worker pid>`, which trains with
-  `mlx_core.train`. The child dies with its parent (PR_SET_PDEATHSIG, plus a watchdog thread
-  comparing getppid()), so a killed server never leaves a trainer writing into the job folder.
+  thread that writes `jobs/<id>/spec.json` and starts the trainer as a child process
+  (`server.job_trainer`), which dies with its parent.
 - **Follow**: every TICK_S the thread reads the trainer's new JSON-lines events into `job_events`
-  (and `job_checkpoints`), renews the job's lease, and learns of a cancel or of losing the job
+  (and `job_checkpoints`; see `server.job_events`), renews the job's lease, and learns of a cancel or of losing the job
   (the heartbeat finds the row no longer running under this worker) -> SIGTERM, then SIGKILL.
   `events.offset` (written after each commit) says how much of events.jsonl is ingested, so a
   crash replays a few events rather than losing any.
@@ -20,11 +18,9 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -37,14 +33,24 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.db import Database, FineTuningJob, JobCheckpoint, UploadedFile, new_id, now
+from server.db import Database, FineTuningJob, UploadedFile, new_id, now
 from server.errors import APIError
+from server.job_events import (
+    EVENTS_FILE,
+    OFFSET_FILE,
+    RunProgress,
+    ingest_dead_run,
+    ingest_event,
+    ingested_bytes,
+    read_events,
+    tokens_at,
+)
 from server.jobs import (
     LEASE_S,
     RESULTS_PURPOSE,
@@ -64,8 +70,6 @@ if TYPE_CHECKING:  # the engine side, loaded only by the worker
 log = logging.getLogger("loraforge.jobs")
 
 MEMORY_LIMIT_ENV = "LORAFORGE_JOB_MEMORY_LIMIT_GB"  # preflight budget for every job's trainer
-EVENTS_FILE = "events.jsonl"  # the trainer's JSON-lines events, in jobs/<id>/
-OFFSET_FILE = "events.offset"  # bytes of EVENTS_FILE already ingested as job events
 
 # The worker's clock.
 TICK_S = 0.5  # events, heartbeat and cancel checks of a running job
@@ -201,21 +205,6 @@ class JobWorker:
         await self.registry.register_path(name, str(path), job_id)
 
 
-@dataclass
-class _Progress:
-    """What the events of the current run said so far."""
-
-    iters: int
-    tokens_before: int = 0  # trained by earlier runs, up to the checkpoint this one resumed
-    trained_tokens: int = 0
-    train_loss: float | None = None
-    valid_loss: float | None = None
-    succeeded: bool = False
-    error: dict[str, Any] | None = None
-    last_step: int = 0
-    starts: int = 0  # trainer runs of this job that reached training, as far as ingested
-
-
 class _JobRun(threading.Thread):
     """One run of one job: prepare the folder, start the trainer, follow it, finish the job."""
 
@@ -241,13 +230,13 @@ class _JobRun(threading.Thread):
 
         job, settings = self.job, self.worker.settings
         n_examples = self._prepare_data()
-        progress = _Progress(iters=training_steps(job, n_examples))
+        progress = RunProgress(iters=training_steps(job, n_examples))
         adapter = self.dir / "adapter"
         # Earlier runs' starts, as far as ingested (lines past the offset are a dead run's that
         # were never ingested: they are ingested first, and count their own start).
-        ingested = _read_events(self.events, 0, self._offset())[0]
+        ingested = read_events(self.events, 0, self._offset())[0]
         progress.starts = sum(e.get("type") == "start" for e in ingested)
-        done = [e for e in _read_events(self.events, 0)[0] if e.get("type") == "done"]
+        done = [e for e in read_events(self.events, 0)[0] if e.get("type") == "done"]
         if done and done[-1].get("status") == "succeeded":
             self._finish(progress)  # trained before the worker stopped; only registration is left
             return
@@ -260,7 +249,7 @@ class _JobRun(threading.Thread):
             self._finish(progress)
             return
         if checkpoint:
-            progress.tokens_before = self.db.run_sync(lambda s: _tokens_at(s, job.id, step))
+            progress.tokens_before = self.db.run_sync(lambda s: tokens_at(s, job.id, step))
         config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
         spec = {"model": _model_path(settings), "data": str(self.dir / "data"), "config": config}
         (self.dir / "spec.json").write_text(json.dumps(spec, indent=2))
@@ -302,9 +291,9 @@ class _JobRun(threading.Thread):
             return sum(1 for line in f if line.strip())
 
     # -- the child process ----------------------------------------------------------------------
-    def _train(self, progress: _Progress) -> int | None:
+    def _train(self, progress: RunProgress) -> int | None:
         """Run the trainer: its exit code, or None when this worker stopped it first."""
-        cmd = [sys.executable, "-m", "server.job_runner", str(self.dir / "spec.json"),
+        cmd = [sys.executable, "-m", "server.job_trainer", str(self.dir / "spec.json"),
                "--parent-pid", str(os.getpid())]
         with (self.dir / "train.log").open("ab") as out:
             # Own session: a Ctrl-C in the server's terminal reaches the worker, which decides.
@@ -331,9 +320,9 @@ class _JobRun(threading.Thread):
             if proc.poll() is None:  # an exception above: never leave the trainer behind
                 _stop(proc)
 
-    def _follow(self, progress: _Progress, pid: int | None) -> bool:
+    def _follow(self, progress: RunProgress, pid: int | None) -> bool:
         """Ingest new events, renew the lease; False when the job is no longer ours."""
-        events, offset = _read_events(self.events, self._offset())
+        events, offset = read_events(self.events, self._offset())
 
         def tick(session: Session) -> bool:
             job = session.get(FineTuningJob, self.job.id)
@@ -341,7 +330,7 @@ class _JobRun(threading.Thread):
                 return False
             job.lease_expires_at, job.pid = now() + LEASE_S, pid
             for event in events:
-                _ingest(session, job, event, progress)
+                ingest_event(session, job, event, progress)
             return True
 
         ours = self.db.run_sync(tick)
@@ -351,7 +340,7 @@ class _JobRun(threading.Thread):
         return ours
 
     def _offset(self) -> int:
-        return _ingested_bytes(self.offset_file)
+        return ingested_bytes(self.offset_file)
 
     def _note_lost(self) -> None:
         status = self.db.run_sync(lambda s: s.get(FineTuningJob, self.job.id).status)
@@ -362,7 +351,7 @@ class _JobRun(threading.Thread):
             log.warning("job %s: taken over by another worker (status %s); trainer stopped",
                         self.job.id, status)
 
-    def _requeue(self, progress: _Progress) -> None:
+    def _requeue(self, progress: RunProgress) -> None:
         def requeue(session: Session) -> None:
             job = self._ours(session)
             if job is None:
@@ -394,7 +383,7 @@ class _JobRun(threading.Thread):
         self.db.run_sync(fail)
         log.warning("job %s failed: %s", self.job.id, message)
 
-    def _finish(self, progress: _Progress) -> None:
+    def _finish(self, progress: RunProgress) -> None:
         job = self.job
         name = fine_tuned_model_name(job)
         asyncio.run(self.worker.register(name, self.dir / "adapter", job.id))
@@ -451,192 +440,3 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _checkpoint_at(session: Session, job_id: str, step: int) -> JobCheckpoint | None:
-    return session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id,
-                                                       JobCheckpoint.step == step)).first()
-
-
-def _checkpoint_row(session: Session, job_id: str, step: int, path: str) -> JobCheckpoint:
-    """The job's checkpoint row for `step`, added if missing (a resumed run may save a step
-    again, and a checkpoint saved just before a crash may never have been reported)."""
-    row = _checkpoint_at(session, job_id, step)
-    if row is None:
-        row = JobCheckpoint(id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics={},
-                            created_at=now())
-        session.add(row)
-    row.path = path
-    return row
-
-
-# -- trainer events -> job events ---------------------------------------------------------------
-def _parse(line: str) -> dict[str, Any] | None:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def _read_events(path: Path, offset: int, end: int = -1) -> tuple[list[dict[str, Any]], int]:
-    """Complete lines from byte `offset` (to `end`) and the offset after the last of them (a
-    line still being written waits for the next tick)."""
-    if not path.exists():
-        return [], offset
-    with path.open("rb") as f:
-        f.seek(offset)
-        chunk = f.read(end - offset if end >= 0 else -1)
-    end = chunk.rfind(b"\n") + 1
-    lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
-    return [e for e in map(_parse, lines) if e is not None], offset + end
-
-
-def _ingested_bytes(offset_file: Path) -> int:
-    """Bytes of events.jsonl already turned into job events (what OFFSET_FILE holds)."""
-    return int(offset_file.read_text()) if offset_file.exists() else 0
-
-
-def _tokens_at(session: Session, job_id: str, step: int) -> int:
-    """Tokens trained up to the job's checkpoint at `step` (where a resumed run counts from)."""
-    row = _checkpoint_at(session, job_id, step)
-    return int(row.metrics.get("trained_tokens", 0)) if row else 0
-
-
-def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int | None:
-    """Ingest the events a stopped run wrote after its worker's last ingest; return the new
-    offset into events.jsonl (to be written once the session commits), or None if none."""
-    events_path = folder / EVENTS_FILE
-    offset = _ingested_bytes(folder / OFFSET_FILE)
-    events, end = _read_events(events_path, offset)
-    if not events:
-        return None
-    earlier = _read_events(events_path, 0, offset)[0]
-    starts = [e for e in earlier + events if e.get("type") == "start"]
-    p = _Progress(iters=int(starts[-1].get("iters", 0)) if starts else 0,
-                  starts=sum(e.get("type") == "start" for e in earlier))
-    if starts and starts[-1].get("resumed_from"):
-        p.tokens_before = _tokens_at(session, job.id, int(starts[-1].get("step", 0)))
-    for event in events:
-        _ingest(session, job, event, p)
-    return end
-
-
-def _ingest(session: Session, job: FineTuningJob, event: dict[str, Any], p: _Progress) -> None:
-    kind, step = event.get("type"), int(event.get("step", 0))
-    at = f"Step {step}/{p.iters}"
-    if kind == "start":
-        p.iters, p.starts = int(event.get("iters", p.iters)), p.starts + 1
-        info = {k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")}
-        if event.get("resumed_from"):
-            _checkpoint_row(session, job.id, step, str(event["resumed_from"]))  # if never reported
-            add_event(session, job.id, f"Resumed from checkpoint at step {step} (run {p.starts})",
-                      data={"step": step, "total_steps": p.iters, **info})
-        elif p.starts > 1:
-            add_event(session, job.id, f"Fine-tuning restarted from step 0 (run {p.starts}): "
-                      "no checkpoint was saved before the last run stopped",
-                      data={"step": 0, "total_steps": p.iters, **info})
-        else:
-            add_event(session, job.id, "Fine-tuning job started",
-                      data={"total_steps": p.iters, **info})
-    elif kind == "train":
-        p.last_step, p.train_loss = step, float(event["loss"])
-        p.trained_tokens = p.tokens_before + int(event.get("trained_tokens", 0))
-        job.trained_tokens = p.trained_tokens
-        it_per_sec = float(event.get("it_per_sec") or 0)
-        if it_per_sec > 0:
-            job.estimated_finish = now() + math.ceil((p.iters - step) / it_per_sec)
-        add_event(session, job.id, f"{at}: training loss={p.train_loss:.4f}", type="metrics",
-                  data={"step": step, "total_steps": p.iters, "train_loss": p.train_loss,
-                        "learning_rate": event.get("learning_rate"),
-                        "tokens_per_sec": event.get("tokens_per_sec"),
-                        "peak_memory_gb": event.get("peak_memory_gb"),
-                        "trained_tokens": p.trained_tokens})
-    elif kind == "eval":
-        p.valid_loss = float(event["val_loss"])
-        add_event(session, job.id, f"{at}: validation loss={p.valid_loss:.4f}", type="metrics",
-                  data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss})
-    elif kind == "checkpoint":
-        row = _checkpoint_row(session, job.id, step, str(event["path"]))
-        row.metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
-        if p.valid_loss is not None:
-            row.metrics["valid_loss"] = p.valid_loss
-        add_event(session, job.id, f"Checkpoint created at step {step}", data={"step": step})
-    elif kind == "warning":
-        message = str(event.get("message"))
-        if job.validation_file or not message.startswith("no valid.jsonl"):  # else: as asked
-            add_event(session, job.id, message, level="warn")
-    elif kind == "done" and event.get("status") == "succeeded":
-        p.succeeded = True
-        peak = event.get("peak_memory_gb") or 0.0
-        add_event(session, job.id, f"Training finished at step {step}: training loss "
-                  f"{p.train_loss or 0:.4f}, peak memory {peak:.2f} GB",
-                  data={"step": step, "peak_memory_gb": peak})
-    elif kind == "error":
-        p.error = {"code": str(event.get("code", "training_failed")),
-                   "message": str(event.get("message"))}
-
-
-# -- the child process: `python -m server.job_runner SPEC.json --parent-pid PID` ----------------
-PR_SET_PDEATHSIG = 1
-_MEMORY_HINT = (" In the job request, lower hyperparameters.batch_size, lora.num_layers or "
-                "lora.max_seq_len, or set lora.quantize to 4.")
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Exit when the worker that started this process exits, however it ends (kill -9 too)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills us when the parent dies
-
-    def watch() -> None:
-        # Where prctl does not exist (macOS), and for a parent that died before prctl ran.
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(3)
-
-    if os.getppid() != parent_pid:
-        os._exit(3)
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-def _child_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.job_runner",
-                                     description="Run one fine-tune job's trainer (the worker "
-                                     "starts this; people use `loraforge train`).")
-    parser.add_argument("spec", help="spec.json: {\"model\", \"data\", \"config\"}")
-    parser.add_argument("--parent-pid", type=int, required=True)
-    ns = parser.parse_args(argv)
-    _die_with_parent(ns.parent_pid)
-
-    from mlx_core.errors import USER_ERRORS
-    from mlx_core.memory import MemoryPreflightError
-    from mlx_core.train import TrainConfig, train
-
-    spec = json.loads(Path(ns.spec).read_text())
-    config = TrainConfig.from_dict(spec["config"])
-    try:
-        train(spec["model"], spec["data"], config)
-        return 0
-    except USER_ERRORS as e:
-        memory = isinstance(e, MemoryPreflightError)
-        error = {"code": "insufficient_memory" if memory else "training_failed",
-                 "message": str(e) + (_MEMORY_HINT if memory else "")}
-        print(f"loraforge job: {e}", file=sys.stderr)
-        code = 2
-    except Exception as e:
-        import traceback
-
-        traceback.print_exc()
-        error = {"code": "training_failed", "message": f"The trainer crashed: {type(e).__name__}: "
-                 f"{e}. {Path(ns.spec).parent / 'train.log'} has the traceback."}
-        code = 1
-    with open(config.events_jsonl, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"type": "error", "step": 0, "time": time.time(), **error}) + "\n")
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

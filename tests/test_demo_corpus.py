@@ -17,7 +17,8 @@ from mlx_core.demo.corpus import (
     write_dataset,
 )
 from mlx_core.demo.domains import DOMAINS_DATA, NUMERIC_KINDS, YEAR
-from mlx_core.wikisql import execution_match, parse_example, parse_query, prompt_of
+from mlx_core.sql_scoring import execution_match
+from mlx_core.wikisql import parse_example, parse_query, prompt_of
 
 N = 3000
 TABLE_ID = re.compile(r"1-\d{5,8}-\d{1,2}")

@@ -23,8 +23,9 @@ from mlx_core.demo.pretrain import (
 )
 from mlx_core.examples import TextExample
 from mlx_core.model import Mistral
+from mlx_core.sql_scoring import execution_match
 from mlx_core.tokenizer import Tokenizer
-from mlx_core.wikisql import execution_match, parse_example
+from mlx_core.wikisql import parse_example
 
 
 @pytest.fixture(scope="module")

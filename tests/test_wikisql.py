@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from mlx_core.sql_scoring import execution_match, score_predictions
 from mlx_core.wikisql import (
     Condition,
     ExampleFormatError,
     Query,
     SqlParseError,
     exact_match,
-    execution_match,
     parse_example,
     parse_query,
     prompt_of,
-    score_predictions,
     to_sqlite,
     to_wikisql,
 )

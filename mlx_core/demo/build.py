@@ -104,9 +104,9 @@ def speed_hint(gflops: float) -> str | None:
     """A hint for a Linux CPU build running on MLX's slow reference BLAS, or None."""
     if mx.default_device() != mx.cpu or platform.system() != "Linux" or openblas_loaded():
         return None
-    how = (f"LD_PRELOAD={OPENBLAS} python -m mlx_core.demo.build ..." if OPENBLAS.exists()
-           else "apt-get install libopenblas0-pthread, then run with "
-                "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+    how = f"LD_PRELOAD={OPENBLAS} python -m mlx_core.demo.build ..."
+    if not OPENBLAS.exists():
+        how = f"apt-get install libopenblas0-pthread, then run with {how}"
     return (f"fp32 matmuls run at {gflops:.0f} GFLOP/s on MLX's bundled reference BLAS; "
             f"OpenBLAS makes this build ~20x faster: {how}")
 

@@ -3,11 +3,9 @@
 - **Run** (`JobWorker`): claims jobs with `server.jobs.claim_next_job`; each claimed job gets a
   thread that writes `jobs/<id>/spec.json` and starts the trainer as a child process
   (`server.job_trainer`), which dies with its parent.
-- **Follow**: every TICK_S the thread reads the trainer's new JSON-lines events into `job_events`
-  (and `job_checkpoints`; see `server.job_events`), renews the job's lease, and learns of a cancel or of losing the job
-  (the heartbeat finds the row no longer running under this worker) -> SIGTERM, then SIGKILL.
-  `events.offset` (written after each commit) says how much of events.jsonl is ingested, so a
-  crash replays a few events rather than losing any.
+- **Follow**: every TICK_S the thread ingests the trainer's new events (`server.job_events`),
+  renews the job's lease, and learns of a cancel or of losing the job (the heartbeat finds the
+  row no longer running under this worker) -> SIGTERM, then SIGKILL.
 - **Finish**: the adapter is registered as `ft:<base>:<suffix>:<job id>` through the server's
   AdapterRegistry, or, in a standalone `loraforge worker` (no engine), through a registry that
   validates against the base model's config.json alone; either way it is a row in `adapters`, and

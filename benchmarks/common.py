@@ -31,12 +31,16 @@ SHAPES = {
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder (HF or loraforge format)")
-    p.add_argument("--random", choices=sorted(SHAPES), help="random weights in these shapes instead")
+    p.add_argument(
+        "--random", choices=sorted(SHAPES), help="random weights in these shapes instead"
+    )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--tokenizer", help="tokenizer.model for --random (default: mistral-common's)")
-    p.add_argument("--workdir", default=None, help="where to write the random model (default: temp)")
+    p.add_argument(
+        "--workdir", default=None, help="where to write the random model (default: temp)"
+    )
 
 
 def default_tokenizer() -> Path:
@@ -45,18 +49,29 @@ def default_tokenizer() -> Path:
     return Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
 
 
-def random_model(out: Path, shape: str, dtype: str, quantize: int | None, group_size: int,
-                 tokenizer: Path) -> Path:
+def random_model(
+    out: Path, shape: str, dtype: str, quantize: int | None, group_size: int, tokenizer: Path
+) -> Path:
     """Write a model with random weights in the given shapes (throughput does not depend on the
     values), in our format, which both loraforge and mlx-lm load."""
     dim, layers, heads, kv, hidden, vocab = SHAPES[shape]
-    args = ModelArgs(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, hidden_dim=hidden,
-                     vocab_size=vocab, sliding_window=4096, max_position_embeddings=32768)
+    args = ModelArgs(
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        hidden_dim=hidden,
+        vocab_size=vocab,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+    )
     dt = {"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32}[dtype]
     model = Mistral(args)
     mx.random.seed(0)
     # Scaled like a trained model's weights so activations stay finite in bf16.
-    model.update(tree_map(lambda p: (mx.random.normal(p.shape) * 0.02).astype(dt), model.parameters()))
+    model.update(
+        tree_map(lambda p: (mx.random.normal(p.shape) * 0.02).astype(dt), model.parameters())
+    )
     for _, p in tree_flatten(model.parameters()):
         mx.eval(p)
     if quantize:
@@ -86,19 +101,35 @@ def prepare_model(ns: argparse.Namespace) -> tuple[Path, tempfile.TemporaryDirec
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "mlx": mx.__version__, "device": str(mx.default_device())}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+    }
     try:
-        info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
+        info["device_info"] = {
+            k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))
+        }
     except Exception:
         pass
     return info
 
 
 def report(name: str, config: dict, results: dict) -> None:
-    print(json.dumps({"benchmark": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                      "command": " ".join(sys.argv), "machine": machine(), "config": config,
-                      "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": name,
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv),
+                "machine": machine(),
+                "config": config,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 def free_memory() -> None:

@@ -39,11 +39,30 @@ def evaluate(ns: argparse.Namespace, adapter: Path | None) -> dict:
 
 
 def train(ns: argparse.Namespace, adapter: Path) -> float:
-    cmd = [*CLI, "lora", "--train", "--data", str(ns.data), "--adapter-file", str(adapter),
-           "--iters", str(ns.iters), "--batch-size", str(ns.batch_size),
-           "--learning-rate", str(ns.learning_rate), "--lora-layers", str(ns.lora_layers),
-           "--mask-prompt", "--completion-after", "A:", "--steps-per-eval", str(ns.iters),
-           "--seed", str(ns.seed)]
+    cmd = [
+        *CLI,
+        "lora",
+        "--train",
+        "--data",
+        str(ns.data),
+        "--adapter-file",
+        str(adapter),
+        "--iters",
+        str(ns.iters),
+        "--batch-size",
+        str(ns.batch_size),
+        "--learning-rate",
+        str(ns.learning_rate),
+        "--lora-layers",
+        str(ns.lora_layers),
+        "--mask-prompt",
+        "--completion-after",
+        "A:",
+        "--steps-per-eval",
+        str(ns.iters),
+        "--seed",
+        str(ns.seed),
+    ]
     cmd += ["--model", ns.model] if ns.model else []
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=sys.stderr)
@@ -51,7 +70,9 @@ def train(ns: argparse.Namespace, adapter: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, required=True, help="folder with train/valid/test.jsonl")
     p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
     p.add_argument("--iters", type=int, default=300)
@@ -59,7 +80,9 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora-layers", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate the first N test examples")
+    p.add_argument(
+        "--max-examples", type=int, default=None, help="evaluate the first N test examples"
+    )
     ns = p.parse_args()
     ns.data = ns.data.resolve()
     before = evaluate(ns, None)
@@ -68,9 +91,16 @@ def main() -> None:
         seconds = train(ns, adapter)
         after = evaluate(ns, adapter)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(ns).items()}
-    report("finetune", config, {"before": before, "after": after, "train_seconds": round(seconds, 1),
-                                "execution_gain": round(after["execution_accuracy"]
-                                                        - before["execution_accuracy"], 4)})
+    report(
+        "finetune",
+        config,
+        {
+            "before": before,
+            "after": after,
+            "train_seconds": round(seconds, 1),
+            "execution_gain": round(after["execution_accuracy"] - before["execution_accuracy"], 4),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def bench_mlx_lm(path, prompt: list[int], gen: int, runs: int) -> dict:
         start = time.perf_counter()
         first = None
         n = 0
-        for _ in generate_step(mx.array(prompt), model, max_tokens=gen,
-                               sampler=lambda x: mx.argmax(x, axis=-1)):
+        for _ in generate_step(
+            mx.array(prompt), model, max_tokens=gen, sampler=lambda x: mx.argmax(x, axis=-1)
+        ):
             n += 1
             if first is None:
                 first = time.perf_counter()
@@ -110,9 +111,18 @@ def main() -> None:
         results["mlx_lm"] = bench_mlx_lm(path, prompt, ns.gen_tokens, ns.runs)
         for key in ("prompt_tps", "generation_tps"):
             results[f"{key}_ratio"] = round(results["loraforge"][key] / results["mlx_lm"][key], 3)
-    report("generate", {"model": str(path) if ns.model else f"random {ns.random}", "dtype": ns.dtype,
-                        "quantize": ns.quantize, "prompt_tokens": ns.prompt_tokens,
-                        "gen_tokens": ns.gen_tokens, "batch": 1}, results)
+    report(
+        "generate",
+        {
+            "model": str(path) if ns.model else f"random {ns.random}",
+            "dtype": ns.dtype,
+            "quantize": ns.quantize,
+            "prompt_tokens": ns.prompt_tokens,
+            "gen_tokens": ns.gen_tokens,
+            "batch": 1,
+        },
+        results,
+    )
     if tmp:
         tmp.cleanup()
 

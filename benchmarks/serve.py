@@ -29,8 +29,10 @@ import httpx
 
 from benchmarks.common import add_model_arguments, prepare_model, report
 
-WORDS = ("table player team score season goals coach city stadium year round match points "
-         "club league record home away final result date position nationality school").split()
+WORDS = (
+    "table player team score season goals coach city stadium year round match points "
+    "club league record home away final result date position nationality school"
+).split()
 
 
 def free_port() -> int:
@@ -44,8 +46,15 @@ def prompts(n: int, words: int, seed: int = 0) -> list[str]:
     return [f"Q{i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-                      extra: dict, delay: float) -> tuple[float, int, float] | None:
+async def one_request(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    extra: dict,
+    delay: float,
+) -> tuple[float, int, float] | None:
     await asyncio.sleep(delay)
     for attempt in range(3):
         try:
@@ -55,10 +64,17 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     return None
 
 
-async def _stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-                  extra: dict) -> tuple[float, int, float]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, **extra}
+async def _stream(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict
+) -> tuple[float, int, float]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        **extra,
+    }
     start = time.perf_counter()
     first, chunks = None, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -76,31 +92,44 @@ async def _stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, 
     return (first or end) - start, chunks, end - start
 
 
-async def load(url: str, models: list[str], texts: list[str], clients: int, max_tokens: int,
-               extra: dict) -> dict:
+async def load(
+    url: str, models: list[str], texts: list[str], clients: int, max_tokens: int, extra: dict
+) -> dict:
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
         # Clients arrive 2 ms apart (the same for every server): a burst of simultaneous connects
         # overflows the accept backlog of Python's http.server (mlx_lm.server).
-        done = await asyncio.gather(*[
-            one_request(client, url, models[i % len(models)], texts[i], max_tokens, extra, 0.002 * i)
-            for i in range(clients)])
+        done = await asyncio.gather(
+            *[
+                one_request(
+                    client, url, models[i % len(models)], texts[i], max_tokens, extra, 0.002 * i
+                )
+                for i in range(clients)
+            ]
+        )
         wall = time.perf_counter() - start
     results = [r for r in done if r is not None]
     if not results:
         return {"clients": clients, "failed": clients}
     ttft = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
-    return {"clients": clients, "generated_tokens": tokens,
-            "aggregate_tps": round(tokens / wall, 1),
-            "per_client_tps": round(statistics.median(r[1] / max(r[2] - r[0], 1e-9) for r in results), 1),
-            "ttft_median_s": round(statistics.median(ttft), 3),
-            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
-            "wall_s": round(wall, 2), "failed": clients - len(results)}
+    return {
+        "clients": clients,
+        "generated_tokens": tokens,
+        "aggregate_tps": round(tokens / wall, 1),
+        "per_client_tps": round(
+            statistics.median(r[1] / max(r[2] - r[0], 1e-9) for r in results), 1
+        ),
+        "ttft_median_s": round(statistics.median(ttft), 3),
+        "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
+        "wall_s": round(wall, 2),
+        "failed": clients - len(results),
+    }
 
 
-def measure(url: str, models: list[str], texts: list[str], clients: int, max_tokens: int,
-            extra: dict) -> dict:
+def measure(
+    url: str, models: list[str], texts: list[str], clients: int, max_tokens: int, extra: dict
+) -> dict:
     """One warm-up round at this concurrency (first-time kernel compilation for new batch shapes
     is not what we measure), then the measured round; the same for every server."""
     asyncio.run(load(url, models, texts, clients, 16, extra))
@@ -144,10 +173,18 @@ def make_adapters(model_path: Path, data_dir: Path, k: int) -> list[str]:
         for layer in range(args.n_layers - min(16, args.n_layers), args.n_layers):
             for t in ("q_proj", "v_proj"):
                 p = parts[t]
-                weights[(layer, t)] = (mx.random.normal((p.in_dims, 8)) * 0.01,
-                                       mx.random.normal((8, p.end - p.start)) * 0.01)
-        adapter = Adapter(8, 2.0, ("q_proj", "v_proj"), tuple(sorted({layer for layer, _ in weights})), weights,
-                          fingerprint=args.shape_fingerprint())
+                weights[(layer, t)] = (
+                    mx.random.normal((p.in_dims, 8)) * 0.01,
+                    mx.random.normal((8, p.end - p.start)) * 0.01,
+                )
+        adapter = Adapter(
+            8,
+            2.0,
+            ("q_proj", "v_proj"),
+            tuple(sorted({layer for layer, _ in weights})),
+            weights,
+            fingerprint=args.shape_fingerprint(),
+        )
         save_adapter(data_dir / "incoming" / f"bench-{a}", adapter)
         names.append(f"bench-{a}")
     return names
@@ -170,42 +207,88 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(path), "--port", str(port),
-               "--data-dir", data, "--no-start-worker", "--served-model-name", "bench",
-               "--max-num-seqs", str(max(32, max_clients)), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(path),
+            "--port",
+            str(port),
+            "--data-dir",
+            data,
+            "--no-start-worker",
+            "--served-model-name",
+            "bench",
+            "--max-num-seqs",
+            str(max(32, max_clients)),
+            "--log-level",
+            "warning",
+        ]
         proc = subprocess.Popen(cmd, env=env)
         try:
             wait_ready(url, proc, "/ready")
-            results["loraforge"] = [measure(url, ["bench"], texts, c, ns.max_tokens, {"ignore_eos": True})
-                                    for c in ns.clients]
+            results["loraforge"] = [
+                measure(url, ["bench"], texts, c, ns.max_tokens, {"ignore_eos": True})
+                for c in ns.clients
+            ]
             if ns.adapters:
                 names = make_adapters(path, Path(data), ns.adapters)
                 for name in names:
-                    httpx.post(f"{url}/v1/adapters", json={"name": name, "path": f"incoming/{name}"},
-                               timeout=120).raise_for_status()
+                    httpx.post(
+                        f"{url}/v1/adapters",
+                        json={"name": name, "path": f"incoming/{name}"},
+                        timeout=120,
+                    ).raise_for_status()
                 results[f"loraforge_{ns.adapters}_adapters"] = [
                     measure(url, names, texts, c, ns.max_tokens, {"ignore_eos": True})
-                    for c in ns.clients if c >= ns.adapters]
+                    for c in ns.clients
+                    if c >= ns.adapters
+                ]
         finally:
             stop(proc)
     print(json.dumps(results), file=sys.stderr)  # partial results survive a failing reference run
     if not ns.skip_mlx_lm:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(port),
-                                 "--log-level", "WARNING"], env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm.server",
+                "--model",
+                str(path),
+                "--port",
+                str(port),
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+        )
         try:
             wait_ready(url, proc, "/health")
-            results["mlx_lm"] = [measure(url, ["default_model"], texts, c, ns.max_tokens, {})
-                                 for c in ns.clients]
+            results["mlx_lm"] = [
+                measure(url, ["default_model"], texts, c, ns.max_tokens, {}) for c in ns.clients
+            ]
         finally:
             stop(proc)
         results["aggregate_tps_ratio"] = {
             str(a["clients"]): round(a["aggregate_tps"] / b["aggregate_tps"], 2)
-            for a, b in zip(results["loraforge"], results["mlx_lm"]) if "aggregate_tps" in b}
-    report("serve", {"model": str(path) if ns.model else f"random {ns.random}", "dtype": ns.dtype,
-                     "quantize": ns.quantize, "max_tokens": ns.max_tokens, "prompt_words": ns.prompt_words},
-           results)
+            for a, b in zip(results["loraforge"], results["mlx_lm"])
+            if "aggregate_tps" in b
+        }
+    report(
+        "serve",
+        {
+            "model": str(path) if ns.model else f"random {ns.random}",
+            "dtype": ns.dtype,
+            "quantize": ns.quantize,
+            "max_tokens": ns.max_tokens,
+            "prompt_words": ns.prompt_words,
+        },
+        results,
+    )
     if tmp:
         tmp.cleanup()
 

@@ -32,17 +32,27 @@ SHAPES_7B = "4096,32,32,8,14336,32000"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="model folder (HF format: our save_model output loads in both)")
-    src.add_argument("--random-7b", action="store_true", help=f"random bf16 Mistral-7B ({SHAPES_7B})")
-    src.add_argument("--random-shapes", help="dim,layers,heads,kv_heads,hidden,vocab of a random bf16 model")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="random model dtype")
+    src.add_argument(
+        "--model", help="model folder (HF format: our save_model output loads in both)"
+    )
+    src.add_argument(
+        "--random-7b", action="store_true", help=f"random bf16 Mistral-7B ({SHAPES_7B})"
+    )
+    src.add_argument(
+        "--random-shapes", help="dim,layers,heads,kv_heads,hidden,vocab of a random bf16 model"
+    )
+    p.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="random model dtype"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lora-layers", type=int, default=16)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None)
     p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--pack", action="store_true", help="loraforge packs short examples into full rows")
+    p.add_argument(
+        "--pack", action="store_true", help="loraforge packs short examples into full rows"
+    )
     p.add_argument("--data", default="random", help="'random' or a folder with train.jsonl")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the timing")
@@ -63,14 +73,26 @@ def random_model(shapes: str, dtype: str, out: Path) -> Path:
     from mlx_core.weights import DTYPES, split_projections
 
     dim, layers, heads, kv, hidden, vocab = (int(x) for x in shapes.split(","))
-    args = ModelArgs(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, hidden_dim=hidden,
-                     vocab_size=vocab, sliding_window=4096, max_position_embeddings=32768)
+    args = ModelArgs(
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        hidden_dim=hidden,
+        vocab_size=vocab,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+    )
     mx.random.seed(0)
     model = Mistral(args)
     cast = DTYPES[dtype]
     # One tensor at a time: a 7B model never exists in fp32.
     for name, w in tree_flatten(model.parameters()):
-        w = (mx.random.normal(w.shape) * 0.02).astype(cast) if "norm" not in name else w.astype(cast)
+        w = (
+            (mx.random.normal(w.shape) * 0.02).astype(cast)
+            if "norm" not in name
+            else w.astype(cast)
+        )
         mx.eval(w)
         model.load_weights([(name, w)], strict=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +109,9 @@ def _tokenizer_file() -> Path | None:
     try:
         import importlib.resources
 
-        path = Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
+        path = Path(
+            str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1")
+        )
         return path if path.is_file() else None
     except ImportError:
         return None
@@ -123,18 +147,34 @@ def run_loraforge(spec: dict) -> dict:
 
     folder = Path(spec["model"])
     # The product's own load path (QLoRA quantizes tensor by tensor while reading).
-    loaded = load_model(folder, quantize=Quantization(64, spec["quantize"]) if spec["quantize"] else None)
+    loaded = load_model(
+        folder, quantize=Quantization(64, spec["quantize"]) if spec["quantize"] else None
+    )
     rows = [TokenizedExample(tuple(t), (False,) + (True,) * (len(t) - 1)) for t in spec["rows"]]
     steps: list[dict] = []
     config = TrainConfig(
-        iters=spec["iters"], batch_size=spec["batch_size"], learning_rate=1e-5,
-        lora_layers=spec["lora_layers"], lora_rank=spec["rank"], lora_alpha=2.0 * spec["rank"],
-        grad_checkpoint=spec["grad_checkpoint"], max_seq_len=spec["seq_len"] + 1, steps_per_report=1,
+        iters=spec["iters"],
+        batch_size=spec["batch_size"],
+        learning_rate=1e-5,
+        lora_layers=spec["lora_layers"],
+        lora_rank=spec["rank"],
+        lora_alpha=2.0 * spec["rank"],
+        grad_checkpoint=spec["grad_checkpoint"],
+        max_seq_len=spec["seq_len"] + 1,
+        steps_per_report=1,
         pack=spec.get("pack", False),
-        steps_per_eval=0, save_every=0, adapter_path=spec["out"], progress="none")
-    train(loaded, TrainData(rows), config,
-          on_event=lambda e: steps.append(e) if e["type"] == "train" else None)
-    timed = steps[spec["skip"]:] or steps
+        steps_per_eval=0,
+        save_every=0,
+        adapter_path=spec["out"],
+        progress="none",
+    )
+    train(
+        loaded,
+        TrainData(rows),
+        config,
+        on_event=lambda e: steps.append(e) if e["type"] == "train" else None,
+    )
+    timed = steps[spec["skip"] :] or steps
     return {
         "it_per_sec": statistics.median(e["it_per_sec"] for e in timed),
         "tokens_per_sec": statistics.median(e["tokens_per_sec"] for e in timed),
@@ -155,23 +195,39 @@ def run_mlx_lm(spec: dict) -> dict:
     if spec["quantize"]:
         nn.quantize(model, 64, spec["quantize"])
     model.freeze()
-    linear_to_lora_layers(model, spec["lora_layers"], {
-        "rank": spec["rank"], "scale": 2.0, "dropout": 0.0,
-        "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
+    linear_to_lora_layers(
+        model,
+        spec["lora_layers"],
+        {
+            "rank": spec["rank"],
+            "scale": 2.0,
+            "dropout": 0.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        },
+    )
     reports: list[dict] = []
 
     class Collect(TrainingCallback):
         def on_train_loss_report(self, info: dict) -> None:
             reports.append(info)
 
-    args = TrainingArgs(batch_size=spec["batch_size"], iters=spec["iters"], val_batches=0,
-                        steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
-                        max_seq_length=spec["seq_len"] + 1, grad_checkpoint=spec["grad_checkpoint"],
-                        adapter_file=str(Path(spec["out"]) / "adapters.safetensors"))
+    args = TrainingArgs(
+        batch_size=spec["batch_size"],
+        iters=spec["iters"],
+        val_batches=0,
+        steps_per_report=1,
+        steps_per_eval=10**9,
+        steps_per_save=10**9,
+        max_seq_length=spec["seq_len"] + 1,
+        grad_checkpoint=spec["grad_checkpoint"],
+        adapter_file=str(Path(spec["out"]) / "adapters.safetensors"),
+    )
     Path(spec["out"]).mkdir(parents=True, exist_ok=True)
     dataset = [(row, 0) for row in spec["rows"]]
-    train(model, optim.Adam(learning_rate=1e-5), dataset, None, args=args, training_callback=Collect())
-    timed = reports[spec["skip"]:] or reports
+    train(
+        model, optim.Adam(learning_rate=1e-5), dataset, None, args=args, training_callback=Collect()
+    )
+    timed = reports[spec["skip"] :] or reports
     # mlx-lm counts every non-padding target token (all of them here, as in ours).
     return {
         "it_per_sec": statistics.median(r["iterations_per_second"] for r in timed),
@@ -185,13 +241,23 @@ def _worker(kind: str, spec: dict) -> dict:
     spec_file = Path(spec["out"] + ".spec.json")  # token lists are too long for a command line
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_file)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--spec",
+        str(spec_file),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     marker = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not marker:
         return {"error": (done.stderr or done.stdout).strip().splitlines()[-5:]}
-    return json.loads(marker[-1][len("RESULT "):])
+    return json.loads(marker[-1][len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,18 +276,48 @@ def main(argv: list[str] | None = None) -> int:
             shapes = SHAPES_7B if ns.random_7b else (ns.random_shapes or "512,4,8,2,1408,32000")
             model_dir = random_model(shapes, ns.dtype, Path(tmp) / "model")
         rows = token_lists(ns, model_dir)
-        spec = {"model": str(model_dir), "rows": rows, "iters": ns.iters, "batch_size": ns.batch_size,
-                "seq_len": ns.seq_len, "lora_layers": ns.lora_layers, "rank": ns.rank,
-                "quantize": ns.quantize, "grad_checkpoint": ns.grad_checkpoint, "skip": ns.skip,
-                "pack": ns.pack}
+        spec = {
+            "model": str(model_dir),
+            "rows": rows,
+            "iters": ns.iters,
+            "batch_size": ns.batch_size,
+            "seq_len": ns.seq_len,
+            "lora_layers": ns.lora_layers,
+            "rank": ns.rank,
+            "quantize": ns.quantize,
+            "grad_checkpoint": ns.grad_checkpoint,
+            "skip": ns.skip,
+            "pack": ns.pack,
+        }
         ours = _worker("loraforge", {**spec, "out": str(Path(tmp) / "ours")})
-        theirs = None if ns.no_mlx_lm else _worker("mlx_lm", {**spec, "out": str(Path(tmp) / "mlx_lm")})
+        theirs = (
+            None if ns.no_mlx_lm else _worker("mlx_lm", {**spec, "out": str(Path(tmp) / "mlx_lm")})
+        )
     out = {
         "benchmark": "train",
-        "device": mx.default_device().type.name if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
-        "model": ns.model or ("random-7b" if ns.random_7b else f"random {ns.random_shapes or '512,4,8,2,1408,32000'}"),
-        "settings": {k: getattr(ns, k) for k in ("batch_size", "seq_len", "lora_layers", "rank", "quantize",
-                                                 "grad_checkpoint", "data", "iters", "skip", "dtype", "pack")},
+        "device": mx.default_device().type.name
+        if hasattr(mx.default_device().type, "name")
+        else str(mx.default_device()),
+        "model": ns.model
+        or (
+            "random-7b" if ns.random_7b else f"random {ns.random_shapes or '512,4,8,2,1408,32000'}"
+        ),
+        "settings": {
+            k: getattr(ns, k)
+            for k in (
+                "batch_size",
+                "seq_len",
+                "lora_layers",
+                "rank",
+                "quantize",
+                "grad_checkpoint",
+                "data",
+                "iters",
+                "skip",
+                "dtype",
+                "pack",
+            )
+        },
         "loraforge": ours,
         "mlx_lm": theirs,
     }

@@ -139,9 +139,20 @@ def render_operation(paths: list[str], method: str, op: dict, components: dict) 
         for p in params:
             s = p.get("schema", {})
             name = f"`{p['name']}`" + (" (required)" if p.get("required") else "")
-            rows.append((name, p.get("in", ""), type_of(s), default_of(s),
-                         p.get("description") or s.get("description", "")))
-        out += ["**Parameters**", "", *table(("Name", "In", "Type", "Default", "Description"), rows)]
+            rows.append(
+                (
+                    name,
+                    p.get("in", ""),
+                    type_of(s),
+                    default_of(s),
+                    p.get("description") or s.get("description", ""),
+                )
+            )
+        out += [
+            "**Parameters**",
+            "",
+            *table(("Name", "In", "Type", "Default", "Description"), rows),
+        ]
 
     body = op.get("requestBody")
     if body:
@@ -244,8 +255,7 @@ def type_of(schema: Any) -> str:
     for key in ("oneOf", "anyOf"):
         if key in schema:
             # An empty alternative is a route's "or anything else", e.g. an SSE stream.
-            kinds = ["other (see the description)" if s == {} else type_of(s)
-                     for s in schema[key]]
+            kinds = ["other (see the description)" if s == {} else type_of(s) for s in schema[key]]
             return " or ".join(dict.fromkeys(kinds))
     kind = schema.get("type")
     if isinstance(kind, list):

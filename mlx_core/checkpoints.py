@@ -45,8 +45,13 @@ class TrainerState:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"step": self.step, "data": self.data, "rng": self.rng,
-             "identity": self.identity, "fingerprint": self.fingerprint},
+            {
+                "step": self.step,
+                "data": self.data,
+                "rng": self.rng,
+                "identity": self.identity,
+                "fingerprint": self.fingerprint,
+            },
             indent=2,
         )
 
@@ -115,9 +120,7 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted(
-        (int(m[1]), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name))
-    )
+    steps = sorted((int(m[1]), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)))
     for _, d in steps[:-keep]:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -141,8 +144,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     try:
         raw = json.loads(state_file.read_text())
-        state = TrainerState(int(raw["step"]), dict(raw["data"]), dict(raw["rng"]),
-                             dict(raw["identity"]), str(raw["fingerprint"]))
+        state = TrainerState(
+            int(raw["step"]),
+            dict(raw["data"]),
+            dict(raw["rng"]),
+            dict(raw["identity"]),
+            str(raw["fingerprint"]),
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
             f"{state_file}: unreadable ({e}); resume from an earlier checkpoint or start afresh"

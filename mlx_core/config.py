@@ -52,8 +52,15 @@ class ModelArgs:
 
     def shape_fingerprint(self) -> str:
         """A short id of the shapes an adapter depends on (not of the weights' values)."""
-        parts = (self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
-                 self.hidden_dim, self.vocab_size)
+        parts = (
+            self.dim,
+            self.n_layers,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.hidden_dim,
+            self.vocab_size,
+        )
         return "mistral-" + "-".join(str(p) for p in parts)
 
     @classmethod
@@ -85,7 +92,9 @@ class ModelArgs:
                 else None,
             )
         except KeyError as e:
-            raise ConfigError(f"{source}: missing key {e.args[0]!r}; is this a model config?") from e
+            raise ConfigError(
+                f"{source}: missing key {e.args[0]!r}; is this a model config?"
+            ) from e
 
     @classmethod
     def from_mistral_params(cls, p: dict, source: str = "params.json") -> ModelArgs:
@@ -109,7 +118,9 @@ class ModelArgs:
                 else None,
             )
         except KeyError as e:
-            raise ConfigError(f"{source}: missing key {e.args[0]!r}; is this Mistral's params.json?") from e
+            raise ConfigError(
+                f"{source}: missing key {e.args[0]!r}; is this Mistral's params.json?"
+            ) from e
 
     def to_hf(self) -> dict:
         """The config.json we write: Hugging Face's names, readable by transformers and mlx-lm."""
@@ -143,7 +154,9 @@ def _hf_rope_theta(cfg: dict, source: str) -> float:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind != "default":
-        raise ConfigError(f"{source}: RoPE scaling {kind!r} is not supported; use a model without rope scaling")
+        raise ConfigError(
+            f"{source}: RoPE scaling {kind!r} is not supported; use a model without rope scaling"
+        )
     return float(params.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
 
 
@@ -164,4 +177,6 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read it as JSON ({e}); re-download or fix the file") from e
+        raise ConfigError(
+            f"{path}: cannot read it as JSON ({e}); re-download or fix the file"
+        ) from e

@@ -89,7 +89,9 @@ class _Prefill:
 class AdapterSlots:
     """What the engine needs from the multi-LoRA layers (implemented in lora.py)."""
 
-    def acquire(self, adapter: str) -> int | None:  # slot index, loading if needed; None: all pinned
+    def acquire(
+        self, adapter: str
+    ) -> int | None:  # slot index, loading if needed; None: all pinned
         raise NotImplementedError
 
     def release(self, slot: int) -> None:
@@ -140,7 +142,9 @@ class Engine:
             raise EngineError("the prompt is empty: send at least one token")
         bad = [t for t in req.prompt if not 0 <= t < self.model.args.vocab_size]
         if bad:
-            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})")
+            raise EngineError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})"
+            )
         if n + req.params.max_tokens > self.max_model_len:
             raise EngineError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -181,8 +185,14 @@ class Engine:
         self._advance_prefills()
         return outs
 
-    def generate(self, prompt: list[int], params: SamplingParams, adapter: str | None = None,
-                 request_id: str = "gen", chat: bool = False) -> Iterator[GenerationOutput]:
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        request_id: str = "gen",
+        chat: bool = False,
+    ) -> Iterator[GenerationOutput]:
         """Run one request to the end (used by the CLI and benchmarks)."""
         self.add_request(GenerationRequest(request_id, prompt, params, adapter, chat))
         while self.has_work():
@@ -197,7 +207,9 @@ class Engine:
         self.waiting.clear()
         self.prefilling, self.running, self.cache, self._pending = [], [], None, []
 
-    def score_prompt(self, tokens: list[int], top: int, adapter: str | None = None) -> list[TokenLogprob | None]:
+    def score_prompt(
+        self, tokens: list[int], top: int, adapter: str | None = None
+    ) -> list[TokenLogprob | None]:
         """Log-probability of each prompt token given the ones before it (None for the first),
         with the `top` most likely alternatives: OpenAI's `echo` with `logprobs`. Engine thread only."""
         slot = 0
@@ -307,8 +319,16 @@ class Engine:
         return self._output(seq, text, [tok], lp, seq.finish)
 
     def _output(self, seq, text, tokens, lp, finish) -> GenerationOutput:
-        return GenerationOutput(seq.req.request_id, text, tokens, lp, finish, len(seq.req.prompt),
-                                len(seq.generated), seq.cached_tokens)
+        return GenerationOutput(
+            seq.req.request_id,
+            text,
+            tokens,
+            lp,
+            finish,
+            len(seq.req.prompt),
+            len(seq.generated),
+            seq.cached_tokens,
+        )
 
     def _drop_finished(self, outs: list[GenerationOutput]) -> None:
         keep = [i for i, s in enumerate(self.running) if not s.finish]
@@ -341,7 +361,11 @@ class Engine:
         while self.waiting and self.num_running + len(group) < self.max_num_seqs:
             seq = self.waiting[0]
             need = len(seq.req.prompt) + seq.req.params.max_tokens
-            if self.kv_budget_tokens and used + need > self.kv_budget_tokens and (self.num_running or group):
+            if (
+                self.kv_budget_tokens
+                and used + need > self.kv_budget_tokens
+                and (self.num_running or group)
+            ):
                 break  # wait for memory; a lone request is always admitted (it fit the limits)
             if seq.req.adapter is not None:
                 slot = self.adapter_slots.acquire(seq.req.adapter) if self.adapter_slots else None
@@ -350,7 +374,9 @@ class Engine:
                 seq.slot = slot
             self.waiting.popleft()
             used += need
-            prefix = self.prefix_cache.lookup(seq.req.adapter or "", seq.req.prompt, self.model.args.sliding_window)
+            prefix = self.prefix_cache.lookup(
+                seq.req.adapter or "", seq.req.prompt, self.model.args.sliding_window
+            )
             if prefix is not None:
                 seq.cached_tokens = prefix.offset
                 rest = np.array([seq.req.prompt[prefix.offset :]], dtype=np.int32)
@@ -412,8 +438,13 @@ def _take_rows(r: SampleResult, idx: mx.array) -> SampleResult:
     return SampleResult(take(r.tokens), take(r.logprobs), take(r.top_ids), take(r.top_logprobs))
 
 
-def timed_generate(engine: Engine, prompt: list[int], params: SamplingParams,
-                   adapter: str | None = None, chat: bool = False) -> tuple[str, dict[str, float]]:
+def timed_generate(
+    engine: Engine,
+    prompt: list[int],
+    params: SamplingParams,
+    adapter: str | None = None,
+    chat: bool = False,
+) -> tuple[str, dict[str, float]]:
     """Generate one completion; return the text and prompt/generation tokens per second."""
     start = time.perf_counter()
     first = None

@@ -84,7 +84,9 @@ class SqlCase:
     chat: bool  # the prompt is a chat template: the reply starts a new turn
 
 
-def sql_cases(examples: Sequence[Example], tokenizer: Tokenizer, source: str = "data") -> list[SqlCase]:
+def sql_cases(
+    examples: Sequence[Example], tokenizer: Tokenizer, source: str = "data"
+) -> list[SqlCase]:
     """Questions and gold SQL from text, prompt/completion or chat examples.
 
     Text: the prompt is everything up to and including "A:". Prompt/completion: the prompt as
@@ -151,20 +153,27 @@ def attach_adapter(model: Mistral, path: str | Path) -> ServedAdapter:
 
     adapter = load_adapter(path, model.args)
     adapter.check_fits(model.args)
-    slots = AdapterSlots(model, max_loaded=1, max_rank=max(adapter.rank, 1), loader=lambda _: adapter)
+    slots = AdapterSlots(
+        model, max_loaded=1, max_rank=max(adapter.rank, 1), loader=lambda _: adapter
+    )
     return ServedAdapter(slots)
 
 
-def generate_all(engine: Engine, cases: Sequence[SqlCase], params: SamplingParams,
-                 adapter_id: str | None = None) -> list[Generation]:
+def generate_all(
+    engine: Engine, cases: Sequence[SqlCase], params: SamplingParams, adapter_id: str | None = None
+) -> list[Generation]:
     """One generation per case, all queued at once: the engine batches up to its max_num_seqs."""
-    requests = [GenerationRequest(str(i), list(c.prompt_ids), params, adapter_id, c.chat)
-                for i, c in enumerate(cases)]
+    requests = [
+        GenerationRequest(str(i), list(c.prompt_ids), params, adapter_id, c.chat)
+        for i, c in enumerate(cases)
+    ]
     for req, case in zip(requests, cases):
         try:  # check them all before queueing any, so a bad one leaves the engine empty
             engine.check_request(req)
         except EngineError as e:
-            raise EngineError(f"example {int(req.request_id) + 1} (table {case.example.table}): {e}") from None
+            raise EngineError(
+                f"example {int(req.request_id) + 1} (table {case.example.table}): {e}"
+            ) from None
     for req in requests:
         engine.add_request(req)
     texts: list[list[str]] = [[] for _ in cases]
@@ -184,7 +193,9 @@ def generate_all(engine: Engine, cases: Sequence[SqlCase], params: SamplingParam
             ends[i] = Generation("".join(texts[i]), finish, out.completion_tokens)
     missing = [i for i in range(len(cases)) if i not in ends]
     if missing:  # an engine bug, not a user error: say so plainly
-        raise RuntimeError(f"the engine finished without answering example {missing[0] + 1}; please report this")
+        raise RuntimeError(
+            f"the engine finished without answering example {missing[0] + 1}; please report this"
+        )
     return [ends[i] for i in range(len(cases))]
 
 
@@ -230,13 +241,24 @@ class SqlEvalReport:
         return d
 
 
-def score_sql(cases: Sequence[SqlCase], generations: Sequence[Generation], *, max_tokens: int,
-              stop: Sequence[str] = (), n_samples: int = DEFAULT_SAMPLES, seconds: float = 0.0) -> SqlEvalReport:
+def score_sql(
+    cases: Sequence[SqlCase],
+    generations: Sequence[Generation],
+    *,
+    max_tokens: int,
+    stop: Sequence[str] = (),
+    n_samples: int = DEFAULT_SAMPLES,
+    seconds: float = 0.0,
+) -> SqlEvalReport:
     """Stop rates and exact/execution accuracy of `generations` (one per case, same order)."""
     if len(cases) != len(generations):
-        raise ValueError(f"{len(cases)} cases but {len(generations)} generations; pass one per case")
+        raise ValueError(
+            f"{len(cases)} cases but {len(generations)} generations; pass one per case"
+        )
     if not cases:
-        raise EvalError("no examples to evaluate: check that --data has examples and --max-examples is above 0")
+        raise EvalError(
+            "no examples to evaluate: check that --data has examples and --max-examples is above 0"
+        )
     n = len(cases)
     exact = execution = exact_raw = execution_raw = valid = 0
     samples: list[SqlSample] = []
@@ -252,19 +274,28 @@ def score_sql(cases: Sequence[SqlCase], generations: Sequence[Generation], *, ma
         execution_raw += runs if raw == predicted else execution_match(ex, raw, gold)
         valid += _parses(predicted, ex)
         if len(samples) < n_samples:
-            samples.append(SqlSample(ex.question, case.prompt, gen.text, predicted, gold, gen.finish, hit, runs))
+            samples.append(
+                SqlSample(
+                    ex.question, case.prompt, gen.text, predicted, gold, gen.finish, hit, runs
+                )
+            )
     tokens = sum(g.n_tokens for g in generations)
     ended = [g.finish for g in generations]
     return SqlEvalReport(
-        n=n, max_tokens=max_tokens, stop=tuple(stop),
+        n=n,
+        max_tokens=max_tokens,
+        stop=tuple(stop),
         stop_rate=ended.count(EOS) / n,
         stop_sequence_rate=ended.count(STOP_SEQUENCE) / n,
         length_rate=ended.count(LENGTH) / n,
         mean_generated_tokens=tokens / n,
-        exact_match=exact / n, execution_accuracy=execution / n,
-        exact_match_as_generated=exact_raw / n, execution_accuracy_as_generated=execution_raw / n,
+        exact_match=exact / n,
+        execution_accuracy=execution / n,
+        exact_match_as_generated=exact_raw / n,
+        execution_accuracy_as_generated=execution_raw / n,
         valid_sql_rate=valid / n,
-        seconds=seconds, generated_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        generated_tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         samples=samples,
     )
 
@@ -277,10 +308,18 @@ def _parses(sql: str, ex: SqlExample) -> bool:
     return True
 
 
-def evaluate_sql(model: Mistral, tokenizer: Tokenizer, examples: Sequence[Example], *,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
-                 stop: Sequence[str] = (), adapter: ServedAdapter | None = None,
-                 n_samples: int = DEFAULT_SAMPLES, source: str = "data") -> SqlEvalReport:
+def evaluate_sql(
+    model: Mistral,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop: Sequence[str] = (),
+    adapter: ServedAdapter | None = None,
+    n_samples: int = DEFAULT_SAMPLES,
+    source: str = "data",
+) -> SqlEvalReport:
     """Generate greedily for every example (batch_size at a time) and score the SQL.
 
     No stop sequence by default, so `stop_rate` shows whether the model ends with EOS; pass
@@ -292,15 +331,19 @@ def evaluate_sql(model: Mistral, tokenizer: Tokenizer, examples: Sequence[Exampl
         raise EvalError(f"--batch-size {batch_size}: use 1 or more (32 is a good default)")
     cases = sql_cases(examples, tokenizer, source)
     if not cases:
-        raise EvalError("no examples to evaluate: check that --data has examples and --max-examples is above 0")
-    engine = Engine(model, tokenizer, max_num_seqs=batch_size,
-                    adapter_slots=adapter.slots if adapter else None)
+        raise EvalError(
+            "no examples to evaluate: check that --data has examples and --max-examples is above 0"
+        )
+    engine = Engine(
+        model, tokenizer, max_num_seqs=batch_size, adapter_slots=adapter.slots if adapter else None
+    )
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=tuple(stop))
     start = time.perf_counter()
     generations = generate_all(engine, cases, params, adapter.adapter_id if adapter else None)
     seconds = time.perf_counter() - start
-    return score_sql(cases, generations, max_tokens=max_tokens, stop=stop, n_samples=n_samples,
-                     seconds=seconds)
+    return score_sql(
+        cases, generations, max_tokens=max_tokens, stop=stop, n_samples=n_samples, seconds=seconds
+    )
 
 
 # -- loss ---------------------------------------------------------------------------------------
@@ -315,9 +358,17 @@ class LossReport:
         return asdict(self)
 
 
-def test_loss(model: Mistral, tokenizer: Tokenizer, examples: Sequence[Example], batch_size: int = 8,
-              max_batches: int = -1, max_seq_len: int = 2048, mask_prompt: bool = False,
-              completion_after: str | None = None, adapter: ServedAdapter | None = None) -> LossReport:
+def test_loss(
+    model: Mistral,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 8,
+    max_batches: int = -1,
+    max_seq_len: int = 2048,
+    mask_prompt: bool = False,
+    completion_after: str | None = None,
+    adapter: ServedAdapter | None = None,
+) -> LossReport:
     """Test loss and perplexity, tokenized as the trainer does (train.evaluate_loss computes them).
 
     max_batches -1 means every example; with `adapter`, every row runs through its slot.
@@ -331,7 +382,9 @@ def test_loss(model: Mistral, tokenizer: Tokenizer, examples: Sequence[Example],
             "--mask-prompt with {\"text\": ...} examples needs --completion-after MARKER (e.g. 'A:') "
             "to know where the answer starts; or leave out --mask-prompt"
         )
-    tokenized, report = tokenize_examples(examples, tokenizer, max_seq_len, mask_prompt, completion_after)
+    tokenized, report = tokenize_examples(
+        examples, tokenizer, max_seq_len, mask_prompt, completion_after
+    )
     if not tokenized:
         raise EvalError(
             f"no example fits --max-seq-len {max_seq_len} ({report.n_dropped} dropped): raise --max-seq-len"
@@ -370,6 +423,23 @@ class _Counted:
             yield batch
 
 
-__all__ = ["EOS", "LENGTH", "STOP_SEQUENCE", "EvalError", "Generation", "LossReport", "ServedAdapter",
-           "SqlCase", "SqlEvalReport", "SqlSample", "attach_adapter", "evaluate_sql", "first_line",
-           "generate_all", "load_eval_examples", "score_sql", "sql_cases", "test_loss"]
+__all__ = [
+    "EOS",
+    "LENGTH",
+    "STOP_SEQUENCE",
+    "EvalError",
+    "Generation",
+    "LossReport",
+    "ServedAdapter",
+    "SqlCase",
+    "SqlEvalReport",
+    "SqlSample",
+    "attach_adapter",
+    "evaluate_sql",
+    "first_line",
+    "generate_all",
+    "load_eval_examples",
+    "score_sql",
+    "sql_cases",
+    "test_loss",
+]

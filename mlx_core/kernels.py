@@ -121,9 +121,16 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear that takes the custom kernel for few-row 4-bit bf16 products on CUDA."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if (self.bits == 4 and x.dtype == mx.bfloat16 and x.size // x.shape[-1] <= MAX_ROWS
-                and getattr(self, "mode", "affine") == "affine" and "bias" not in self
-                and x.shape[-1] % 32 == 0 and self.group_size % 32 == 0 and cuda_available()):
+        if (
+            self.bits == 4
+            and x.dtype == mx.bfloat16
+            and x.size // x.shape[-1] <= MAX_ROWS
+            and getattr(self, "mode", "affine") == "affine"
+            and "bias" not in self
+            and x.shape[-1] % 32 == 0
+            and self.group_size % 32 == 0
+            and cuda_available()
+        ):
             return qmv4(x, self["weight"], self["scales"], self["biases"], self.group_size)
         return super().__call__(x)
 

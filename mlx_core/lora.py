@@ -88,10 +88,14 @@ class Adapter:
         parts = projection_parts(args)
         for (layer, target), (a, b) in self.weights.items():
             if not 0 <= layer < args.n_layers:
-                raise AdapterError(f"adapter has layer {layer}, the base model has {args.n_layers} layers")
+                raise AdapterError(
+                    f"adapter has layer {layer}, the base model has {args.n_layers} layers"
+                )
             p = parts.get(target)
             if p is None:
-                raise AdapterError(f"adapter targets {target!r}; supported targets: {', '.join(TARGETS)}")
+                raise AdapterError(
+                    f"adapter targets {target!r}; supported targets: {', '.join(TARGETS)}"
+                )
             want_a, want_b = (p.in_dims, a.shape[1]), (a.shape[1], p.end - p.start)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise AdapterError(
@@ -105,8 +109,15 @@ class Adapter:
 class LoRALinear(nn.Module):
     """A frozen projection plus trainable low-rank updates on slices of its output."""
 
-    def __init__(self, base: nn.Module, parts: Sequence[Part], out_dims: int, rank: int,
-                 scale: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        parts: Sequence[Part],
+        out_dims: int,
+        rank: int,
+        scale: float,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.base = base
         self.scale = scale
@@ -123,8 +134,14 @@ class LoRALinear(nn.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         names = [p.target for p in self.parts]
-        a = mx.concatenate([self.lora_a[n] for n in names], axis=1) if len(names) > 1 else self.lora_a[names[0]]
-        z = (x @ a.astype(x.dtype)) @ _block_rows(self.parts, [self.lora_b[n] for n in names], self.out_dims).astype(x.dtype)
+        a = (
+            mx.concatenate([self.lora_a[n] for n in names], axis=1)
+            if len(names) > 1
+            else self.lora_a[names[0]]
+        )
+        z = (x @ a.astype(x.dtype)) @ _block_rows(
+            self.parts, [self.lora_b[n] for n in names], self.out_dims
+        ).astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
 
 
@@ -151,8 +168,14 @@ def lora_layer_indices(n_layers: int, lora_layers: int | None) -> tuple[int, ...
     return tuple(range(n_layers - lora_layers, n_layers))
 
 
-def apply_lora(model: Mistral, rank: int, scale: float, targets: Iterable[str],
-               layers: Sequence[int], dropout: float = 0.0) -> None:
+def apply_lora(
+    model: Mistral,
+    rank: int,
+    scale: float,
+    targets: Iterable[str],
+    layers: Sequence[int],
+    dropout: float = 0.0,
+) -> None:
     """Freeze the model and wrap the targeted projections of `layers` with LoRALinear."""
     targets = tuple(targets)
     unknown = [t for t in targets if t not in TARGETS]
@@ -168,7 +191,11 @@ def apply_lora(model: Mistral, rank: int, scale: float, targets: Iterable[str],
             by_module.setdefault(parts[t].module, []).append(parts[t])
         for module, ps in by_module.items():
             parent, attr = _resolve(layer, module)
-            setattr(parent, attr, LoRALinear(getattr(parent, attr), ps, outs[module], rank, scale, dropout))
+            setattr(
+                parent,
+                attr,
+                LoRALinear(getattr(parent, attr), ps, outs[module], rank, scale, dropout),
+            )
 
 
 def _resolve(layer: nn.Module, module: str) -> tuple[nn.Module, str]:
@@ -184,14 +211,22 @@ def lora_modules(model: Mistral) -> Iterable[tuple[int, LoRALinear]]:
                     yield i, value
 
 
-def extract_adapter(model: Mistral, rank: int, scale: float, targets: Sequence[str],
-                    layers: Sequence[int], **meta) -> Adapter:
+def extract_adapter(
+    model: Mistral, rank: int, scale: float, targets: Sequence[str], layers: Sequence[int], **meta
+) -> Adapter:
     weights = {}
     for i, m in lora_modules(model):
         for p in m.parts:
             weights[(i, p.target)] = (m.lora_a[p.target], m.lora_b[p.target])
-    return Adapter(rank, scale, tuple(targets), tuple(layers), weights,
-                   fingerprint=model.args.shape_fingerprint(), **meta)
+    return Adapter(
+        rank,
+        scale,
+        tuple(targets),
+        tuple(layers),
+        weights,
+        fingerprint=model.args.shape_fingerprint(),
+        **meta,
+    )
 
 
 def load_adapter_into(model: Mistral, adapter: Adapter) -> None:
@@ -205,7 +240,9 @@ def load_adapter_into(model: Mistral, adapter: Adapter) -> None:
                 found.add((i, p.target))
     missing = set(adapter.weights) - found
     if missing:
-        raise AdapterError(f"the model has no LoRA layer for {sorted(missing)[:3]}: apply_lora first with the adapter's targets and layers")
+        raise AdapterError(
+            f"the model has no LoRA layer for {sorted(missing)[:3]}: apply_lora first with the adapter's targets and layers"
+        )
 
 
 def trainable_parameters_count(model: Mistral) -> int:
@@ -246,7 +283,9 @@ class MultiLoRALinear(nn.Module):
     Slot 0 stays zero: the base model.
     """
 
-    def __init__(self, base: nn.Module, in_dims: int, out_dims: int, n_slots: int, ctx: SlotContext) -> None:
+    def __init__(
+        self, base: nn.Module, in_dims: int, out_dims: int, n_slots: int, ctx: SlotContext
+    ) -> None:
         super().__init__()
         self.base = base
         self.in_dims, self.out_dims, self.n_slots = in_dims, out_dims, n_slots
@@ -296,8 +335,9 @@ class AdapterSlots:
     requests in flight keep their adapter through an unload or a replacement.
     """
 
-    def __init__(self, model: Mistral, max_loaded: int, max_rank: int,
-                 loader: Callable[[str], Adapter]) -> None:
+    def __init__(
+        self, model: Mistral, max_loaded: int, max_rank: int, loader: Callable[[str], Adapter]
+    ) -> None:
         self.model, self.max_rank, self.loader = model, max_rank, loader
         self.n_slots = max_loaded + 1  # slot 0: no adapter
         self.ctx = SlotContext(self.n_slots)
@@ -314,8 +354,13 @@ class AdapterSlots:
         for layer in self.model.model.layers:
             for module in outs:
                 parent, attr = _resolve(layer, module)
-                setattr(parent, attr, MultiLoRALinear(getattr(parent, attr), ins[module], outs[module],
-                                                      self.n_slots, self.ctx))
+                setattr(
+                    parent,
+                    attr,
+                    MultiLoRALinear(
+                        getattr(parent, attr), ins[module], outs[module], self.n_slots, self.ctx
+                    ),
+                )
 
     def resident(self) -> list[str]:
         return list(self._resident)
@@ -369,21 +414,28 @@ class AdapterSlots:
 
     def _install(self, slot: int, adapter: Adapter | None) -> None:
         if adapter is not None and adapter.rank > self.max_rank:
-            raise AdapterError(f"adapter rank {adapter.rank} is above --max-lora-rank {self.max_rank}: "
-                               "restart the server with a larger --max-lora-rank")
+            raise AdapterError(
+                f"adapter rank {adapter.rank} is above --max-lora-rank {self.max_rank}: "
+                "restart the server with a larger --max-lora-rank"
+            )
         parts = projection_parts(self.model.args)
         outs = module_out_dims(self.model.args)
         for i, layer in enumerate(self.model.model.layers):
             for module in outs:
                 wrapper = _resolve_module(layer, module)
                 ps = [p for p in parts.values() if p.module == module]
-                held = [(p, adapter.weights[(i, p.target)]) for p in ps
-                        if adapter is not None and (i, p.target) in adapter.weights]
+                held = [
+                    (p, adapter.weights[(i, p.target)])
+                    for p in ps
+                    if adapter is not None and (i, p.target) in adapter.weights
+                ]
                 if not held:
                     wrapper.set_slot(slot, None, None, self.dtype)
                     continue
                 a = mx.concatenate([w[0] for _, w in held], axis=1)
-                b = _block_rows([p for p, _ in held], [w[1] * adapter.scale for _, w in held], outs[module])
+                b = _block_rows(
+                    [p for p, _ in held], [w[1] * adapter.scale for _, w in held], outs[module]
+                )
                 wrapper.set_slot(slot, a, b, self.dtype)
         mx.eval([w for layer in self.model.model.layers for w in _slot_arrays(layer)])
 

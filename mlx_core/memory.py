@@ -34,8 +34,17 @@ from .data import PAD_MULTIPLE, TokenizedExample
 from .lora import projection_parts
 
 GB = 1e9
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "float32": 4, "float16": 2, "bfloat16": 2,
-                "f32": 4, "f16": 2, "bf16": 2}
+_DTYPE_BYTES = {
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "f32": 4,
+    "f16": 2,
+    "bf16": 2,
+}
 # Settings the message suggests, in the order auto_fit tries them.
 _FIT_LAYERS = (8, 4, 2, 1)
 
@@ -57,8 +66,10 @@ class MemoryEstimate:
         return self.weights + self.lora + self.activations + self.logits + self.workspace
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {getattr(self, name) / GB:.2f}"
-                          for name in ("weights", "lora", "activations", "logits", "workspace"))
+        parts = ", ".join(
+            f"{name} {getattr(self, name) / GB:.2f}"
+            for name in ("weights", "lora", "activations", "logits", "workspace")
+        )
         return f"~{self.total / GB:.2f} GB ({parts} GB)"
 
 
@@ -72,8 +83,14 @@ def _tensors(args: ModelArgs) -> list[tuple[int, bool]]:
     """(elements, quantizable) for every base-model tensor."""
     D, hd, F, V = args.dim, args.head_dim, args.hidden_dim, args.vocab_size
     q, kv = args.n_heads * hd, args.n_kv_heads * hd
-    layer = [(D * (q + 2 * kv), True), (q * D, True), (D * 2 * F, True), (F * D, True),
-             (D, False), (D, False)]
+    layer = [
+        (D * (q + 2 * kv), True),
+        (q * D, True),
+        (D * 2 * F, True),
+        (F * D, True),
+        (D, False),
+        (D, False),
+    ]
     out = [(V * D, True), (D, False)] + layer * args.n_layers
     if not args.tie_word_embeddings:
         out.append((V * D, True))
@@ -118,7 +135,9 @@ def estimate_training_memory(
     q, kv = H * hd, Hkv * hd
 
     parts = projection_parts(args)
-    lora_params = n_lora * sum(rank * (parts[t].in_dims + parts[t].end - parts[t].start) for t in targets)
+    lora_params = n_lora * sum(
+        rank * (parts[t].in_dims + parts[t].end - parts[t].start) for t in targets
+    )
     grad_copies = 2 if grad_accumulation > 1 else 1
     lora = lora_params * 4 * (3 + grad_copies)
 
@@ -150,8 +169,9 @@ def estimate_training_memory(
     # fp32 logits, their gradient, and (for 16-bit models) the 16-bit copies on both sides.
     logits = T * V * (32 - 4 * e)
     workspace = T * transient * e
-    return MemoryEstimate(weight_bytes(args, e, quantization), lora, int(activations), int(logits),
-                          int(workspace))
+    return MemoryEstimate(
+        weight_bytes(args, e, quantization), lora, int(activations), int(logits), int(workspace)
+    )
 
 
 def widest_row(examples: Sequence[TokenizedExample], max_seq_len: int, pack: bool) -> int:
@@ -186,7 +206,12 @@ def available_memory() -> int:
     """
     if mx.default_device().type == mx.DeviceType.gpu:
         info = mx.device_info()
-        for key in ("max_recommended_working_set_size", "free_memory", "total_memory", "memory_size"):
+        for key in (
+            "max_recommended_working_set_size",
+            "free_memory",
+            "total_memory",
+            "memory_size",
+        ):
             if isinstance(info.get(key), int) and info[key] > 0:
                 return int(info[key])
     return _system_available()
@@ -236,22 +261,40 @@ class TrainingShape:
     group_size: int = 64
 
     def estimate(self, args: ModelArgs, dtype_bytes: int) -> MemoryEstimate:
-        q = args.quantization or (Quantization(self.group_size, self.quantize) if self.quantize else None)
-        return estimate_training_memory(args, dtype_bytes, q, self.batch_size, self.seq_len,
-                                        self.lora_layers, self.rank, self.targets,
-                                        self.grad_checkpoint, self.grad_accumulation, self.packed)
+        q = args.quantization or (
+            Quantization(self.group_size, self.quantize) if self.quantize else None
+        )
+        return estimate_training_memory(
+            args,
+            dtype_bytes,
+            q,
+            self.batch_size,
+            self.seq_len,
+            self.lora_layers,
+            self.rank,
+            self.targets,
+            self.grad_checkpoint,
+            self.grad_accumulation,
+            self.packed,
+        )
 
     def flags(self, n_layers: int) -> str:
         layers = n_layers if self.lora_layers < 0 else min(self.lora_layers, n_layers)
         return f"batch {self.batch_size} with {layers} LoRA layers"
 
 
-def preflight(estimate: MemoryEstimate, available: int, what: str = "this run",
-              suggestions: Sequence[str] = ()) -> None:
+def preflight(
+    estimate: MemoryEstimate,
+    available: int,
+    what: str = "this run",
+    suggestions: Sequence[str] = (),
+) -> None:
     """Raise MemoryPreflightError when the estimate exceeds the available bytes."""
     if estimate.total <= available:
         return
-    hint = ", ".join(suggestions) if suggestions else "a smaller model or a machine with more memory"
+    hint = (
+        ", ".join(suggestions) if suggestions else "a smaller model or a machine with more memory"
+    )
     raise MemoryPreflightError(
         f"{what} needs ~{estimate.total / GB:.1f} GB, {available / GB:.1f} GB free: try {hint} "
         f"(estimate: {estimate.describe()}; --auto-fit picks settings that fit, "
@@ -281,8 +324,9 @@ def candidates(shape: TrainingShape, already_quantized: bool) -> list[tuple[str,
     return out
 
 
-def auto_fit(args: ModelArgs, dtype_bytes: int, shape: TrainingShape,
-             available: int) -> tuple[TrainingShape, list[str], MemoryEstimate]:
+def auto_fit(
+    args: ModelArgs, dtype_bytes: int, shape: TrainingShape, available: int
+) -> tuple[TrainingShape, list[str], MemoryEstimate]:
     """The first variant of `shape` (see `candidates`) that fits: (shape, flags changed, estimate).
 
     Raises MemoryPreflightError when even the cheapest does not fit.
@@ -302,7 +346,9 @@ def auto_fit(args: ModelArgs, dtype_bytes: int, shape: TrainingShape,
     )
 
 
-def _suggestions(args: ModelArgs, dtype_bytes: int, shape: TrainingShape, available: int) -> list[str]:
+def _suggestions(
+    args: ModelArgs, dtype_bytes: int, shape: TrainingShape, available: int
+) -> list[str]:
     """Single changes that would fit on their own; else the first combination that fits."""
 
     def fits(s: TrainingShape) -> bool:
@@ -333,8 +379,9 @@ def _suggestions(args: ModelArgs, dtype_bytes: int, shape: TrainingShape, availa
     return []
 
 
-def plan_training_memory(model: object, args: ModelArgs, examples: Sequence[TokenizedExample],
-                         config, world: int, log) -> object:
+def plan_training_memory(
+    model: object, args: ModelArgs, examples: Sequence[TokenizedExample], config, world: int, log
+) -> object:
     """The trainer's preflight: returns `config` (changed by --auto-fit) or raises
     MemoryPreflightError. Runs before the model is loaded when `model` is a path."""
     from .weights import LoadedModel
@@ -343,13 +390,21 @@ def plan_training_memory(model: object, args: ModelArgs, examples: Sequence[Toke
     if loaded:
         dtype_bytes = model.model.model.norm.weight.dtype.size
     else:
-        dtype_bytes = _DTYPE_BYTES[config.dtype] if config.dtype else checkpoint_dtype_bytes(Path(model))
+        dtype_bytes = (
+            _DTYPE_BYTES[config.dtype] if config.dtype else checkpoint_dtype_bytes(Path(model))
+        )
     shape = TrainingShape(
-        batch_size=config.batch_size // world, grad_accumulation=config.grad_accumulation,
-        lora_layers=config.lora_layers, rank=config.lora_rank, targets=tuple(config.targets),
-        grad_checkpoint=config.grad_checkpoint, quantize=config.quantize,
-        seq_len=widest_row(examples, config.max_seq_len, config.pack), packed=config.pack,
-        group_size=config.quantize_group_size)
+        batch_size=config.batch_size // world,
+        grad_accumulation=config.grad_accumulation,
+        lora_layers=config.lora_layers,
+        rank=config.lora_rank,
+        targets=tuple(config.targets),
+        grad_checkpoint=config.grad_checkpoint,
+        quantize=config.quantize,
+        seq_len=widest_row(examples, config.max_seq_len, config.pack),
+        packed=config.pack,
+        group_size=config.quantize_group_size,
+    )
     if config.memory_limit_gb is not None:
         available = int(config.memory_limit_gb * GB)
     else:
@@ -364,15 +419,27 @@ def plan_training_memory(model: object, args: ModelArgs, examples: Sequence[Toke
             if loaded and fitted.quantize != shape.quantize:
                 raise MemoryPreflightError(
                     "--auto-fit wants --quantize 4 but the model is already loaded: pass a model "
-                    "path so it can be quantized at load")
-            log.warning(0, f"--auto-fit: {' '.join(changed)} (estimate {est.describe()}, "
-                        f"{available / GB:.1f} GB free)")
-            config = replace(config, batch_size=fitted.batch_size * world,
-                             grad_accumulation=fitted.grad_accumulation,
-                             grad_checkpoint=fitted.grad_checkpoint, quantize=fitted.quantize,
-                             lora_layers=fitted.lora_layers)
+                    "path so it can be quantized at load"
+                )
+            log.warning(
+                0,
+                f"--auto-fit: {' '.join(changed)} (estimate {est.describe()}, "
+                f"{available / GB:.1f} GB free)",
+            )
+            config = replace(
+                config,
+                batch_size=fitted.batch_size * world,
+                grad_accumulation=fitted.grad_accumulation,
+                grad_checkpoint=fitted.grad_checkpoint,
+                quantize=fitted.quantize,
+                lora_layers=fitted.lora_layers,
+            )
     else:
-        preflight(est, available, shape.flags(args.n_layers),
-                  _suggestions(args, dtype_bytes, shape, available))
+        preflight(
+            est,
+            available,
+            shape.flags(args.n_layers),
+            _suggestions(args, dtype_bytes, shape, available),
+        )
     log.say(f"Memory estimate {est.describe()}; {available / GB:.1f} GB available")
     return config

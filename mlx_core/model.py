@@ -60,8 +60,12 @@ class Attention(nn.Module):
             q = rope_at_positions(q, positions, self.rope_theta)
             k = rope_at_positions(k, positions, self.rope_theta)
         else:
-            q = mx.fast.rope(q, D, traditional=False, base=self.rope_theta, scale=1.0, offset=rope_offset)
-            k = mx.fast.rope(k, D, traditional=False, base=self.rope_theta, scale=1.0, offset=rope_offset)
+            q = mx.fast.rope(
+                q, D, traditional=False, base=self.rope_theta, scale=1.0, offset=rope_offset
+            )
+            k = mx.fast.rope(
+                k, D, traditional=False, base=self.rope_theta, scale=1.0, offset=rope_offset
+            )
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)

@@ -19,7 +19,11 @@ SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate_schedule(
-    learning_rate: float, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    learning_rate: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
 ) -> Callable[[mx.array], mx.array]:
     """lr(step) for step = 0, 1, ... (the number of updates already applied).
 

@@ -56,8 +56,10 @@ class PrefixCache:
             self._blocks.move_to_end(bid)
         n_layers = len(self._blocks[ids[0]][1])
         layers = [
-            (mx.concatenate([self._blocks[b][1][i][0] for b in ids], axis=2),
-             mx.concatenate([self._blocks[b][1][i][1] for b in ids], axis=2))
+            (
+                mx.concatenate([self._blocks[b][1][i][0] for b in ids], axis=2),
+                mx.concatenate([self._blocks[b][1][i][1] for b in ids], axis=2),
+            )
             for i in range(n_layers)
         ]
         self.hits += 1
@@ -79,7 +81,9 @@ class PrefixCache:
         a0, b0 = len(known) * self.block, n_blocks * self.block
         # One copy per layer for all new blocks (a handful of kernels, not one per block and
         # layer); the blocks are views of it. Copies, so no block keeps the batch buffer alive.
-        copies = [(mx.contiguous(k[:, :, a0:b0, :]), mx.contiguous(v[:, :, a0:b0, :])) for k, v in held]
+        copies = [
+            (mx.contiguous(k[:, :, a0:b0, :]), mx.contiguous(v[:, :, a0:b0, :])) for k, v in held
+        ]
         mx.async_eval(copies)
         for j in range(len(known), n_blocks):
             a, b = j * self.block - a0, (j + 1) * self.block - a0

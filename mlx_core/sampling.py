@@ -41,7 +41,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be between -2 and 2")
         for token, bias in self.logit_bias:
             if not 0 <= token < vocab_size:
-                raise ValueError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+                raise ValueError(
+                    f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})"
+                )
             if not -100 <= bias <= 100:
                 raise ValueError("logit_bias values must be between -100 and 100")
 
@@ -96,7 +98,11 @@ def sample(logits: mx.array, rows: Sequence[RowSampler]) -> SampleResult:
         if any(p < 1.0 for p in top_p):
             scaled = _top_p_filter(scaled, mx.array(top_p)[:, None])
         sampled = mx.argmax(scaled + _gumbel(rows, V), axis=-1)
-        tokens = mx.where(mx.array(greedy), mx.argmax(logits, axis=-1), sampled) if any(greedy) else sampled
+        tokens = (
+            mx.where(mx.array(greedy), mx.argmax(logits, axis=-1), sampled)
+            if any(greedy)
+            else sampled
+        )
     tokens = tokens.astype(mx.uint32)
     if not want:
         return SampleResult(tokens)
@@ -108,8 +114,12 @@ def sample(logits: mx.array, rows: Sequence[RowSampler]) -> SampleResult:
     top_ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
     top_vals = mx.take_along_axis(logprobs, top_ids, axis=-1)
     order = mx.argsort(-top_vals, axis=-1)
-    return SampleResult(tokens, chosen, mx.take_along_axis(top_ids, order, axis=-1),
-                        mx.take_along_axis(top_vals, order, axis=-1))
+    return SampleResult(
+        tokens,
+        chosen,
+        mx.take_along_axis(top_ids, order, axis=-1),
+        mx.take_along_axis(top_vals, order, axis=-1),
+    )
 
 
 def _apply_bias_and_penalties(logits: mx.array, rows: Sequence[RowSampler], V: int) -> mx.array:

@@ -133,22 +133,36 @@ def train(
         if isinstance(model, LoadedModel):
             loaded = model
             if config.quantize and not loaded.args.quantization:
-                quantize_model(loaded.model, Quantization(config.quantize_group_size, config.quantize))
+                quantize_model(
+                    loaded.model, Quantization(config.quantize_group_size, config.quantize)
+                )
                 loaded.args = loaded.model.args
             if config.dtype:
-                log.warning(0, "--dtype applies when the model is loaded from a path; "
-                            "the already loaded model keeps its dtype")
+                log.warning(
+                    0,
+                    "--dtype applies when the model is loaded from a path; "
+                    "the already loaded model keeps its dtype",
+                )
         else:
             log.say("Loading pretrained model")
-            quant = Quantization(config.quantize_group_size, config.quantize) if config.quantize else None
+            quant = (
+                Quantization(config.quantize_group_size, config.quantize)
+                if config.quantize
+                else None
+            )
             loaded = load_model(model, dtype=config.dtype, quantize=quant)
         net, args = loaded.model, loaded.args
         layers = lora_layer_indices(args.n_layers, config.lora_layers)
         if config.lora_layers > args.n_layers:
-            log.warning(0, f"--lora-layers {config.lora_layers} is more than the model's "
-                        f"{args.n_layers} layers: training all of them")
+            log.warning(
+                0,
+                f"--lora-layers {config.lora_layers} is more than the model's "
+                f"{args.n_layers} layers: training all of them",
+            )
         mx.random.seed(config.seed)  # the same LoRA init on every rank
-        apply_lora(net, config.lora_rank, config.lora_scale, config.targets, layers, config.lora_dropout)
+        apply_lora(
+            net, config.lora_rank, config.lora_scale, config.targets, layers, config.lora_dropout
+        )
         if config.grad_checkpoint:
             enable_grad_checkpoint(net, layers)
         n_trainable = trainable_parameters_count(net)
@@ -167,15 +181,29 @@ def _logical_params(args: ModelArgs, stored: int) -> int:
     return count_parameters(args) if args.quantization else stored
 
 
-def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, ...],
-         data: TrainData, config: TrainConfig, group: mx.distributed.Group, log: TrainLog,
-         n_trainable: int) -> TrainResult:
+def _run(
+    loaded: LoadedModel,
+    net: Mistral,
+    args: ModelArgs,
+    layers: tuple[int, ...],
+    data: TrainData,
+    config: TrainConfig,
+    group: mx.distributed.Group,
+    log: TrainLog,
+    n_trainable: int,
+) -> TrainResult:
     rank, world = group.rank(), group.size()
     adapter_path = Path(config.adapter_path)
     identity = _identity(config, args, layers, data)
-    optimizer = build_optimizer(config.optimizer, config.learning_rate, config.lr_schedule,
-                                config.warmup_steps, config.iters, config.weight_decay,
-                                config.min_lr_ratio)
+    optimizer = build_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        config.lr_schedule,
+        config.warmup_steps,
+        config.iters,
+        config.weight_decay,
+        config.min_lr_ratio,
+    )
 
     # Resume: everything is restored before the step is compiled (it captures the state).
     start, resumed_from = 0, None
@@ -196,18 +224,35 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
         )
 
     step_fn = TrainStep(net, optimizer, config, group)
-    stream = BatchStream(data.train, config.batch_size * config.grad_accumulation, config.seed,
-                         config.pack, config.max_seq_len, rank, world, start_step=start)
-    log.start(start, config.iters, trainable_parameters=n_trainable, world_size=world,
-              train_examples=len(data.train), valid_examples=len(data.valid),
-              resumed_from=str(resumed_from) if resumed_from else None, config=config.to_dict())
+    stream = BatchStream(
+        data.train,
+        config.batch_size * config.grad_accumulation,
+        config.seed,
+        config.pack,
+        config.max_seq_len,
+        rank,
+        world,
+        start_step=start,
+    )
+    log.start(
+        start,
+        config.iters,
+        trainable_parameters=n_trainable,
+        world_size=world,
+        train_examples=len(data.train),
+        valid_examples=len(data.valid),
+        resumed_from=str(resumed_from) if resumed_from else None,
+        config=config.to_dict(),
+    )
     log.say("Training")
 
     def validate(step: int) -> None:
         if not data.valid or config.val_batches == 0:
             return
         tic = time.perf_counter()
-        batches = eval_batches(data.valid, config.batch_size, config.val_batches, config.max_seq_len)
+        batches = eval_batches(
+            data.valid, config.batch_size, config.val_batches, config.max_seq_len
+        )
         val_loss, _ = evaluate_loss(net, batches, group)
         val_losses.append((step, val_loss))
         log.eval_report(step, val_loss, time.perf_counter() - tic)
@@ -216,11 +261,20 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
         if rank == 0:
             adapter = _adapter(net, config, layers, loaded)
             state = TrainerState(
-                step, {"step": stream.step, "epoch": stream.epoch, "step_in_epoch": stream.step_in_epoch},
+                step,
+                {"step": stream.step, "epoch": stream.epoch, "step_in_epoch": stream.step_in_epoch},
                 {"seed": config.seed, "per_step": "mx.random.seed(_step_seed(seed, step, rank))"},
-                identity, identity_fingerprint(identity))
-            path = save_checkpoint(adapter_path, state, adapter, optimizer_state_tensors(optimizer),
-                                   loaded.name, config.keep_checkpoints)
+                identity,
+                identity_fingerprint(identity),
+            )
+            path = save_checkpoint(
+                adapter_path,
+                state,
+                adapter,
+                optimizer_state_tensors(optimizer),
+                loaded.name,
+                config.keep_checkpoints,
+            )
             checkpoints.append(path)
             log.checkpoint(step, path)
 
@@ -249,9 +303,16 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
             )
 
         if step % config.steps_per_report == 0 or step == config.iters:
-            log.train_report(step, window.loss, _current_lr(optimizer), window.it_per_sec,
-                             window.tokens_per_sec, window.targets_per_sec,
-                             mx.get_peak_memory() / 1e9, trained_tokens)
+            log.train_report(
+                step,
+                window.loss,
+                _current_lr(optimizer),
+                window.it_per_sec,
+                window.tokens_per_sec,
+                window.targets_per_sec,
+                mx.get_peak_memory() / 1e9,
+                trained_tokens,
+            )
             window = _Window()
         if (config.steps_per_eval and step % config.steps_per_eval == 0) or step == config.iters:
             validate(step)
@@ -268,11 +329,27 @@ def _run(loaded: LoadedModel, net: Mistral, args: ModelArgs, layers: tuple[int, 
             save_adapter_npz(Path(config.adapter_file), final, loaded.name)
             log.say(f"Saved final adapter to {config.adapter_file}")
     peak = mx.get_peak_memory() / 1e9
-    log.event("done", config.iters, status="succeeded", adapter_path=str(adapter_path),
-              train_loss=losses[-1][1], val_loss=val_losses[-1][1] if val_losses else None,
-              peak_memory_gb=peak, trained_tokens=trained_tokens)
-    return TrainResult(adapter_path, config.iters, losses, val_losses, n_trainable, peak,
-                       checkpoints, resumed_from, loaded)
+    log.event(
+        "done",
+        config.iters,
+        status="succeeded",
+        adapter_path=str(adapter_path),
+        train_loss=losses[-1][1],
+        val_loss=val_losses[-1][1] if val_losses else None,
+        peak_memory_gb=peak,
+        trained_tokens=trained_tokens,
+    )
+    return TrainResult(
+        adapter_path,
+        config.iters,
+        losses,
+        val_losses,
+        n_trainable,
+        peak,
+        checkpoints,
+        resumed_from,
+        loaded,
+    )
 
 
 @dataclass
@@ -315,28 +392,48 @@ def _current_lr(optimizer: optim.Optimizer) -> float:
 
 
 def _adapter(net: Mistral, config: TrainConfig, layers: tuple[int, ...], loaded: LoadedModel):
-    return extract_adapter(net, config.lora_rank, config.lora_scale, config.targets, layers,
-                           alpha=config.lora_alpha, dropout=config.lora_dropout,
-                           base_model=loaded.name)
+    return extract_adapter(
+        net,
+        config.lora_rank,
+        config.lora_scale,
+        config.targets,
+        layers,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        base_model=loaded.name,
+    )
 
 
-def _identity(config: TrainConfig, args: ModelArgs, layers: tuple[int, ...], data: TrainData) -> dict:
+def _identity(
+    config: TrainConfig, args: ModelArgs, layers: tuple[int, ...], data: TrainData
+) -> dict:
     """The settings a checkpoint's tensors and data position mean something under.
 
     `iters` and the reporting/eval/save cadence may change between runs (e.g. to train longer).
     """
     return {
         "model": args.shape_fingerprint(),
-        "quantization": [args.quantization.bits, args.quantization.group_size] if args.quantization else None,
-        "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout, "lora_layers": list(layers),
-        "targets": list(config.targets), "batch_size": config.batch_size,
-        "grad_accumulation": config.grad_accumulation, "pack": config.pack,
-        "max_seq_len": config.max_seq_len, "mask_prompt": config.mask_prompt,
-        "completion_after": config.completion_after, "seed": config.seed,
-        "optimizer": config.optimizer, "learning_rate": config.learning_rate,
-        "lr_schedule": config.lr_schedule, "warmup_steps": config.warmup_steps,
-        "weight_decay": config.weight_decay, "data": data_fingerprint(data.train),
+        "quantization": [args.quantization.bits, args.quantization.group_size]
+        if args.quantization
+        else None,
+        "lora_rank": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "lora_layers": list(layers),
+        "targets": list(config.targets),
+        "batch_size": config.batch_size,
+        "grad_accumulation": config.grad_accumulation,
+        "pack": config.pack,
+        "max_seq_len": config.max_seq_len,
+        "mask_prompt": config.mask_prompt,
+        "completion_after": config.completion_after,
+        "seed": config.seed,
+        "optimizer": config.optimizer,
+        "learning_rate": config.learning_rate,
+        "lr_schedule": config.lr_schedule,
+        "warmup_steps": config.warmup_steps,
+        "weight_decay": config.weight_decay,
+        "data": data_fingerprint(data.train),
     }
 
 
@@ -346,14 +443,18 @@ def _resume_dir(config: TrainConfig, adapter_path: Path, log: TrainLog) -> Path 
     if config.resume is True or config.resume == "latest":
         found = latest_checkpoint(adapter_path)
         if found is None:
-            log.warning(0, f"--resume: no checkpoint under {adapter_path / 'checkpoints'}; "
-                        "starting from step 0")
+            log.warning(
+                0,
+                f"--resume: no checkpoint under {adapter_path / 'checkpoints'}; "
+                "starting from step 0",
+            )
         return found
     return Path(config.resume)
 
 
-def _load_init_adapter(config: TrainConfig, net: Mistral, args: ModelArgs,
-                       layers: tuple[int, ...]) -> None:
+def _load_init_adapter(
+    config: TrainConfig, net: Mistral, args: ModelArgs, layers: tuple[int, ...]
+) -> None:
     from .adapter_io import load_adapter
 
     adapter = load_adapter(config.init_adapter, args)
@@ -361,22 +462,27 @@ def _load_init_adapter(config: TrainConfig, net: Mistral, args: ModelArgs,
     if adapter.rank != config.lora_rank:
         raise TrainingConfigError(
             f"{config.init_adapter} has rank {adapter.rank}, this run trains rank "
-            f"{config.lora_rank}: pass --lora-rank {adapter.rank}")
+            f"{config.lora_rank}: pass --lora-rank {adapter.rank}"
+        )
     outside = sorted({t for _, t in adapter.weights} - set(config.targets)) or sorted(
-        {i for i, _ in adapter.weights} - set(layers))
+        {i for i, _ in adapter.weights} - set(layers)
+    )
     if outside:
         raise TrainingConfigError(
             f"{config.init_adapter} adapts {outside} outside this run's --targets/--lora-layers: "
-            f"train with --targets {','.join(adapter.targets)} and enough --lora-layers")
+            f"train with --targets {','.join(adapter.targets)} and enough --lora-layers"
+        )
     if abs(adapter.scale - config.lora_scale) > 1e-9:
         raise TrainingConfigError(
             f"{config.init_adapter} has scale {adapter.scale}, this run {config.lora_scale}: pass "
-            f"--lora-alpha {adapter.scale * config.lora_rank:g}")
+            f"--lora-alpha {adapter.scale * config.lora_rank:g}"
+        )
     load_adapter_into(net, adapter)
 
 
-def _restore(ckpt_dir: Path, net: Mistral, optimizer: optim.Optimizer, identity: dict,
-             args: ModelArgs) -> int:
+def _restore(
+    ckpt_dir: Path, net: Mistral, optimizer: optim.Optimizer, identity: dict, args: ModelArgs
+) -> int:
     try:
         ckpt = load_checkpoint(ckpt_dir)
     except CheckpointError as e:
@@ -390,8 +496,9 @@ def _restore(ckpt_dir: Path, net: Mistral, optimizer: optim.Optimizer, identity:
     ckpt.adapter.check_fits(args)
     load_adapter_into(net, ckpt.adapter)
     try:
-        restore_optimizer_state(optimizer, net.trainable_parameters(), ckpt.optimizer_tensors,
-                                str(ckpt_dir))
+        restore_optimizer_state(
+            optimizer, net.trainable_parameters(), ckpt.optimizer_tensors, str(ckpt_dir)
+        )
     except ValueError as e:
         raise TrainingConfigError(str(e)) from e
     # No RNG key to restore: every step reseeds from (seed, step, rank), see _step_seed.
@@ -409,16 +516,22 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m mlx_core.train SPEC.json  (spec: {\"model\": ..., \"data\": ..., "
-              "\"config\": {TrainConfig fields}})", file=sys.stderr)
+        print(
+            'usage: python -m mlx_core.train SPEC.json  (spec: {"model": ..., "data": ..., '
+            '"config": {TrainConfig fields}})',
+            file=sys.stderr,
+        )
         return 2
     try:
         spec = json.loads(Path(argv[0]).read_text())
         config = TrainConfig.from_dict(spec.get("config", {}))
         train(spec["model"], spec["data"], config)
     except (OSError, json.JSONDecodeError, KeyError) as e:
-        print(f"mlx_core.train: cannot use spec {argv[0]}: {e}; write "
-              "{\"model\": ..., \"data\": ..., \"config\": {...}}", file=sys.stderr)
+        print(
+            f"mlx_core.train: cannot use spec {argv[0]}: {e}; write "
+            '{"model": ..., "data": ..., "config": {...}}',
+            file=sys.stderr,
+        )
         return 2
     except USER_ERRORS as e:
         print(f"mlx_core.train: {e}", file=sys.stderr)
@@ -430,5 +543,15 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["TrainConfig", "TrainData", "TrainResult", "TrainStep", "TrainingConfigError",
-           "enable_grad_checkpoint", "evaluate_loss", "load_train_data", "loss_sum", "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainData",
+    "TrainResult",
+    "TrainStep",
+    "TrainingConfigError",
+    "enable_grad_checkpoint",
+    "evaluate_loss",
+    "load_train_data",
+    "loss_sum",
+    "train",
+]

@@ -57,7 +57,9 @@ class TrainConfig:
     adapter_path: str = "adapters"
     adapter_file: str | None = None  # also write the final adapter as X.npz + X.json
     resume: bool | str = False  # True: latest checkpoint under adapter_path; or a checkpoint dir
-    init_adapter: str | None = None  # start from these adapter weights (the seed's --resume-adapter-file)
+    init_adapter: str | None = (
+        None  # start from these adapter weights (the seed's --resume-adapter-file)
+    )
     events_jsonl: str | None = None
     quantize: int | None = None  # 4 | 8: QLoRA over a quantized base
     quantize_group_size: int = 64
@@ -88,8 +90,10 @@ class TrainConfig:
         if self.lr_schedule not in SCHEDULES:
             bad(f"--lr-schedule {self.lr_schedule!r}: choose {' or '.join(SCHEDULES)}")
         if self.warmup_steps >= self.iters and self.warmup_steps:
-            bad(f"--warmup-steps {self.warmup_steps} is not below --iters {self.iters}: "
-                "warm up for a fraction of the run (e.g. 5%)")
+            bad(
+                f"--warmup-steps {self.warmup_steps} is not below --iters {self.iters}: "
+                "warm up for a fraction of the run (e.g. 5%)"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             bad(f"--min-lr-ratio {self.min_lr_ratio}: use a value between 0 and 1")
         if self.grad_clip < 0:
@@ -128,7 +132,9 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise TrainingConfigError(f"unknown training settings {unknown}; known: {sorted(known)}")
+            raise TrainingConfigError(
+                f"unknown training settings {unknown}; known: {sorted(known)}"
+            )
         d = dict(d)
         if "targets" in d:
             d["targets"] = tuple(d["targets"])
@@ -169,9 +175,13 @@ def load_train_data(
                 log.warning(0, f"no valid.jsonl in {folder}: training without a validation loss")
             continue
         examples = read_jsonl(files[split])
-        if config.mask_prompt and isinstance(examples[0], TextExample) and not config.completion_after:
+        if (
+            config.mask_prompt
+            and isinstance(examples[0], TextExample)
+            and not config.completion_after
+        ):
             raise TrainingConfigError(
-                f"--mask-prompt with {{\"text\": ...}} examples ({files[split]}) needs "
+                f'--mask-prompt with {{"text": ...}} examples ({files[split]}) needs '
                 "--completion-after MARKER (e.g. 'A:') to know where the answer starts; or use "
                 "prompt/completion or chat examples"
             )

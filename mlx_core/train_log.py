@@ -87,12 +87,28 @@ class TrainLog:
         self.stream.flush()
         self._bar_shown = True
 
-    def train_report(self, step: int, loss: float, learning_rate: float, it_per_sec: float,
-                     tokens_per_sec: float, target_tokens_per_sec: float, peak_memory_gb: float,
-                     trained_tokens: int) -> None:
-        self.event("train", step, loss=loss, learning_rate=learning_rate, it_per_sec=it_per_sec,
-                   tokens_per_sec=tokens_per_sec, target_tokens_per_sec=target_tokens_per_sec,
-                   peak_memory_gb=peak_memory_gb, trained_tokens=trained_tokens)
+    def train_report(
+        self,
+        step: int,
+        loss: float,
+        learning_rate: float,
+        it_per_sec: float,
+        tokens_per_sec: float,
+        target_tokens_per_sec: float,
+        peak_memory_gb: float,
+        trained_tokens: int,
+    ) -> None:
+        self.event(
+            "train",
+            step,
+            loss=loss,
+            learning_rate=learning_rate,
+            it_per_sec=it_per_sec,
+            tokens_per_sec=tokens_per_sec,
+            target_tokens_per_sec=target_tokens_per_sec,
+            peak_memory_gb=peak_memory_gb,
+            trained_tokens=trained_tokens,
+        )
         self.say(
             f"Iter {step}: Train loss {loss:.3f}, Learning rate {learning_rate:.3e}, "
             f"It/sec {it_per_sec:.3f}, Tokens/sec {tokens_per_sec:.1f} "

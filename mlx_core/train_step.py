@@ -74,8 +74,9 @@ def loss_sum(model: Mistral, arrays: list[mx.array]) -> mx.array:
     return (ce * mask).sum()
 
 
-def evaluate_loss(model: Mistral, batches: Iterable[Batch],
-                  group: mx.distributed.Group | None = None) -> tuple[float, float]:
+def evaluate_loss(
+    model: Mistral, batches: Iterable[Batch], group: mx.distributed.Group | None = None
+) -> tuple[float, float]:
     """(mean cross-entropy per target token, perplexity) over the batches.
 
     With a group of several processes each evaluates every size-th batch and the sums are
@@ -106,7 +107,7 @@ def evaluate_loss(model: Mistral, batches: Iterable[Batch],
 def _split_micro(batch: Batch, parts: int) -> list[list[mx.array]]:
     arrays = _batch_arrays(batch)
     rows = arrays[0].shape[0] // parts
-    return [[a[i * rows:(i + 1) * rows] for a in arrays] for i in range(parts)]
+    return [[a[i * rows : (i + 1) * rows] for a in arrays] for i in range(parts)]
 
 
 def _all_sum_flat(leaves: list[mx.array], group: mx.distributed.Group) -> list[mx.array]:
@@ -115,7 +116,7 @@ def _all_sum_flat(leaves: list[mx.array], group: mx.distributed.Group) -> list[m
     flat = mx.distributed.all_sum(flat, group=group)
     out, at = [], 0
     for x in leaves:
-        out.append(flat[at:at + x.size].reshape(x.shape).astype(x.dtype))
+        out.append(flat[at : at + x.size].reshape(x.shape).astype(x.dtype))
         at += x.size
     return out
 
@@ -129,8 +130,13 @@ class TrainStep:
     the model's and optimizer's state, so restore a checkpoint before building a TrainStep.
     """
 
-    def __init__(self, model: Mistral, optimizer: optim.Optimizer, config: TrainConfig,
-                 group: mx.distributed.Group | None = None) -> None:
+    def __init__(
+        self,
+        model: Mistral,
+        optimizer: optim.Optimizer,
+        config: TrainConfig,
+        group: mx.distributed.Group | None = None,
+    ) -> None:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.group = group if group is not None and group.size() > 1 else None
         value_and_grad = nn.value_and_grad(model, loss_sum)
@@ -151,8 +157,10 @@ class TrainStep:
 
         self.state = [model.state, optimizer.state, mx.random.state]
         if config.compile:
-            first, more, update = (partial(mx.compile, inputs=self.state, outputs=self.state)(f)
-                                   for f in (first, more, update))
+            first, more, update = (
+                partial(mx.compile, inputs=self.state, outputs=self.state)(f)
+                for f in (first, more, update)
+            )
         self._first, self._more, self._update = first, more, update
 
     def _normalize(self, ce, grads, counts):

@@ -24,12 +24,24 @@ from .config import ModelArgs, Quantization, load_config
 from .model import Mistral
 from .tokenizer import Tokenizer
 
-DTYPES = {"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32,
-          "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = {
+    "bf16": mx.bfloat16,
+    "f16": mx.float16,
+    "f32": mx.float32,
+    "bfloat16": mx.bfloat16,
+    "float16": mx.float16,
+    "float32": mx.float32,
+}
 _SHARD_BYTES = 4 << 30
-_TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
-                     "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-                     "unk_token": "<unk>"}
+_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "legacy": True,
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
 
 
 class WeightsError(ValueError):
@@ -94,8 +106,10 @@ def mistral_to_hf(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx
     return out
 
 
-_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 def fuse_projections(weights: dict[str, mx.array], n_layers: int) -> dict[str, mx.array]:
@@ -117,7 +131,9 @@ def split_projections(weights: dict[str, mx.array], args: ModelArgs) -> dict[str
     sizes = {"self_attn.qkv_proj": [q, q + kv], "mlp.gate_up_proj": [args.hidden_dim]}
     out = {}
     for name, w in weights.items():
-        m = re.match(r"^(model\.layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(\w+)$", name)
+        m = re.match(
+            r"^(model\.layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(\w+)$", name
+        )
         if not m:
             out[name] = w
             continue
@@ -145,7 +161,9 @@ def _read_safetensors(folder: Path) -> dict[str, mx.array]:
         try:
             weights.update(mx.load(str(folder / f)))  # lazy: read when evaluated
         except Exception as e:
-            raise WeightsError(f"{folder / f}: not a readable safetensors file ({e}); re-download it") from e
+            raise WeightsError(
+                f"{folder / f}: not a readable safetensors file ({e}); re-download it"
+            ) from e
     return weights
 
 
@@ -160,12 +178,16 @@ def _read_pth(folder: Path) -> dict[str, mx.array]:
         ) from e
     shards = sorted(folder.glob("consolidated.*.pth"))
     if len(shards) > 1:
-        raise WeightsError(f"{folder}: {len(shards)} consolidated shards; only single-file (7B) checkpoints are supported")
+        raise WeightsError(
+            f"{folder}: {len(shards)} consolidated shards; only single-file (7B) checkpoints are supported"
+        )
     try:
         # mmap keeps the file on disk; tensors are copied into MLX one at a time.
         state = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{shards[0]}: torch cannot read it ({e}); re-download the checkpoint") from e
+        raise WeightsError(
+            f"{shards[0]}: torch cannot read it ({e}); re-download the checkpoint"
+        ) from e
     out = {}
     for name in list(state):
         t = state.pop(name)
@@ -194,7 +216,9 @@ def _open_folder(path: str | Path) -> tuple[Path, ModelArgs, Tokenizer]:
     """A model folder's path, config and tokenizer: what every load reads before the weights."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise WeightsError(f"{folder}: no such model folder; pass --model PATH to a model directory")
+        raise WeightsError(
+            f"{folder}: no such model folder; pass --model PATH to a model directory"
+        )
     return folder, load_config(folder), Tokenizer.from_folder(folder)
 
 
@@ -210,7 +234,9 @@ def check_model_folder(path: str | Path) -> ModelArgs:
     return args
 
 
-def load_model(path: str | Path, dtype: str | None = None, quantize: Quantization | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, dtype: str | None = None, quantize: Quantization | None = None
+) -> LoadedModel:
     """Load any supported model folder. `dtype` casts float weights; `quantize` quantizes a
     dense model at load (QLoRA); an already quantized checkpoint loads as it is."""
     folder, args, tokenizer = _open_folder(path)
@@ -221,8 +247,9 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: Quantizatio
     model = Mistral(args)
     if args.quantization:
         q = args.quantization
-        nn.quantize(model, q.group_size, q.bits,
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+        nn.quantize(
+            model, q.group_size, q.bits, class_predicate=lambda p, m: f"{p}.scales" in weights
+        )
     _check_names(model, weights, folder)
     cast = DTYPES[dtype] if dtype else None
     requantize = quantize is not None and not args.quantization
@@ -232,11 +259,19 @@ def load_model(path: str | Path, dtype: str | None = None, quantize: Quantizatio
         nn.quantize(model, quantize.group_size, quantize.bits)
         args = _with_quantization(args, quantize)
         model.args = args
-        quantized = {n[: -len(".scales")] for n, _ in tree_flatten(model.parameters()) if n.endswith(".scales")}
+        quantized = {
+            n[: -len(".scales")]
+            for n, _ in tree_flatten(model.parameters())
+            if n.endswith(".scales")
+        }
     # Evaluate tensor by tensor so no source array outlives its use (a 7B load stays ~1x in RAM).
     for name in list(weights):
         w = weights.pop(name)
-        if cast is not None and mx.issubdtype(w.dtype, mx.floating) and not name.endswith(("scales", "biases")):
+        if (
+            cast is not None
+            and mx.issubdtype(w.dtype, mx.floating)
+            and not name.endswith(("scales", "biases"))
+        ):
             w = w.astype(cast)
         prefix = name[: -len(".weight")]
         if requantize and name.endswith(".weight") and prefix in quantized:
@@ -289,7 +324,11 @@ def save_model(folder: str | Path, model: Mistral, tokenizer: Tokenizer) -> Path
     shards = list(_shards(weights))
     index: dict[str, str] = {}
     for n, shard in enumerate(shards, 1):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        fname = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        )
         mx.save_safetensors(str(out / fname), shard, metadata={"format": "mlx"})
         index.update({k: fname for k in shard})
     if len(shards) > 1:
@@ -323,7 +362,9 @@ def quantize_model(model: Mistral, q: Quantization) -> None:
     model.args = _with_quantization(model.args, q)
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str | None = None, quantize: Quantization | None = None) -> Path:
+def convert(
+    src: str | Path, dst: str | Path, dtype: str | None = None, quantize: Quantization | None = None
+) -> Path:
     """`loraforge convert`: any supported folder -> our format, optionally cast and quantized."""
     loaded = load_model(src, dtype=dtype)
     if quantize:

@@ -54,9 +54,20 @@ class AdapterInfo:
 
     @classmethod
     def of(cls, row: dbm.Adapter) -> AdapterInfo:
-        return cls(row.id, row.name, row.path, row.base_model, row.rank, row.alpha, list(row.targets),
-                   row.created_at, row.source_format, row.size_bytes, row.fingerprint,
-                   row.fine_tuning_job_id)
+        return cls(
+            row.id,
+            row.name,
+            row.path,
+            row.base_model,
+            row.rank,
+            row.alpha,
+            list(row.targets),
+            row.created_at,
+            row.source_format,
+            row.size_bytes,
+            row.fingerprint,
+            row.fine_tuning_job_id,
+        )
 
 
 class AdapterRegistry:
@@ -76,7 +87,9 @@ class AdapterRegistry:
         return load_adapter(self.path_of(adapter_id))
 
     async def list(self) -> list[AdapterInfo]:
-        rows = await self.db.run(lambda s: s.scalars(select(dbm.Adapter).order_by(dbm.Adapter.created_at)).all())
+        rows = await self.db.run(
+            lambda s: s.scalars(select(dbm.Adapter).order_by(dbm.Adapter.created_at)).all()
+        )
         return [AdapterInfo.of(r) for r in rows]
 
     async def get(self, name: str) -> AdapterInfo | None:
@@ -91,12 +104,16 @@ class AdapterRegistry:
         if info is None:
             raise NotFoundError(
                 f"The model `{model}` does not exist. Use `{base_id}` or a registered adapter "
-                "(GET /v1/models lists them).", param="model", code="model_not_found")
+                "(GET /v1/models lists them).",
+                param="model",
+                code="model_not_found",
+            )
         return info
 
     # -- changes ----------------------------------------------------------------------------------
-    async def register_path(self, name: str, path: str, job_id: str | None = None,
-                            replace: bool = False) -> AdapterInfo:
+    async def register_path(
+        self, name: str, path: str, job_id: str | None = None, replace: bool = False
+    ) -> AdapterInfo:
         """Register an adapter from a folder or file inside the data dir. With `replace`, an
         adapter of the same name is swapped out only once the new one has been validated."""
         src = self._inside_data_dir(path)
@@ -108,12 +125,17 @@ class AdapterRegistry:
             root = _safe_extract(archive, Path(tmp), archive.stat().st_size * MAX_EXPANSION)
             return await self._register(name, root, None)
 
-    async def _register(self, name: str, src: Path, job_id: str | None, replace: bool = False) -> AdapterInfo:
+    async def _register(
+        self, name: str, src: Path, job_id: str | None, replace: bool = False
+    ) -> AdapterInfo:
         _check_name(name, allow_ft=job_id is not None)
         if not replace and await self.get(name) is not None:
-            raise ConflictError(f"an adapter named {name!r} is already registered: delete it first "
-                                "(DELETE /v1/adapters/{name}) or pick another name", param="name",
-                                code="adapter_exists")
+            raise ConflictError(
+                f"an adapter named {name!r} is already registered: delete it first "
+                "(DELETE /v1/adapters/{name}) or pick another name",
+                param="name",
+                code="adapter_exists",
+            )
         service = self.engine_service
         if service is None or service.loaded is None:
             raise BadRequestError("the base model is not loaded yet: retry shortly")
@@ -123,11 +145,20 @@ class AdapterRegistry:
         # work runs: on the engine thread, when this process has one.
         adapter = await _on_engine(service, lambda: self._store(src, dest, service))
         row = dbm.Adapter(
-            id=adapter_id, name=name, path=str(dest), source_format=adapter.source_format or "loraforge",
-            base_model=service.model_id, rank=adapter.rank, targets=list(adapter.targets),
-            alpha=float(adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank),
+            id=adapter_id,
+            name=name,
+            path=str(dest),
+            source_format=adapter.source_format or "loraforge",
+            base_model=service.model_id,
+            rank=adapter.rank,
+            targets=list(adapter.targets),
+            alpha=float(
+                adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank
+            ),
             fingerprint=_sha256(dest / "adapters.safetensors"),
-            size_bytes=sum(f.stat().st_size for f in dest.iterdir()), fine_tuning_job_id=job_id)
+            size_bytes=sum(f.stat().st_size for f in dest.iterdir()),
+            fine_tuning_job_id=job_id,
+        )
         replaced: list[dbm.Adapter] = []
 
         def swap(s: Session) -> None:
@@ -151,19 +182,27 @@ class AdapterRegistry:
             adapter = load_adapter(src, args)
             adapter.check_fits(args)
         except (AdapterError, ValueError, OSError) as e:
-            raise BadRequestError(f"cannot use this adapter: {e}", param="lora_path", code="invalid_adapter") from e
+            raise BadRequestError(
+                f"cannot use this adapter: {e}", param="lora_path", code="invalid_adapter"
+            ) from e
         if adapter.rank > self.settings.max_lora_rank:
-            raise BadRequestError(f"adapter rank {adapter.rank} is above this server's --max-lora-rank "
-                                  f"{self.settings.max_lora_rank}: restart with a larger --max-lora-rank",
-                                  param="lora_path", code="invalid_adapter")
+            raise BadRequestError(
+                f"adapter rank {adapter.rank} is above this server's --max-lora-rank "
+                f"{self.settings.max_lora_rank}: restart with a larger --max-lora-rank",
+                param="lora_path",
+                code="invalid_adapter",
+            )
         save_adapter(dest, adapter, base_model=service.model_id)
         return adapter
 
     async def unregister(self, name: str) -> AdapterInfo:
         row = await self.db.run(lambda s: _delete_by_name(s, name))
         if row is None:
-            raise NotFoundError(f"no adapter named {name!r}: GET /v1/adapters lists them",
-                                param="name", code="adapter_not_found")
+            raise NotFoundError(
+                f"no adapter named {name!r}: GET /v1/adapters lists them",
+                param="name",
+                code="adapter_not_found",
+            )
         await self._forget(row)
         return AdapterInfo.of(row)
 
@@ -179,18 +218,24 @@ class AdapterRegistry:
         p = Path(path)
         candidate = (p if p.is_absolute() else data / p).resolve()
         if candidate != data and data not in candidate.parents:
-            raise BadRequestError(f"{path} is outside the server's data dir {data}: copy the adapter "
-                                  "there, or upload it as an archive (POST /v1/adapters, multipart)",
-                                  param="lora_path", code="path_not_allowed")
+            raise BadRequestError(
+                f"{path} is outside the server's data dir {data}: copy the adapter "
+                "there, or upload it as an archive (POST /v1/adapters, multipart)",
+                param="lora_path",
+                code="path_not_allowed",
+            )
         if not candidate.exists():
-            raise BadRequestError(f"{path} does not exist under {data}", param="lora_path",
-                                  code="path_not_found")
+            raise BadRequestError(
+                f"{path} does not exist under {data}", param="lora_path", code="path_not_found"
+            )
         return candidate
 
 
 async def _on_engine(service, fn):
     run = getattr(service, "run_on_engine", None)
-    return await run(fn) if run is not None and getattr(service, "engine", None) is not None else fn()
+    return (
+        await run(fn) if run is not None and getattr(service, "engine", None) is not None else fn()
+    )
 
 
 def _unload(service, adapter_id: str) -> None:
@@ -213,8 +258,11 @@ def _check_name(name: str, allow_ft: bool) -> None:
     if allow_ft and name.startswith("ft:"):
         return
     if not NAME_RE.match(name):
-        raise BadRequestError(f"adapter name {name!r} is not allowed: use 1-64 characters from "
-                              "A-Z a-z 0-9 . _ -", param="name", code="invalid_name")
+        raise BadRequestError(
+            f"adapter name {name!r} is not allowed: use 1-64 characters from A-Z a-z 0-9 . _ -",
+            param="name",
+            code="invalid_name",
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -244,13 +292,27 @@ def _members(archive: Path, stack: ExitStack) -> list[_Member]:
                 return "other"  # a symlink stored in the zip
             return "dir" if m.is_dir() else "file"
 
-        return [_Member(m.filename, m.file_size, zip_kind(m), lambda m=m: z.open(m)) for m in z.infolist()]
+        return [
+            _Member(m.filename, m.file_size, zip_kind(m), lambda m=m: z.open(m))
+            for m in z.infolist()
+        ]
     if tarfile.is_tarfile(archive):
         t = stack.enter_context(tarfile.open(archive))
-        return [_Member(m.name, m.size, "file" if m.isfile() else "dir" if m.isdir() else "other",
-                        lambda m=m: t.extractfile(m)) for m in t.getmembers()]
-    raise BadRequestError("the upload is neither a .tar(.gz) nor a .zip archive: pack the adapter "
-                          "folder with `tar czf adapter.tgz -C folder .`", param="file", code="invalid_archive")
+        return [
+            _Member(
+                m.name,
+                m.size,
+                "file" if m.isfile() else "dir" if m.isdir() else "other",
+                lambda m=m: t.extractfile(m),
+            )
+            for m in t.getmembers()
+        ]
+    raise BadRequestError(
+        "the upload is neither a .tar(.gz) nor a .zip archive: pack the adapter "
+        "folder with `tar czf adapter.tgz -C folder .`",
+        param="file",
+        code="invalid_archive",
+    )
 
 
 def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> Path:
@@ -259,20 +321,33 @@ def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> Path:
     with ExitStack() as stack:
         members = _members(archive, stack)
         if len(members) > MAX_MEMBERS:
-            raise BadRequestError(f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file")
+            raise BadRequestError(
+                f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file"
+            )
         total = 0
         for m in members:  # check everything before writing anything
             p = Path(m.name)
             if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")):
-                raise BadRequestError(f"archive member {m.name!r} has an unsafe path: archives may only "
-                                      "hold relative paths inside one folder", param="file", code="unsafe_archive")
+                raise BadRequestError(
+                    f"archive member {m.name!r} has an unsafe path: archives may only "
+                    "hold relative paths inside one folder",
+                    param="file",
+                    code="unsafe_archive",
+                )
             if m.kind == "other":
-                raise BadRequestError(f"archive member {m.name!r} is a link or special file: not allowed",
-                                      param="file", code="unsafe_archive")
+                raise BadRequestError(
+                    f"archive member {m.name!r} is a link or special file: not allowed",
+                    param="file",
+                    code="unsafe_archive",
+                )
             total += m.size
             if total > max_bytes:
-                raise BadRequestError(f"archive unpacks to more than {MAX_EXPANSION}x its size: refused as "
-                                      "a possible decompression bomb", param="file", code="unsafe_archive")
+                raise BadRequestError(
+                    f"archive unpacks to more than {MAX_EXPANSION}x its size: refused as "
+                    "a possible decompression bomb",
+                    param="file",
+                    code="unsafe_archive",
+                )
         for m in members:
             target = dest / m.name
             if m.kind == "dir":
@@ -294,6 +369,9 @@ def _copy_limited(src, out, declared: int) -> None:
     for chunk in iter(lambda: src.read(1 << 20), b""):
         written += len(chunk)
         if written > declared:
-            raise BadRequestError("archive member is larger than its header says: refused",
-                                  param="file", code="unsafe_archive")
+            raise BadRequestError(
+                "archive member is larger than its header says: refused",
+                param="file",
+                code="unsafe_archive",
+            )
         out.write(chunk)

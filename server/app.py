@@ -235,9 +235,7 @@ def logging_config(level: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {
-            "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}
-        },
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",

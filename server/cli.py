@@ -35,8 +35,11 @@ def _check_backend() -> None:
     try:
         import mlx.core  # noqa: F401
     except ImportError as e:
-        hint = ("pip install 'loraforge[cpu]' (CPU) or 'loraforge[cuda]' (NVIDIA, CUDA 13)"
-                if platform.system() == "Linux" else "pip install mlx")
+        hint = (
+            "pip install 'loraforge[cpu]' (CPU) or 'loraforge[cuda]' (NVIDIA, CUDA 13)"
+            if platform.system() == "Linux"
+            else "pip install mlx"
+        )
         raise UserError(f"MLX has no backend installed here ({e}): {hint}") from e
 
 

@@ -22,24 +22,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
     e.add_argument("--adapter", default=None, help="adapter folder or .npz file to apply")
-    e.add_argument("--data", required=True, help="folder with {train,valid,test}.jsonl, or one JSONL file")
+    e.add_argument(
+        "--data", required=True, help="folder with {train,valid,test}.jsonl, or one JSONL file"
+    )
     e.add_argument("--split", default="test", help="which file of a --data folder (default: test)")
-    e.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N examples")
-    e.add_argument("--max-tokens", type=int, default=64, help="generation limit per example (default 64)")
-    e.add_argument("--batch-size", type=int, default=32, help="sequences generated together (default 32)")
-    e.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop sequence (repeatable), e.g. --stop '\\n' to see what it rescues; "
-                   "escapes \\n and \\t are understood")
+    e.add_argument(
+        "--max-examples", type=int, default=None, help="evaluate only the first N examples"
+    )
+    e.add_argument(
+        "--max-tokens", type=int, default=64, help="generation limit per example (default 64)"
+    )
+    e.add_argument(
+        "--batch-size", type=int, default=32, help="sequences generated together (default 32)"
+    )
+    e.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop sequence (repeatable), e.g. --stop '\\n' to see what it rescues; "
+        "escapes \\n and \\t are understood",
+    )
     e.add_argument("--samples", type=int, default=3, help="example rows to show (default 3)")
     e.add_argument("--no-sql", action="store_true", help="skip generation (with --loss: loss only)")
     e.add_argument("--loss", action="store_true", help="also compute test loss and perplexity")
-    e.add_argument("--loss-batch-size", type=int, default=8, help="examples per loss batch (default 8)")
+    e.add_argument(
+        "--loss-batch-size", type=int, default=8, help="examples per loss batch (default 8)"
+    )
     e.add_argument("--max-batches", type=int, default=-1, help="loss batches to use (-1: all)")
     e.add_argument("--max-seq-len", type=int, default=2048, help="as in training (default 2048)")
-    e.add_argument("--mask-prompt", action="store_true",
-                   help="loss on completions only, as training with --mask-prompt")
-    e.add_argument("--completion-after", default=None, metavar="MARKER",
-                   help="where a text example's answer starts (e.g. 'A:'), as in training")
+    e.add_argument(
+        "--mask-prompt",
+        action="store_true",
+        help="loss on completions only, as training with --mask-prompt",
+    )
+    e.add_argument(
+        "--completion-after",
+        default=None,
+        metavar="MARKER",
+        help="where a text example's answer starts (e.g. 'A:'), as in training",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(run=run_eval)
 
@@ -59,8 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--domains", default=None, help=f"comma-separated, from: {','.join(DOMAINS)}")
     d.add_argument("--exclude-domains", default=None, help="comma-separated domains to leave out")
-    d.add_argument("--chat-fraction", type=float, default=0.0,
-                   help="fraction of examples written as chats, to DIR/chat/ (default 0)")
+    d.add_argument(
+        "--chat-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of examples written as chats, to DIR/chat/ (default 0)",
+    )
     d.set_defaults(run=run_demo_data, needs_mlx=False)
 
 
@@ -86,27 +112,64 @@ def run_eval(ns: argparse.Namespace) -> int:
     adapter = attach_adapter(loaded.model, ns.adapter) if ns.adapter else None
     stop = tuple(_unescape(s) for s in ns.stop)
     try:
-        sql = None if ns.no_sql else evaluate_sql(
-            loaded.model, loaded.tokenizer, examples, max_tokens=ns.max_tokens,
-            batch_size=ns.batch_size, stop=stop, adapter=adapter, n_samples=ns.samples, source=str(path))
-        loss = None if not ns.loss else test_loss(
-            loaded.model, loaded.tokenizer, examples, batch_size=ns.loss_batch_size,
-            max_batches=ns.max_batches, max_seq_len=ns.max_seq_len, mask_prompt=ns.mask_prompt,
-            completion_after=ns.completion_after, adapter=adapter)
+        sql = (
+            None
+            if ns.no_sql
+            else evaluate_sql(
+                loaded.model,
+                loaded.tokenizer,
+                examples,
+                max_tokens=ns.max_tokens,
+                batch_size=ns.batch_size,
+                stop=stop,
+                adapter=adapter,
+                n_samples=ns.samples,
+                source=str(path),
+            )
+        )
+        loss = (
+            None
+            if not ns.loss
+            else test_loss(
+                loaded.model,
+                loaded.tokenizer,
+                examples,
+                batch_size=ns.loss_batch_size,
+                max_batches=ns.max_batches,
+                max_seq_len=ns.max_seq_len,
+                mask_prompt=ns.mask_prompt,
+                completion_after=ns.completion_after,
+                adapter=adapter,
+            )
+        )
     except EvalError as e:
         raise UserError(str(e)) from e
-    head = {"model": str(loaded.path), "adapter": ns.adapter, "data": str(path), "n_examples": len(examples)}
+    head = {
+        "model": str(loaded.path),
+        "adapter": ns.adapter,
+        "data": str(path),
+        "n_examples": len(examples),
+    }
     if ns.json:
-        print(json.dumps({**head, "sql": sql.to_dict() if sql else None,
-                          "loss": loss.to_dict() if loss else None}))
+        print(
+            json.dumps(
+                {
+                    **head,
+                    "sql": sql.to_dict() if sql else None,
+                    "loss": loss.to_dict() if loss else None,
+                }
+            )
+        )
         return 0
     print(f"model {head['model']}" + (f" + adapter {ns.adapter}" if ns.adapter else ""))
     print(f"data  {path}: {len(examples)} examples")
     if sql is not None:
         _print_sql(sql)
     if loss is not None:
-        print(f"test loss {loss.loss:.4f}  perplexity {loss.perplexity:.2f}  "
-              f"({loss.n_tokens} target tokens, {loss.n_examples} examples)")
+        print(
+            f"test loss {loss.loss:.4f}  perplexity {loss.perplexity:.2f}  "
+            f"({loss.n_tokens} target tokens, {loss.n_examples} examples)"
+        )
     return 0
 
 
@@ -116,8 +179,10 @@ def _model_path(path: str | None) -> str:
     try:
         return resolve_model_path(path)
     except ImportError as e:  # this build ships no embedded demo model yet
-        raise UserError(f"no embedded default model in this installation ({e}): pass --model PATH "
-                        "(a model folder, e.g. one written by `loraforge convert`)") from e
+        raise UserError(
+            f"no embedded default model in this installation ({e}): pass --model PATH "
+            "(a model folder, e.g. one written by `loraforge convert`)"
+        ) from e
 
 
 def _unescape(text: str) -> str:
@@ -136,12 +201,18 @@ def _print_sql(r: SqlEvalReport) -> None:
     if r.stop:
         print(f"  cut by a stop sequence      {_pct(r.stop_sequence_rate)}")
     print(f"  ran to max tokens           {_pct(r.length_rate)}")
-    print(f"  mean generated tokens       {r.mean_generated_tokens:6.1f}"
-          f"   ({r.generated_tokens_per_second:.0f} tokens/s)")
+    print(
+        f"  mean generated tokens       {r.mean_generated_tokens:6.1f}"
+        f"   ({r.generated_tokens_per_second:.0f} tokens/s)"
+    )
     print(f"  {'':26}  {'first line':>10}  {'as generated':>12}")
-    print(f"  {'exact match':26}  {_pct(r.exact_match):>10}  {_pct(r.exact_match_as_generated):>12}")
-    print(f"  {'execution accuracy':26}  {_pct(r.execution_accuracy):>10}  "
-          f"{_pct(r.execution_accuracy_as_generated):>12}")
+    print(
+        f"  {'exact match':26}  {_pct(r.exact_match):>10}  {_pct(r.exact_match_as_generated):>12}"
+    )
+    print(
+        f"  {'execution accuracy':26}  {_pct(r.execution_accuracy):>10}  "
+        f"{_pct(r.execution_accuracy_as_generated):>12}"
+    )
     print(f"  {'valid WikiSQL':26}  {_pct(r.valid_sql_rate):>10}")
     for i, s in enumerate(r.samples, start=1):
         verdict = "exact" if s.exact else "executes same" if s.execution else "wrong"
@@ -157,14 +228,24 @@ def run_demo_data(ns: argparse.Namespace) -> int:
 
     out = Path(ns.out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a folder to write train/valid/test.jsonl into")
+        raise UserError(
+            f"--out {out} is a file: pass a folder to write train/valid/test.jsonl into"
+        )
     if ns.n_train + ns.n_valid + ns.n_test < 1:
         raise UserError("nothing to write: give --n-train, --n-valid or --n-test above 0")
     if not 0.0 <= ns.chat_fraction <= 1.0:
         raise UserError(f"--chat-fraction {ns.chat_fraction}: use a value between 0 and 1")
     try:
-        write_dataset(out, ns.n_train, ns.n_valid, ns.n_test, ns.seed, domains=_names(ns.domains),
-                      exclude_domains=_names(ns.exclude_domains) or (), chat_fraction=ns.chat_fraction)
+        write_dataset(
+            out,
+            ns.n_train,
+            ns.n_valid,
+            ns.n_test,
+            ns.seed,
+            domains=_names(ns.domains),
+            exclude_domains=_names(ns.exclude_domains) or (),
+            chat_fraction=ns.chat_fraction,
+        )
     except ValueError as e:  # unknown domain, negative size: the message names the fix
         raise UserError(f"{e} (flags --domains/--exclude-domains/--n-*)") from e
     for line in split_formats(out):

@@ -23,43 +23,70 @@ from server.settings import Settings
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 FINISHED = ("succeeded", "failed", "cancelled")
-WORKER_SETTINGS = ["model", "served_model_name", "data_dir", "database_url", "max_concurrent_jobs",
-                   "max_lora_rank", "log_level"]
+WORKER_SETTINGS = [
+    "model",
+    "served_model_name",
+    "data_dir",
+    "database_url",
+    "max_concurrent_jobs",
+    "max_lora_rank",
+    "log_level",
+]
 WATCH_POLL_S = 1.0
 _BAR_WIDTH = 24
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    w = sub.add_parser("worker", help="train queued fine-tune jobs in this process (no serving); "
-                       "use the same --model/--data-dir as the server")
+    w = sub.add_parser(
+        "worker",
+        help="train queued fine-tune jobs in this process (no serving); "
+        "use the same --model/--data-dir as the server",
+    )
     Settings.add_arguments(w, WORKER_SETTINGS)
     w.set_defaults(run=run_worker)
 
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--base-url", default=os.environ.get("LORAFORGE_BASE_URL", DEFAULT_BASE_URL),
-                        help=f"the server [env LORAFORGE_BASE_URL; default {DEFAULT_BASE_URL}]")
-    client.add_argument("--api-key", default=os.environ.get("LORAFORGE_API_KEY"),
-                        help="the server's API key [env LORAFORGE_API_KEY]")
+    client.add_argument(
+        "--base-url",
+        default=os.environ.get("LORAFORGE_BASE_URL", DEFAULT_BASE_URL),
+        help=f"the server [env LORAFORGE_BASE_URL; default {DEFAULT_BASE_URL}]",
+    )
+    client.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAFORGE_API_KEY"),
+        help="the server's API key [env LORAFORGE_API_KEY]",
+    )
     jobs = sub.add_parser("jobs", help="fine-tune jobs on a running server")
     actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
 
     c = actions.add_parser("create", parents=[client], help="create a job (prints its id)")
-    c.add_argument("--training-file", required=True, metavar="FILE_ID_OR_PATH",
-                   help="an uploaded file's id, or a local .jsonl path to upload first")
+    c.add_argument(
+        "--training-file",
+        required=True,
+        metavar="FILE_ID_OR_PATH",
+        help="an uploaded file's id, or a local .jsonl path to upload first",
+    )
     c.add_argument("--validation-file", metavar="FILE_ID_OR_PATH")
     c.add_argument("--model", help="the base model (default: the one the server serves)")
     c.add_argument("--suffix", help="part of the model name ft:<base>:<suffix>:<job id>")
     c.add_argument("--seed", type=int)
     c.add_argument("--n-epochs", type=_int_or_auto, default="auto", help="1-50 or auto")
     c.add_argument("--batch-size", type=_int_or_auto, default="auto", help="1-256 or auto")
-    c.add_argument("--learning-rate-multiplier", type=_float_or_auto, default="auto",
-                   help="learning rate = 1e-5 x this (auto: 10)")
+    c.add_argument(
+        "--learning-rate-multiplier",
+        type=_float_or_auto,
+        default="auto",
+        help="learning rate = 1e-5 x this (auto: 10)",
+    )
     c.add_argument("--lora-rank", type=int, dest="rank")
     c.add_argument("--lora-alpha", type=float, dest="alpha")
     c.add_argument("--lora-dropout", type=float, dest="dropout")
     c.add_argument("--lora-layers", type=int, dest="num_layers", help="adapt the last N layers")
-    c.add_argument("--targets", type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
-                   help="comma-separated projections, e.g. q_proj,v_proj")
+    c.add_argument(
+        "--targets",
+        type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+        help="comma-separated projections, e.g. q_proj,v_proj",
+    )
     c.add_argument("--max-seq-len", type=int)
     c.add_argument("--quantize", type=int, choices=[4, 8])
     c.add_argument("--mask-prompt", action="store_true", default=None)
@@ -67,10 +94,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--watch", action="store_true", help="then follow it until it ends")
     c.set_defaults(run=run_create)
 
-    actions.add_parser("list", parents=[client], help="jobs, newest first").set_defaults(run=run_list)
-    for name, run, text in (("get", run_get, "a job as JSON"), ("cancel", run_cancel, "cancel a job"),
-                            ("events", run_events, "a job's events, oldest first"),
-                            ("watch", run_watch, "follow a job's progress until it ends")):
+    actions.add_parser("list", parents=[client], help="jobs, newest first").set_defaults(
+        run=run_list
+    )
+    for name, run, text in (
+        ("get", run_get, "a job as JSON"),
+        ("cancel", run_cancel, "cancel a job"),
+        ("events", run_events, "a job's events, oldest first"),
+        ("watch", run_watch, "follow a job's progress until it ends"),
+    ):
         p = actions.add_parser(name, parents=[client], help=text)
         p.add_argument("job_id")
         p.set_defaults(run=run)
@@ -122,8 +154,10 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     try:
         r = client.request(method, path, **kwargs)
     except httpx.HTTPError as e:
-        raise UserError(f"cannot reach {client.base_url} ({e}): start the server with `loraforge "
-                        "serve`, or pass --base-url / LORAFORGE_BASE_URL") from None
+        raise UserError(
+            f"cannot reach {client.base_url} ({e}): start the server with `loraforge "
+            "serve`, or pass --base-url / LORAFORGE_BASE_URL"
+        ) from None
     try:
         body = r.json()
     except ValueError:
@@ -139,26 +173,43 @@ def _file_id(client: httpx.Client, value: str) -> str:
     if not path.is_file():
         if value.startswith("file-"):
             return value
-        raise UserError(f"{value} is neither a file id (file-...) nor a local file: pass one of them")
+        raise UserError(
+            f"{value} is neither a file id (file-...) nor a local file: pass one of them"
+        )
     with path.open("rb") as f:
-        uploaded = _call(client, "POST", "/files", files={"file": (path.name, f)},
-                         data={"purpose": "fine-tune"})
+        uploaded = _call(
+            client, "POST", "/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"}
+        )
     print(f"uploaded {path} as {uploaded['id']}", file=sys.stderr)
     return uploaded["id"]
 
 
 def run_create(ns: argparse.Namespace) -> int:
-    lora_fields = ("rank", "alpha", "dropout", "num_layers", "targets", "max_seq_len", "quantize",
-                   "mask_prompt", "completion_after")
+    lora_fields = (
+        "rank",
+        "alpha",
+        "dropout",
+        "num_layers",
+        "targets",
+        "max_seq_len",
+        "quantize",
+        "mask_prompt",
+        "completion_after",
+    )
     with _client(ns) as client:
         model = ns.model
         if model is None:  # the base model is the card that is its own root
             cards = _call(client, "GET", "/models")["data"]
             model = next(c["id"] for c in cards if c.get("root") in (None, c["id"]))
         body: dict[str, Any] = {
-            "model": model, "training_file": _file_id(client, ns.training_file),
-            "hyperparameters": {"n_epochs": ns.n_epochs, "batch_size": ns.batch_size,
-                                "learning_rate_multiplier": ns.learning_rate_multiplier}}
+            "model": model,
+            "training_file": _file_id(client, ns.training_file),
+            "hyperparameters": {
+                "n_epochs": ns.n_epochs,
+                "batch_size": ns.batch_size,
+                "learning_rate_multiplier": ns.learning_rate_multiplier,
+            },
+        }
         if ns.validation_file:
             body["validation_file"] = _file_id(client, ns.validation_file)
         for name in ("suffix", "seed"):
@@ -178,8 +229,10 @@ def run_list(ns: argparse.Namespace) -> int:
         rows = _call(client, "GET", "/fine_tuning/jobs", params={"limit": 100})["data"]
     print(f"{'ID':32} {'STATUS':10} {'CREATED':19} FINE-TUNED MODEL")
     for j in rows:
-        print(f"{j['id']:32} {j['status']:10} {_time(j['created_at'], '%Y-%m-%d %H:%M:%S')} "
-              f"{j.get('fine_tuned_model') or '-'}")
+        print(
+            f"{j['id']:32} {j['status']:10} {_time(j['created_at'], '%Y-%m-%d %H:%M:%S')} "
+            f"{j.get('fine_tuned_model') or '-'}"
+        )
     return 0
 
 
@@ -247,8 +300,10 @@ def _watch(client: httpx.Client, job_id: str) -> int:
             data = event.get("data") or {}
             if tty and event.get("type") == "metrics" and "train_loss" in data:
                 done = int(_BAR_WIDTH * data["step"] / max(data.get("total_steps") or 1, 1))
-                bar = (f"[{'#' * done}{'.' * (_BAR_WIDTH - done)}] step {data['step']}/"
-                       f"{data.get('total_steps')} loss {data['train_loss']:.3f}")
+                bar = (
+                    f"[{'#' * done}{'.' * (_BAR_WIDTH - done)}] step {data['step']}/"
+                    f"{data.get('total_steps')} loss {data['train_loss']:.3f}"
+                )
                 print(f"\r\033[K{bar}", end="", flush=True)
                 continue
             if tty and event.get("type") == "metrics":

@@ -19,13 +19,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the Mistral instruct template")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the Mistral instruct template"
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.set_defaults(run=run_generate)
 
     c = sub.add_parser("convert", help="convert a model folder to loraforge's MLX format")
-    c.add_argument("--model", required=True, help="source: HF folder, Mistral consolidated.00.pth "
-                   "folder, or mlx-examples convert.py output")
+    c.add_argument(
+        "--model",
+        required=True,
+        help="source: HF folder, Mistral consolidated.00.pth "
+        "folder, or mlx-examples convert.py output",
+    )
     c.add_argument("--out", required=True, help="destination folder")
     c.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None)
     c.add_argument("--quantize", "-q", type=int, choices=[4, 8], default=None)
@@ -57,8 +63,9 @@ def run_generate(ns: argparse.Namespace) -> int:
 
         adapter = load_adapter(ns.adapter, loaded.args)
         adapter.check_fits(loaded.args)
-        slots = AdapterSlots(loaded.model, max_loaded=1, max_rank=max(adapter.rank, 1),
-                             loader=lambda _: adapter)
+        slots = AdapterSlots(
+            loaded.model, max_loaded=1, max_rank=max(adapter.rank, 1), loader=lambda _: adapter
+        )
         adapter_id = "cli"
     tok = loaded.tokenizer
     if ns.chat:
@@ -66,17 +73,27 @@ def run_generate(ns: argparse.Namespace) -> int:
     else:
         prompt = tok.encode(ns.prompt)
     engine = Engine(loaded.model, tok, adapter_slots=slots)
-    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temp, top_p=ns.top_p,
-                            seed=ns.seed, stop=tuple(ns.stop))
+    params = SamplingParams(
+        max_tokens=ns.max_tokens,
+        temperature=ns.temp,
+        top_p=ns.top_p,
+        seed=ns.seed,
+        stop=tuple(ns.stop),
+    )
     text, stats = timed_generate(engine, prompt, params, adapter_id, chat=ns.chat)
     if ns.json:
         print(json.dumps({"text": text, **stats}))
         return 0
     print(("" if ns.chat else ns.prompt) + text)
     print("=" * 10, file=sys.stderr)
-    print(f"Prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tokens/s", file=sys.stderr)
-    print(f"Generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.1f} tokens/s",
-          file=sys.stderr)
+    print(
+        f"Prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    print(
+        f"Generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -52,8 +52,13 @@ def run_serve(ns: argparse.Namespace) -> int:
     # Fail now, in one line, rather than serve 503s for a model that can never load.
     check_model_folder(resolve_model_path(settings.model))
     metrics, registry, engine, services = build_services(settings)
-    run_server(settings, engine_service=engine, services=services, metrics=metrics,
-               adapter_registry=registry)
+    run_server(
+        settings,
+        engine_service=engine,
+        services=services,
+        metrics=metrics,
+        adapter_registry=registry,
+    )
     return 0
 
 

@@ -63,23 +63,40 @@ _TRAIN_FLAGS: dict[str, str] = {
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="LoRA fine-tune a model on a folder of JSONL files")
     t.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
-    t.add_argument("--data", required=True, help="folder with train.jsonl (+ valid.jsonl, test.jsonl)")
-    t.add_argument("--test", action="store_true", help="report test loss and perplexity after training")
+    t.add_argument(
+        "--data", required=True, help="folder with train.jsonl (+ valid.jsonl, test.jsonl)"
+    )
+    t.add_argument(
+        "--test", action="store_true", help="report test loss and perplexity after training"
+    )
     t.add_argument("--test-batches", type=int, default=-1, help="test batches (-1: all)")
-    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint under --adapter-path, or from CHECKPOINT")
-    t.add_argument("--no-compile", dest="compile", action="store_false", help="do not mx.compile the step")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint under --adapter-path, or from CHECKPOINT",
+    )
+    t.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="do not mx.compile the step"
+    )
     for f in fields(TrainConfig):
         if f.name in _TRAIN_FLAGS:
             _add_field(t, f.name, _TRAIN_FLAGS[f.name])
     t.set_defaults(run=run_train)
 
     lo = sub.add_parser("lora", help="mlx-examples lora.py's command line (train, test, generate)")
-    lo.add_argument("--model", default=None,
-                    help="model folder (convert.py's weights.npz + params.json + tokenizer.model, or any "
-                    "we load; default: the embedded demo model)")
+    lo.add_argument(
+        "--model",
+        default=None,
+        help="model folder (convert.py's weights.npz + params.json + tokenizer.model, or any "
+        "we load; default: the embedded demo model)",
+    )
     lo.add_argument("--num-tokens", "-n", type=int, default=100, help="how many tokens to generate")
-    lo.add_argument("--write-every", type=int, default=1, help="after how many tokens to print text")
+    lo.add_argument(
+        "--write-every", type=int, default=1, help="after how many tokens to print text"
+    )
     lo.add_argument("--temp", type=float, default=0.8, help="sampling temperature")
     lo.add_argument("--prompt", "-p", default=None, help="prompt for generation")
     lo.add_argument("--train", action="store_true", help="do training")
@@ -87,25 +104,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--lora-layers", type=int, default=16, help="number of layers to fine-tune")
     lo.add_argument("--batch-size", type=int, default=4, help="minibatch size")
     lo.add_argument("--iters", type=int, default=1000, help="iterations to train for")
-    lo.add_argument("--val-batches", type=int, default=25,
-                    help="validation batches, -1 uses the entire validation set")
+    lo.add_argument(
+        "--val-batches",
+        type=int,
+        default=25,
+        help="validation batches, -1 uses the entire validation set",
+    )
     lo.add_argument("--learning-rate", type=float, default=1e-5, help="Adam learning rate")
     lo.add_argument("--steps-per-report", type=int, default=10, help="steps between loss reports")
     lo.add_argument("--steps-per-eval", type=int, default=200, help="steps between validations")
-    lo.add_argument("--resume-adapter-file", default=None, help="start training from these adapter weights")
-    lo.add_argument("--adapter-file", default="adapters.npz",
-                    help="save/load path of the adapter (checkpoints go to the folder of the same name)")
-    lo.add_argument("--save-every", type=int, default=100, help="save a checkpoint every N iterations")
+    lo.add_argument(
+        "--resume-adapter-file", default=None, help="start training from these adapter weights"
+    )
+    lo.add_argument(
+        "--adapter-file",
+        default="adapters.npz",
+        help="save/load path of the adapter (checkpoints go to the folder of the same name)",
+    )
+    lo.add_argument(
+        "--save-every", type=int, default=100, help="save a checkpoint every N iterations"
+    )
     lo.add_argument("--test", action="store_true", help="evaluate on the test set after training")
-    lo.add_argument("--test-batches", type=int, default=500,
-                    help="test batches, -1 uses the entire test set")
+    lo.add_argument(
+        "--test-batches", type=int, default=500, help="test batches, -1 uses the entire test set"
+    )
     lo.add_argument("--seed", type=int, default=0, help="the PRNG seed")
     # Our fixes and additions (not in the seed):
     lo.add_argument("--mask-prompt", action="store_true", help="learn only the completion")
-    lo.add_argument("--completion-after", default=None, help="e.g. 'A:': where the completion starts")
+    lo.add_argument(
+        "--completion-after", default=None, help="e.g. 'A:': where the completion starts"
+    )
     lo.add_argument("--max-seq-len", type=int, default=2048)
     lo.add_argument("--grad-checkpoint", action="store_true")
-    lo.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="QLoRA: quantize the base at load")
+    lo.add_argument(
+        "--quantize",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="QLoRA: quantize the base at load",
+    )
     lo.add_argument("--auto-fit", action="store_true", help="pick settings that fit in memory")
     lo.add_argument("--memory-limit-gb", type=float, default=None)
     lo.add_argument("--events-jsonl", default=None)
@@ -118,8 +155,12 @@ def _add_field(p: argparse.ArgumentParser, name: str, help_text: str) -> None:
     if isinstance(default, bool):
         p.add_argument(flag, action="store_true", help=help_text)
     elif name == "targets":
-        p.add_argument(flag, type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                       default=default, help=f"{help_text} (default: {','.join(default)})")
+        p.add_argument(
+            flag,
+            type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+            default=default,
+            help=f"{help_text} (default: {','.join(default)})",
+        )
     elif name == "quantize":
         p.add_argument(flag, type=int, choices=[4, 8], default=None, help=help_text)
     else:
@@ -153,7 +194,9 @@ def _report_test(loaded, data: str, config: TrainConfig, test_batches: int) -> N
     print("Testing", flush=True)
     split = load_train_data(data, loaded.tokenizer, config, splits=("test",))
     if not split.test:
-        raise FileNotFoundError(f"no test.jsonl in {data}: add one (same format as train.jsonl) or drop --test")
+        raise FileNotFoundError(
+            f"no test.jsonl in {data}: add one (same format as train.jsonl) or drop --test"
+        )
     batches = eval_batches(split.test, config.batch_size, test_batches, config.max_seq_len)
     loss, ppl = evaluate_loss(loaded.model, batches)
     print(f"Test loss {loss:.3f}, Test ppl {ppl:.3f}.", flush=True)
@@ -165,18 +208,35 @@ def run_lora(ns: argparse.Namespace) -> int:
     from mlx_core.train import train
     from mlx_core.weights import load_model
     from server.cli_model import resolve_model_path
+
     adapter_file = Path(ns.adapter_file)
     config = TrainConfig(
-        iters=ns.iters, batch_size=ns.batch_size, learning_rate=ns.learning_rate,
-        lora_layers=ns.lora_layers, val_batches=ns.val_batches, steps_per_report=ns.steps_per_report,
-        steps_per_eval=ns.steps_per_eval, save_every=ns.save_every, seed=ns.seed,
-        adapter_path=str(adapter_file.with_suffix("")), adapter_file=str(adapter_file),
-        init_adapter=ns.resume_adapter_file, mask_prompt=ns.mask_prompt,
-        completion_after=ns.completion_after, max_seq_len=ns.max_seq_len,
-        grad_checkpoint=ns.grad_checkpoint, quantize=ns.quantize, auto_fit=ns.auto_fit,
-        memory_limit_gb=ns.memory_limit_gb, events_jsonl=ns.events_jsonl)
+        iters=ns.iters,
+        batch_size=ns.batch_size,
+        learning_rate=ns.learning_rate,
+        lora_layers=ns.lora_layers,
+        val_batches=ns.val_batches,
+        steps_per_report=ns.steps_per_report,
+        steps_per_eval=ns.steps_per_eval,
+        save_every=ns.save_every,
+        seed=ns.seed,
+        adapter_path=str(adapter_file.with_suffix("")),
+        adapter_file=str(adapter_file),
+        init_adapter=ns.resume_adapter_file,
+        mask_prompt=ns.mask_prompt,
+        completion_after=ns.completion_after,
+        max_seq_len=ns.max_seq_len,
+        grad_checkpoint=ns.grad_checkpoint,
+        quantize=ns.quantize,
+        auto_fit=ns.auto_fit,
+        memory_limit_gb=ns.memory_limit_gb,
+        events_jsonl=ns.events_jsonl,
+    )
     if not (ns.train or ns.test or ns.prompt is not None):
-        print("loraforge lora: nothing to do: pass --train, --test and/or --prompt TEXT", file=sys.stderr)
+        print(
+            "loraforge lora: nothing to do: pass --train, --test and/or --prompt TEXT",
+            file=sys.stderr,
+        )
         return 2
 
     if ns.train:
@@ -185,8 +245,10 @@ def run_lora(ns: argparse.Namespace) -> int:
     else:
         if not adapter_file.exists():
             # FileNotFoundError is one of the engine's user errors: printed as one line, exit 2.
-            raise FileNotFoundError(f"{adapter_file}: no adapter file; train one first with "
-                                    "--train, or pass --adapter-file PATH to an existing one")
+            raise FileNotFoundError(
+                f"{adapter_file}: no adapter file; train one first with "
+                "--train, or pass --adapter-file PATH to an existing one"
+            )
         print("Loading pretrained model", flush=True)
         loaded = load_model(resolve_model_path(ns.model))
         adapter = load_adapter(adapter_file, loaded.args)

@@ -173,8 +173,7 @@ def _litestar_validation(exc: ValidationException) -> APIError:
     if isinstance(cause, msgspec.ValidationError):
         if str(cause).startswith("Object missing required field `data`"):
             return BadRequestError(
-                "The request body is empty: send a JSON object with "
-                "Content-Type: application/json."
+                "The request body is empty: send a JSON object with Content-Type: application/json."
             )
         return validation_error(cause)
     # Query or path parameters: Litestar lists them in `extra` as {"message", "key", "source"}.

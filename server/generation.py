@@ -40,12 +40,23 @@ def reject_unsupported(body: s.RequestBody) -> None:
             continue
         if name == "modalities" and value == ["text"]:
             continue
-        raise BadRequestError(f"`{name}` is not supported by loraforge: remove it from the request",
-                              param=name, code="unsupported_parameter")
+        raise BadRequestError(
+            f"`{name}` is not supported by loraforge: remove it from the request",
+            param=name,
+            code="unsupported_parameter",
+        )
 
 
-def _check_common(n: int, temperature: float, top_p: float, stop, presence: float, frequency: float,
-                  logit_bias: dict[str, float] | None, vocab: int) -> tuple[tuple[str, ...], tuple]:
+def _check_common(
+    n: int,
+    temperature: float,
+    top_p: float,
+    stop,
+    presence: float,
+    frequency: float,
+    logit_bias: dict[str, float] | None,
+    vocab: int,
+) -> tuple[tuple[str, ...], tuple]:
     if not 1 <= n <= MAX_N:
         raise BadRequestError(f"n must be between 1 and {MAX_N}", param="n")
     if not 0 <= temperature <= 2:
@@ -63,12 +74,18 @@ def _check_common(n: int, temperature: float, top_p: float, stop, presence: floa
         try:
             token = int(key)
         except ValueError:
-            raise BadRequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+            raise BadRequestError(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            ) from None
         if not 0 <= token < vocab:
-            raise BadRequestError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab - 1})",
-                                  param="logit_bias")
+            raise BadRequestError(
+                f"logit_bias token id {token} is outside the vocabulary (0..{vocab - 1})",
+                param="logit_bias",
+            )
         if not -100 <= value <= 100:
-            raise BadRequestError("logit_bias values must be between -100 and 100", param="logit_bias")
+            raise BadRequestError(
+                "logit_bias values must be between -100 and 100", param="logit_bias"
+            )
         bias.append((token, float(value)))
     return stops, tuple(bias)
 
@@ -102,7 +119,9 @@ def _prompts(req: s.CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], 
     else:
         items = list(p)
     if not items:
-        raise BadRequestError("prompt is empty: send a string, a list of strings or token ids", param="prompt")
+        raise BadRequestError(
+            "prompt is empty: send a string, a list of strings or token ids", param="prompt"
+        )
     out = []
     for item in items:
         if isinstance(item, str):
@@ -113,8 +132,10 @@ def _prompts(req: s.CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], 
                 raise BadRequestError("a token-id prompt is empty", param="prompt")
             bad = [t for t in ids if not 0 <= t < tok.vocab_size]
             if bad:
-                raise BadRequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})",
-                                      param="prompt")
+                raise BadRequestError(
+                    f"prompt token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})",
+                    param="prompt",
+                )
             out.append((ids, tok.decode(ids)))
     return out
 
@@ -124,8 +145,16 @@ async def complete(req: s.CompletionRequest, service: EngineService, registry: A
     tok = service.loaded.tokenizer
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise BadRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
-    stops, bias = _check_common(req.n, req.temperature, req.top_p, req.stop, req.presence_penalty,
-                                req.frequency_penalty, req.logit_bias, tok.vocab_size)
+    stops, bias = _check_common(
+        req.n,
+        req.temperature,
+        req.top_p,
+        req.stop,
+        req.presence_penalty,
+        req.frequency_penalty,
+        req.logit_bias,
+        tok.vocab_size,
+    )
     adapter = await registry.resolve(req.model, service.model_id)
     adapter_id = adapter.id if adapter else None
     prompts = _prompts(req, tok)
@@ -136,23 +165,36 @@ async def complete(req: s.CompletionRequest, service: EngineService, registry: A
         for j in range(req.n):
             params = SamplingParams(
                 max_tokens=_max_tokens(req.max_tokens, len(ids), limit, "max_tokens"),
-                temperature=req.temperature, top_p=req.top_p,
-                seed=None if req.seed is None else req.seed + j, stop=stops, logprobs=req.logprobs,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                logit_bias=bias, ignore_eos=req.ignore_eos)
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=None if req.seed is None else req.seed + j,
+                stop=stops,
+                logprobs=req.logprobs,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                logit_bias=bias,
+                ignore_eos=req.ignore_eos,
+            )
             requests.append(GenerationRequest(f"{rid}-{i}-{j}", ids, params, adapter_id))
             echoes.append(text if req.echo else "")
     prompt_scores: dict[int, tuple[list[int], list[TokenLogprob | None]]] = {}
     if req.echo and req.logprobs is not None:
         for i, (ids, _) in enumerate(prompts):
-            prompt_scores[i] = (ids, await service.run_on_engine(
-                lambda ids=ids: service.engine.score_prompt(ids, req.logprobs, adapter_id)))
+            prompt_scores[i] = (
+                ids,
+                await service.run_on_engine(
+                    lambda ids=ids: service.engine.score_prompt(ids, req.logprobs, adapter_id)
+                ),
+            )
     outputs = service.generate(requests)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_completion_chunks(outputs, rid, created, req, tok, echoes, prompt_scores,
-                                       include_usage, len(prompts)))
+        return _sse(
+            _completion_chunks(
+                outputs, rid, created, req, tok, echoes, prompt_scores, include_usage, len(prompts)
+            )
+        )
     choices = [_Choice() for _ in requests]
     async for idx, out in outputs:
         _collect(choices[idx], out)
@@ -163,8 +205,9 @@ async def complete(req: s.CompletionRequest, service: EngineService, registry: A
             ids, scored = prompt_scores.get(idx // req.n, ([], []))
             lp = _completion_logprobs(tok, ids, scored, c.logprobs, req.logprobs)
         result.append(s.CompletionChoice(idx, echoes[idx] + "".join(c.text), lp, c.finish))
-    return s.CompletionResponse(id=rid, created=created, model=req.model, choices=result,
-                                usage=_usage(choices, req.n))
+    return s.CompletionResponse(
+        id=rid, created=created, model=req.model, choices=result, usage=_usage(choices, req.n)
+    )
 
 
 def _collect(c: _Choice, out: GenerationOutput) -> None:
@@ -185,8 +228,13 @@ def _usage(choices: Sequence[_Choice], n: int) -> s.Usage:
     return s.Usage(prompt, completion, prompt + completion, s.PromptTokensDetails(cached))
 
 
-def _completion_logprobs(tok: Tokenizer, prompt: Sequence[int], scored: Sequence[TokenLogprob | None],
-                         generated: Sequence[TokenLogprob], k: int) -> s.CompletionLogprobs:
+def _completion_logprobs(
+    tok: Tokenizer,
+    prompt: Sequence[int],
+    scored: Sequence[TokenLogprob | None],
+    generated: Sequence[TokenLogprob],
+    k: int,
+) -> s.CompletionLogprobs:
     """OpenAI's legacy logprobs object; with echo, the prompt's tokens come first (BOS left out:
     it is not part of the echoed text)."""
     entries: list[tuple[int, float | None, list]] = []
@@ -207,9 +255,17 @@ def _completion_logprobs(tok: Tokenizer, prompt: Sequence[int], scored: Sequence
     return s.CompletionLogprobs(tokens, values, tops, offsets)
 
 
-async def _completion_chunks(outputs: AsyncIterator, rid: str, created: int, req: s.CompletionRequest,
-                             tok: Tokenizer, echoes: list[str], prompt_scores, include_usage: bool,
-                             n_prompts: int) -> AsyncIterator[bytes]:
+async def _completion_chunks(
+    outputs: AsyncIterator,
+    rid: str,
+    created: int,
+    req: s.CompletionRequest,
+    tok: Tokenizer,
+    echoes: list[str],
+    prompt_scores,
+    include_usage: bool,
+    n_prompts: int,
+) -> AsyncIterator[bytes]:
     choices = [_Choice() for _ in echoes]
     started = [False] * len(echoes)
     async for idx, out in outputs:
@@ -227,12 +283,19 @@ async def _completion_chunks(outputs: AsyncIterator, rid: str, created: int, req
             lp = _completion_logprobs(tok, ids, scored, out.logprobs or [], req.logprobs)
         if not text and lp is None and not out.finish_reason:
             continue
-        chunk = s.CompletionChunk(id=rid, created=created, model=req.model,
-                                  choices=[s.CompletionChoice(idx, text, lp, out.finish_reason)])
+        chunk = s.CompletionChunk(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=[s.CompletionChoice(idx, text, lp, out.finish_reason)],
+        )
         yield _event(chunk)
     if include_usage:
-        yield _event(s.CompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                       usage=_usage(choices, req.n)))
+        yield _event(
+            s.CompletionChunk(
+                id=rid, created=created, model=req.model, choices=[], usage=_usage(choices, req.n)
+            )
+        )
 
 
 # -- chat -----------------------------------------------------------------------------------------
@@ -242,15 +305,20 @@ def _chat_messages(req: s.ChatCompletionRequest) -> list[EngineChatMessage]:
         reject_unsupported(m)
         role = "system" if m.role == "developer" else m.role
         if role not in ("system", "user", "assistant"):
-            raise BadRequestError(f"messages[{i}]: role {m.role!r} is not supported (tools are not): "
-                                  "use system, user or assistant", param=f"messages[{i}].role")
+            raise BadRequestError(
+                f"messages[{i}]: role {m.role!r} is not supported (tools are not): "
+                "use system, user or assistant",
+                param=f"messages[{i}].role",
+            )
         content = m.content
         if isinstance(content, list):
             parts = []
             for part in content:
                 if part.type != "text" or part.text is None:
-                    raise BadRequestError(f"messages[{i}]: content of type {part.type!r} is not supported: "
-                                          "send text", param=f"messages[{i}].content")
+                    raise BadRequestError(
+                        f"messages[{i}]: content of type {part.type!r} is not supported: send text",
+                        param=f"messages[{i}].content",
+                    )
                 parts.append(part.text)
             content = "".join(parts)
         if content is None:
@@ -266,11 +334,21 @@ async def chat(req: s.ChatCompletionRequest, service: EngineService, registry: A
     if req.logprobs:
         top = req.top_logprobs or 0
         if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise BadRequestError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+            raise BadRequestError(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
+            )
     elif req.top_logprobs is not None:
         raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-    stops, bias = _check_common(req.n, req.temperature, req.top_p, req.stop, req.presence_penalty,
-                                req.frequency_penalty, req.logit_bias, tok.vocab_size)
+    stops, bias = _check_common(
+        req.n,
+        req.temperature,
+        req.top_p,
+        req.stop,
+        req.presence_penalty,
+        req.frequency_penalty,
+        req.logit_bias,
+        tok.vocab_size,
+    )
     if not req.messages:
         raise BadRequestError("messages is empty: send at least one user message", param="messages")
     try:
@@ -279,16 +357,30 @@ async def chat(req: s.ChatCompletionRequest, service: EngineService, registry: A
         raise BadRequestError(str(e), param="messages") from e
     adapter = await registry.resolve(req.model, service.model_id)
     adapter_id = adapter.id if adapter else None
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(requested, len(ids), service.engine.max_model_len, param)
     rid = service.new_request_id("chatcmpl")
     requests = [
-        GenerationRequest(f"{rid}-{j}", ids, SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-            seed=None if req.seed is None else req.seed + j, stop=stops, logprobs=top,
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            logit_bias=bias), adapter_id, chat=True)
+        GenerationRequest(
+            f"{rid}-{j}",
+            ids,
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=None if req.seed is None else req.seed + j,
+                stop=stops,
+                logprobs=top,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                logit_bias=bias,
+            ),
+            adapter_id,
+            chat=True,
+        )
         for j in range(req.n)
     ]
     outputs = service.generate(requests)
@@ -300,31 +392,52 @@ async def chat(req: s.ChatCompletionRequest, service: EngineService, registry: A
     async for idx, out in outputs:
         _collect(choices[idx], out)
     result = [
-        s.ChatChoice(i, s.ChatResponseMessage("".join(c.text)),
-                     _chat_logprobs(tok, c.logprobs, top) if top is not None else None, c.finish)
+        s.ChatChoice(
+            i,
+            s.ChatResponseMessage("".join(c.text)),
+            _chat_logprobs(tok, c.logprobs, top) if top is not None else None,
+            c.finish,
+        )
         for i, c in enumerate(choices)
     ]
     usage = _usage(choices[:1], 1)
     usage.completion_tokens = sum(c.completion_tokens for c in choices)
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    return s.ChatCompletionResponse(id=rid, created=created, model=req.model, choices=result, usage=usage)
+    return s.ChatCompletionResponse(
+        id=rid, created=created, model=req.model, choices=result, usage=usage
+    )
 
 
 def _chat_logprobs(tok: Tokenizer, lps: Sequence[TokenLogprob], k: int) -> s.ChatLogprobs:
     content = []
     for lp in lps:
         top = [s.TopLogprob(tok.token_text(t), v, list(tok.token_bytes(t))) for t, v in lp.top[:k]]
-        content.append(s.ChatTokenLogprob(tok.token_text(lp.token), lp.logprob,
-                                          list(tok.token_bytes(lp.token)), top))
+        content.append(
+            s.ChatTokenLogprob(
+                tok.token_text(lp.token), lp.logprob, list(tok.token_bytes(lp.token)), top
+            )
+        )
     return s.ChatLogprobs(content=content)
 
 
-async def _chat_chunks(outputs: AsyncIterator, rid: str, created: int, req: s.ChatCompletionRequest,
-                       tok: Tokenizer, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_chunks(
+    outputs: AsyncIterator,
+    rid: str,
+    created: int,
+    req: s.ChatCompletionRequest,
+    tok: Tokenizer,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
     n = req.n
     for j in range(n):  # OpenAI opens every choice with the role
-        yield _event(s.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
-            s.ChatChunkChoice(j, s.ChatDelta(role="assistant", content=""))]))
+        yield _event(
+            s.ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=req.model,
+                choices=[s.ChatChunkChoice(j, s.ChatDelta(role="assistant", content=""))],
+            )
+        )
     choices = [_Choice() for _ in range(n)]
     top = (req.top_logprobs or 0) if req.logprobs else None
     async for idx, out in outputs:
@@ -333,13 +446,21 @@ async def _chat_chunks(outputs: AsyncIterator, rid: str, created: int, req: s.Ch
         if not out.text and not out.finish_reason and lp is None:
             continue
         delta = s.ChatDelta(content=out.text) if out.text else s.ChatDelta()
-        yield _event(s.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[
-            s.ChatChunkChoice(idx, delta, lp, out.finish_reason)]))
+        yield _event(
+            s.ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=req.model,
+                choices=[s.ChatChunkChoice(idx, delta, lp, out.finish_reason)],
+            )
+        )
     if include_usage:
         usage = _usage(choices[:1], 1)
         usage.completion_tokens = sum(c.completion_tokens for c in choices)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        yield _event(s.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage))
+        yield _event(
+            s.ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[], usage=usage)
+        )
 
 
 # -- server-sent events ---------------------------------------------------------------------------
@@ -356,12 +477,19 @@ def _sse(chunks: AsyncIterator[bytes]) -> Stream:
             from server.errors import APIError
 
             err = e if isinstance(e, APIError) else None
-            detail = s.ErrorDetail(err.message if err else "generation failed; retry the request",
-                                   err.type if err else "server_error", None, err.code if err else None)
+            detail = s.ErrorDetail(
+                err.message if err else "generation failed; retry the request",
+                err.type if err else "server_error",
+                None,
+                err.code if err else None,
+            )
             yield _event(s.ErrorBody(detail))
         finally:
             await chunks.aclose()
         yield b"data: [DONE]\n\n"
 
-    return Stream(body(), media_type="text/event-stream",
-                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Stream(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -40,8 +40,9 @@ class RunProgress:
 
 
 def _checkpoint_at(session: Session, job_id: str, step: int) -> JobCheckpoint | None:
-    return session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id,
-                                                       JobCheckpoint.step == step)).first()
+    return session.scalars(
+        select(JobCheckpoint).where(JobCheckpoint.job_id == job_id, JobCheckpoint.step == step)
+    ).first()
 
 
 def _checkpoint_row(session: Session, job_id: str, step: int, path: str) -> JobCheckpoint:
@@ -49,8 +50,9 @@ def _checkpoint_row(session: Session, job_id: str, step: int, path: str) -> JobC
     again, and a checkpoint saved just before a crash may never have been reported)."""
     row = _checkpoint_at(session, job_id, step)
     if row is None:
-        row = JobCheckpoint(id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics={},
-                            created_at=now())
+        row = JobCheckpoint(
+            id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics={}, created_at=now()
+        )
         session.add(row)
     row.path = path
     return row
@@ -98,8 +100,10 @@ def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int |
         return None
     earlier = read_events(events_path, 0, offset)[0]
     starts = [e for e in earlier + events if e.get("type") == "start"]
-    p = RunProgress(iters=int(starts[-1].get("iters", 0)) if starts else 0,
-                  starts=sum(e.get("type") == "start" for e in earlier))
+    p = RunProgress(
+        iters=int(starts[-1].get("iters", 0)) if starts else 0,
+        starts=sum(e.get("type") == "start" for e in earlier),
+    )
     if starts and starts[-1].get("resumed_from"):
         p.tokens_before = tokens_at(session, job.id, int(starts[-1].get("step", 0)))
     for event in events:
@@ -107,23 +111,36 @@ def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int |
     return end
 
 
-def ingest_event(session: Session, job: FineTuningJob, event: dict[str, Any], p: RunProgress) -> None:
+def ingest_event(
+    session: Session, job: FineTuningJob, event: dict[str, Any], p: RunProgress
+) -> None:
     kind, step = event.get("type"), int(event.get("step", 0))
     at = f"Step {step}/{p.iters}"
     if kind == "start":
         p.iters, p.starts = int(event.get("iters", p.iters)), p.starts + 1
-        info = {k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")}
+        info = {
+            k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")
+        }
         if event.get("resumed_from"):
             _checkpoint_row(session, job.id, step, str(event["resumed_from"]))  # if never reported
-            add_event(session, job.id, f"Resumed from checkpoint at step {step} (run {p.starts})",
-                      data={"step": step, "total_steps": p.iters, **info})
+            add_event(
+                session,
+                job.id,
+                f"Resumed from checkpoint at step {step} (run {p.starts})",
+                data={"step": step, "total_steps": p.iters, **info},
+            )
         elif p.starts > 1:
-            add_event(session, job.id, f"Fine-tuning restarted from step 0 (run {p.starts}): "
-                      "no checkpoint was saved before the last run stopped",
-                      data={"step": 0, "total_steps": p.iters, **info})
+            add_event(
+                session,
+                job.id,
+                f"Fine-tuning restarted from step 0 (run {p.starts}): "
+                "no checkpoint was saved before the last run stopped",
+                data={"step": 0, "total_steps": p.iters, **info},
+            )
         else:
-            add_event(session, job.id, "Fine-tuning job started",
-                      data={"total_steps": p.iters, **info})
+            add_event(
+                session, job.id, "Fine-tuning job started", data={"total_steps": p.iters, **info}
+            )
     elif kind == "train":
         p.last_step, p.train_loss = step, float(event["loss"])
         p.trained_tokens = p.tokens_before + int(event.get("trained_tokens", 0))
@@ -131,16 +148,30 @@ def ingest_event(session: Session, job: FineTuningJob, event: dict[str, Any], p:
         it_per_sec = float(event.get("it_per_sec") or 0)
         if it_per_sec > 0:
             job.estimated_finish = now() + math.ceil((p.iters - step) / it_per_sec)
-        add_event(session, job.id, f"{at}: training loss={p.train_loss:.4f}", type="metrics",
-                  data={"step": step, "total_steps": p.iters, "train_loss": p.train_loss,
-                        "learning_rate": event.get("learning_rate"),
-                        "tokens_per_sec": event.get("tokens_per_sec"),
-                        "peak_memory_gb": event.get("peak_memory_gb"),
-                        "trained_tokens": p.trained_tokens})
+        add_event(
+            session,
+            job.id,
+            f"{at}: training loss={p.train_loss:.4f}",
+            type="metrics",
+            data={
+                "step": step,
+                "total_steps": p.iters,
+                "train_loss": p.train_loss,
+                "learning_rate": event.get("learning_rate"),
+                "tokens_per_sec": event.get("tokens_per_sec"),
+                "peak_memory_gb": event.get("peak_memory_gb"),
+                "trained_tokens": p.trained_tokens,
+            },
+        )
     elif kind == "eval":
         p.valid_loss = float(event["val_loss"])
-        add_event(session, job.id, f"{at}: validation loss={p.valid_loss:.4f}", type="metrics",
-                  data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss})
+        add_event(
+            session,
+            job.id,
+            f"{at}: validation loss={p.valid_loss:.4f}",
+            type="metrics",
+            data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss},
+        )
     elif kind == "checkpoint":
         row = _checkpoint_row(session, job.id, step, str(event["path"]))
         row.metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
@@ -154,9 +185,15 @@ def ingest_event(session: Session, job: FineTuningJob, event: dict[str, Any], p:
     elif kind == "done" and event.get("status") == "succeeded":
         p.succeeded = True
         peak = event.get("peak_memory_gb") or 0.0
-        add_event(session, job.id, f"Training finished at step {step}: training loss "
-                  f"{p.train_loss or 0:.4f}, peak memory {peak:.2f} GB",
-                  data={"step": step, "peak_memory_gb": peak})
+        add_event(
+            session,
+            job.id,
+            f"Training finished at step {step}: training loss "
+            f"{p.train_loss or 0:.4f}, peak memory {peak:.2f} GB",
+            data={"step": step, "peak_memory_gb": peak},
+        )
     elif kind == "error":
-        p.error = {"code": str(event.get("code", "training_failed")),
-                   "message": str(event.get("message"))}
+        p.error = {
+            "code": str(event.get("code", "training_failed")),
+            "message": str(event.get("message")),
+        }

@@ -107,8 +107,9 @@ class JobWorker:
     validates adapters against the base model's config.json.
     """
 
-    def __init__(self, settings: Settings, registry: AdapterRegistry | None = None, *,
-                 poll_s: float = POLL_S) -> None:
+    def __init__(
+        self, settings: Settings, registry: AdapterRegistry | None = None, *, poll_s: float = POLL_S
+    ) -> None:
         from mlx_core.config import load_config
         from server.adapters import AdapterRegistry
 
@@ -139,12 +140,17 @@ class JobWorker:
     def run(self) -> None:
         """Claim and train jobs until `stopping` is set; then stop the trainers and queue their
         jobs again (they resume from their checkpoints on the next start)."""
-        log.info("job worker %s: training jobs for %s, %d at a time", self.worker_id,
-                 self.base_model, self.settings.max_concurrent_jobs)
+        log.info(
+            "job worker %s: training jobs for %s, %d at a time",
+            self.worker_id,
+            self.base_model,
+            self.settings.max_concurrent_jobs,
+        )
         # In the server, wait for the model: a job finishing meanwhile could not be registered
         # (and its lease would lapse while it waited).
         while not getattr(self.registry.engine_service, "ready", True) and not self.stopping.wait(
-                self.poll_s):
+            self.poll_s
+        ):
             pass
         next_recovery = 0.0
         while not self.stopping.is_set():
@@ -156,7 +162,8 @@ class JobWorker:
                 self._runs = [r for r in self._runs if r.is_alive()]
                 while len(self._runs) < self.settings.max_concurrent_jobs:
                     job = self.db.run_sync(
-                        lambda s: claim_next_job(s, self.worker_id, self.base_model))
+                        lambda s: claim_next_job(s, self.worker_id, self.base_model)
+                    )
                     if job is None:
                         break
                     log.info("job %s: claimed (run %d)", job.id, job.attempts)
@@ -192,8 +199,10 @@ class JobWorker:
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"{MEMORY_LIMIT_ENV}={text!r} is not a number of GB: fix or unset "
-                             "it in the worker's environment") from None
+            raise ValueError(
+                f"{MEMORY_LIMIT_ENV}={text!r} is not a number of GB: fix or unset "
+                "it in the worker's environment"
+            ) from None
 
     async def register(self, name: str, path: Path, job_id: str) -> None:
         """Register the trained adapter as `name` (idempotent for the same job)."""
@@ -220,8 +229,11 @@ class _JobRun(threading.Thread):
             self._fail("registration_failed", e.message)
         except Exception as e:
             log.exception("job %s failed in the worker", self.job.id)
-            self._fail("worker_error", f"The worker failed while running this job ({e}). The "
-                       "worker's log has the details; create the job again once it is fixed.")
+            self._fail(
+                "worker_error",
+                f"The worker failed while running this job ({e}). The "
+                "worker's log has the details; create the job again once it is fixed.",
+            )
 
     def _run(self) -> None:
         from mlx_core.checkpoints import latest_checkpoint
@@ -260,18 +272,31 @@ class _JobRun(threading.Thread):
         how = f"exited with code {returncode}"
         if returncode < 0:
             how = f"was killed by signal {-returncode}" + (
-                " (often the system running out of memory)" if returncode == -signal.SIGKILL else "")
-        error = progress.error or {"code": "training_failed", "message": (
-            f"The trainer {how} before finishing. See {self.dir / 'train.log'}, then create the "
-            "job again.")}
+                " (often the system running out of memory)" if returncode == -signal.SIGKILL else ""
+            )
+        error = progress.error or {
+            "code": "training_failed",
+            "message": (
+                f"The trainer {how} before finishing. See {self.dir / 'train.log'}, then create the "
+                "job again."
+            ),
+        }
         self._fail(error["code"], error["message"])
 
     def _prepare_data(self) -> int:
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         job = self.job
-        files = self.db.run_sync(lambda s: {f.id: f for f in s.scalars(select(UploadedFile).where(
-            UploadedFile.id.in_([job.training_file, job.validation_file or ""])))})
+        files = self.db.run_sync(
+            lambda s: {
+                f.id: f
+                for f in s.scalars(
+                    select(UploadedFile).where(
+                        UploadedFile.id.in_([job.training_file, job.validation_file or ""])
+                    )
+                )
+            }
+        )
         pairs = [("train.jsonl", job.training_file), ("valid.jsonl", job.validation_file)]
         for name, file_id in pairs:
             target = data / name
@@ -291,13 +316,24 @@ class _JobRun(threading.Thread):
     # -- the child process ----------------------------------------------------------------------
     def _train(self, progress: RunProgress) -> int | None:
         """Run the trainer: its exit code, or None when this worker stopped it first."""
-        cmd = [sys.executable, "-m", "server.job_trainer", str(self.dir / "spec.json"),
-               "--parent-pid", str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.job_trainer",
+            str(self.dir / "spec.json"),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         with (self.dir / "train.log").open("ab") as out:
             # Own session: a Ctrl-C in the server's terminal reaches the worker, which decides.
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         log.info("job %s: trainer pid %d (log %s)", self.job.id, proc.pid, self.dir / "train.log")
         try:
             while True:
@@ -346,8 +382,11 @@ class _JobRun(threading.Thread):
             self.db.run_sync(lambda s: add_event(s, self.job.id, "Trainer stopped"))
             log.info("job %s: cancelled, trainer stopped", self.job.id)
         else:
-            log.warning("job %s: taken over by another worker (status %s); trainer stopped",
-                        self.job.id, status)
+            log.warning(
+                "job %s: taken over by another worker (status %s); trainer stopped",
+                self.job.id,
+                status,
+            )
 
     def _requeue(self, progress: RunProgress) -> None:
         def requeue(session: Session) -> None:
@@ -357,8 +396,13 @@ class _JobRun(threading.Thread):
             # A shutdown is not a failed run: it does not count against MAX_ATTEMPTS.
             job.status, job.attempts, job.worker_id = "queued", job.attempts - 1, None
             job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
-            add_event(session, job.id, f"The worker stopped at step {progress.last_step}; the "
-                      "job is queued again and resumes from its last checkpoint.", level="warn")
+            add_event(
+                session,
+                job.id,
+                f"The worker stopped at step {progress.last_step}; the "
+                "job is queued again and resumes from its last checkpoint.",
+                level="warn",
+            )
 
         self.db.run_sync(requeue)
 
@@ -392,11 +436,20 @@ class _JobRun(threading.Thread):
             if row is None:
                 return False
             row.status, row.fine_tuned_model, row.result_files = "succeeded", name, [result.id]
-            row.finished_at, row.lease_expires_at, row.pid, row.estimated_finish = now(), None, None, None
+            row.finished_at, row.lease_expires_at, row.pid, row.estimated_finish = (
+                now(),
+                None,
+                None,
+                None,
+            )
             if progress.trained_tokens:
                 row.trained_tokens = progress.trained_tokens
-            add_event(session, job.id, f"New fine-tuned model created: {name}",
-                      data={"fine_tuned_model": name})
+            add_event(
+                session,
+                job.id,
+                f"New fine-tuned model created: {name}",
+                data={"fine_tuned_model": name},
+            )
             add_event(session, job.id, "The job has successfully completed")
             return True
 
@@ -410,8 +463,13 @@ class _JobRun(threading.Thread):
     def _result_file(self) -> UploadedFile:
         """The adapter as a .tar.gz in files/ (purpose fine-tune-results); made once per job."""
         filename = f"{self.job.id}-adapter.tar.gz"
-        existing = self.db.run_sync(lambda s: s.scalars(select(UploadedFile).where(
-            UploadedFile.filename == filename, UploadedFile.purpose == RESULTS_PURPOSE)).first())
+        existing = self.db.run_sync(
+            lambda s: s.scalars(
+                select(UploadedFile).where(
+                    UploadedFile.filename == filename, UploadedFile.purpose == RESULTS_PURPOSE
+                )
+            ).first()
+        )
         if existing is not None:  # made before a crash, not yet recorded on the job
             return existing
         file_id = new_id("file")
@@ -420,8 +478,14 @@ class _JobRun(threading.Thread):
         with tarfile.open(path, "w:gz") as tar:  # the layout POST /v1/adapters accepts back
             for name in ("adapters.safetensors", "adapter_config.json"):
                 tar.add(self.dir / "adapter" / name, arcname=name)
-        row = UploadedFile(id=file_id, filename=filename, purpose=RESULTS_PURPOSE,
-                           bytes=path.stat().st_size, path=str(path), status="processed")
+        row = UploadedFile(
+            id=file_id,
+            filename=filename,
+            purpose=RESULTS_PURPOSE,
+            bytes=path.stat().st_size,
+            path=str(path),
+            status="processed",
+        )
         self.db.run_sync(lambda s: s.add(row))
         return row
 

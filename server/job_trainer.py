@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
-_MEMORY_HINT = (" In the job request, lower hyperparameters.batch_size, lora.num_layers or "
-                "lora.max_seq_len, or set lora.quantize to 4.")
+_MEMORY_HINT = (
+    " In the job request, lower hyperparameters.batch_size, lora.num_layers or "
+    "lora.max_seq_len, or set lora.quantize to 4."
+)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -43,10 +45,12 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.job_trainer",
-                                     description="Run one fine-tune job's trainer (the worker "
-                                     "starts this; people use `loraforge train`).")
-    parser.add_argument("spec", help="spec.json: {\"model\", \"data\", \"config\"}")
+    parser = argparse.ArgumentParser(
+        prog="python -m server.job_trainer",
+        description="Run one fine-tune job's trainer (the worker "
+        "starts this; people use `loraforge train`).",
+    )
+    parser.add_argument("spec", help='spec.json: {"model", "data", "config"}')
     parser.add_argument("--parent-pid", type=int, required=True)
     ns = parser.parse_args(argv)
     _die_with_parent(ns.parent_pid)
@@ -62,16 +66,21 @@ def main(argv: list[str]) -> int:
         return 0
     except USER_ERRORS as e:
         memory = isinstance(e, MemoryPreflightError)
-        error = {"code": "insufficient_memory" if memory else "training_failed",
-                 "message": str(e) + (_MEMORY_HINT if memory else "")}
+        error = {
+            "code": "insufficient_memory" if memory else "training_failed",
+            "message": str(e) + (_MEMORY_HINT if memory else ""),
+        }
         print(f"loraforge job: {e}", file=sys.stderr)
         code = 2
     except Exception as e:
         import traceback
 
         traceback.print_exc()
-        error = {"code": "training_failed", "message": f"The trainer crashed: {type(e).__name__}: "
-                 f"{e}. {Path(ns.spec).parent / 'train.log'} has the traceback."}
+        error = {
+            "code": "training_failed",
+            "message": f"The trainer crashed: {type(e).__name__}: "
+            f"{e}. {Path(ns.spec).parent / 'train.log'} has the traceback.",
+        }
         code = 1
     with open(config.events_jsonl, "a", encoding="utf-8") as f:
         f.write(json.dumps({"type": "error", "step": 0, "time": time.time(), **error}) + "\n")

@@ -116,18 +116,28 @@ def _check_model(model: str | None, settings: Settings) -> str:
         return base
     raise NotFoundError(
         f"The model `{model}` does not exist or cannot be fine-tuned here: this server fine-tunes "
-        f"`{base}` (GET /v1/models lists the models). Send model=\"{base}\".",
-        param="model", code="model_not_found")
+        f'`{base}` (GET /v1/models lists the models). Send model="{base}".',
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _check_file(session: Session, file_id: str, param: str) -> UploadedFile:
     row = session.get(UploadedFile, file_id)
     if row is None:
-        raise _bad(f"No such File object: {file_id} ({param}). Upload the data with POST /v1/files "
-                   "(purpose=fine-tune) and pass the id it returns.", param, f"invalid_{param}")
+        raise _bad(
+            f"No such File object: {file_id} ({param}). Upload the data with POST /v1/files "
+            "(purpose=fine-tune) and pass the id it returns.",
+            param,
+            f"invalid_{param}",
+        )
     if row.purpose != "fine-tune":
-        raise _bad(f"{file_id} was uploaded with purpose '{row.purpose}', not 'fine-tune': upload "
-                   "the training data again with purpose=fine-tune.", param, f"invalid_{param}")
+        raise _bad(
+            f"{file_id} was uploaded with purpose '{row.purpose}', not 'fine-tune': upload "
+            "the training data again with purpose=fine-tune.",
+            param,
+            f"invalid_{param}",
+        )
     return row
 
 
@@ -145,10 +155,11 @@ def _resolve(value: Any, auto: Any, kind: type, low: float, high: float, name: s
     if value == "auto":
         return auto
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise _bad(f"{name} must be a whole number or \"auto\", got {value!r}.", param)
+        raise _bad(f'{name} must be a whole number or "auto", got {value!r}.', param)
     if not low <= value <= high:
-        raise _bad(f"{name} must be between {low:g} and {high:g} (or \"auto\"), got {value!r}.",
-                   param)
+        raise _bad(
+            f'{name} must be between {low:g} and {high:g} (or "auto"), got {value!r}.', param
+        )
     return kind(value)
 
 
@@ -156,26 +167,41 @@ def _check_lora(lora: LoraOptions, settings: Settings, text_examples: bool) -> N
     from mlx_core.lora import TARGETS
 
     if not 1 <= lora.rank <= settings.max_lora_rank:
-        raise _bad(f"lora.rank {lora.rank} is outside 1..{settings.max_lora_rank} (this server's "
-                   "--max-lora-rank, the largest it can serve): pick a rank in that range.", "lora.rank")
+        raise _bad(
+            f"lora.rank {lora.rank} is outside 1..{settings.max_lora_rank} (this server's "
+            "--max-lora-rank, the largest it can serve): pick a rank in that range.",
+            "lora.rank",
+        )
     if lora.alpha <= 0:
-        raise _bad(f"lora.alpha {lora.alpha} must be positive (scale = alpha / rank), e.g. 16.",
-                   "lora.alpha")
+        raise _bad(
+            f"lora.alpha {lora.alpha} must be positive (scale = alpha / rank), e.g. 16.",
+            "lora.alpha",
+        )
     if not 0 <= lora.dropout < 1:
         raise _bad(f"lora.dropout {lora.dropout} must be in [0, 1), e.g. 0.05.", "lora.dropout")
     unknown = [t for t in lora.targets or () if t not in TARGETS]
     if unknown or lora.targets == []:
-        raise _bad(f"lora.targets {lora.targets}: choose from {', '.join(TARGETS)}.", "lora.targets")
+        raise _bad(
+            f"lora.targets {lora.targets}: choose from {', '.join(TARGETS)}.", "lora.targets"
+        )
     if lora.num_layers is not None and lora.num_layers < 1:
-        raise _bad(f"lora.num_layers {lora.num_layers}: use 1 or more, or leave it out for all "
-                   "layers.", "lora.num_layers")
+        raise _bad(
+            f"lora.num_layers {lora.num_layers}: use 1 or more, or leave it out for all layers.",
+            "lora.num_layers",
+        )
     if lora.max_seq_len < 3:
-        raise _bad(f"lora.max_seq_len {lora.max_seq_len}: an example needs room for BOS, a token "
-                   "and EOS; use e.g. 2048.", "lora.max_seq_len")
+        raise _bad(
+            f"lora.max_seq_len {lora.max_seq_len}: an example needs room for BOS, a token "
+            "and EOS; use e.g. 2048.",
+            "lora.max_seq_len",
+        )
     if lora.mask_prompt and text_examples and not lora.completion_after:
-        raise _bad("lora.mask_prompt with {\"text\": ...} examples needs lora.completion_after "
-                   "(the marker where the answer starts, e.g. \"A:\"), or use prompt/completion "
-                   "or chat examples.", "lora.completion_after")
+        raise _bad(
+            'lora.mask_prompt with {"text": ...} examples needs lora.completion_after '
+            '(the marker where the answer starts, e.g. "A:"), or use prompt/completion '
+            "or chat examples.",
+            "lora.completion_after",
+        )
 
 
 def create_job(session: Session, settings: Settings, request: JobRequest) -> FineTuningJob:
@@ -190,24 +216,35 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
         _check_file(session, request.validation_file, "validation_file")
     n = train.n_examples or 0
     if n < 1:
-        raise _bad(f"{train.id} has no training examples: upload a file with at least one.",
-                   "training_file", "invalid_training_file")
+        raise _bad(
+            f"{train.id} has no training examples: upload a file with at least one.",
+            "training_file",
+            "invalid_training_file",
+        )
     n_epochs = _resolve(request.n_epochs, auto_epochs(n), int, 1, MAX_EPOCHS, "n_epochs")
-    batch_size = _resolve(request.batch_size, auto_batch_size(n), int, 1, MAX_BATCH_SIZE,
-                          "batch_size")
+    batch_size = _resolve(
+        request.batch_size, auto_batch_size(n), int, 1, MAX_BATCH_SIZE, "batch_size"
+    )
     if batch_size > n:
-        raise _bad(f"batch_size {batch_size} is larger than the {n} examples in {train.id}: use "
-                   f"{n} or fewer, or \"auto\".", "hyperparameters.batch_size")
+        raise _bad(
+            f"batch_size {batch_size} is larger than the {n} examples in {train.id}: use "
+            f'{n} or fewer, or "auto".',
+            "hyperparameters.batch_size",
+        )
     multiplier = request.learning_rate_multiplier
     if multiplier != "auto" and (isinstance(multiplier, bool) or not multiplier > 0):
-        raise _bad(f"learning_rate_multiplier must be a number above 0 (or \"auto\"), got "
-                   f"{multiplier!r}.", "hyperparameters.learning_rate_multiplier")
+        raise _bad(
+            f'learning_rate_multiplier must be a number above 0 (or "auto"), got {multiplier!r}.',
+            "hyperparameters.learning_rate_multiplier",
+        )
     multiplier = AUTO_LR_MULTIPLIER if multiplier == "auto" else float(multiplier)
     suffix = request.suffix or None
     if suffix is not None and (len(suffix) > MAX_SUFFIX or not SUFFIX_RE.match(suffix)):
-        raise _bad(f"suffix {suffix!r} is not allowed: use up to {MAX_SUFFIX} characters from "
-                   "A-Z a-z 0-9 . _ - (it becomes part of the model name ft:<base>:<suffix>:<id>).",
-                   "suffix")
+        raise _bad(
+            f"suffix {suffix!r} is not allowed: use up to {MAX_SUFFIX} characters from "
+            "A-Z a-z 0-9 . _ - (it becomes part of the model name ft:<base>:<suffix>:<id>).",
+            "suffix",
+        )
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise _bad(f"seed {request.seed} must be between 0 and {MAX_SEED}.", "seed")
     lora = request.lora
@@ -222,23 +259,40 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
         lora = msgspec.structs.replace(lora, mask_prompt=request.prompt_loss_weight < 0.5)
     _check_lora(lora, settings, text_examples)
 
-    hyperparameters = {"n_epochs": n_epochs, "batch_size": batch_size,
-                       "learning_rate_multiplier": multiplier}
+    hyperparameters = {
+        "n_epochs": n_epochs,
+        "batch_size": batch_size,
+        "learning_rate_multiplier": multiplier,
+    }
     job = FineTuningJob(
-        id=new_id("ftjob"), model=model, training_file=train.id,
-        validation_file=request.validation_file, hyperparameters=hyperparameters,
-        lora=msgspec.to_builtins(lora), suffix=suffix, api=request.api,
+        id=new_id("ftjob"),
+        model=model,
+        training_file=train.id,
+        validation_file=request.validation_file,
+        hyperparameters=hyperparameters,
+        lora=msgspec.to_builtins(lora),
+        suffix=suffix,
+        api=request.api,
         # Queued at once: the files were validated line by line when they were uploaded.
-        status="queued", seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
-        result_files=[], attempts=0, cancel_requested=False)
+        status="queued",
+        seed=request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1),
+        result_files=[],
+        attempts=0,
+        cancel_requested=False,
+    )
     _check_trainer_accepts(job, n)
     session.add(job)
     add_event(session, job.id, f"Validating training file: {train.id}")
     if job.validation_file:
         add_event(session, job.id, f"Validating validation file: {job.validation_file}")
     iters = training_steps(job, n)
-    add_event(session, job.id, f"Files validated, moving job to queued state ({iters} steps: {n} "
-              f"examples x {n_epochs} epochs / batch {batch_size})", data={"total_steps": iters})
+    add_event(
+        session,
+        job.id,
+        f"Files validated, moving job to queued state ({iters} steps: {n} "
+        f"examples x {n_epochs} epochs / batch {batch_size})",
+        data={"total_steps": iters},
+    )
     session.flush()
     return job
 
@@ -251,22 +305,36 @@ def _check_trainer_accepts(job: FineTuningJob, n_examples: int) -> None:
     try:
         TrainConfig.from_dict(train_config(job, n_examples, Path("."), None, None)).validate()
     except TrainingConfigError as e:
-        raise _bad(f"These settings cannot train: {e}. Change the job's hyperparameters or lora "
-                   "settings.", "lora") from None
+        raise _bad(
+            f"These settings cannot train: {e}. Change the job's hyperparameters or lora settings.",
+            "lora",
+        ) from None
 
 
-def add_event(session: Session, job_id: str, message: str, *, level: str = "info",
-              type: str = "message", data: dict[str, Any] | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, message=message, level=level, type=type, data=data,
-                         created_at=now()))
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        JobEvent(
+            job_id=job_id, message=message, level=level, type=type, data=data, created_at=now()
+        )
+    )
 
 
 def get_job(session: Session, any_id: str) -> FineTuningJob:
     job = session.get(FineTuningJob, job_id_from(any_id))
     if job is None:
-        raise NotFoundError(f"No such fine-tuning job: {any_id}. List jobs with GET "
-                            "/v1/fine_tuning/jobs.", param="fine_tuning_job_id",
-                            code="fine_tuning_job_not_found")
+        raise NotFoundError(
+            f"No such fine-tuning job: {any_id}. List jobs with GET /v1/fine_tuning/jobs.",
+            param="fine_tuning_job_id",
+            code="fine_tuning_job_not_found",
+        )
     return job
 
 
@@ -276,9 +344,12 @@ def cancel_job(session: Session, any_id: str) -> FineTuningJob:
     job = get_job(session, any_id)
     if job.status in FINISHED:
         done = "been cancelled" if job.status == "cancelled" else job.status
-        raise ConflictError(f"Job {job.id} has already {done}, so it cannot be cancelled. "
-                            "Create a new job to train again.", param="fine_tuning_job_id",
-                            code="job_already_finished")
+        raise ConflictError(
+            f"Job {job.id} has already {done}, so it cannot be cancelled. "
+            "Create a new job to train again.",
+            param="fine_tuning_job_id",
+            code="job_already_finished",
+        )
     job.status, job.cancel_requested = "cancelled", True
     job.finished_at, job.estimated_finish, job.lease_expires_at = now(), None, None
     add_event(session, job.id, "Job cancelled")
@@ -291,25 +362,40 @@ def training_steps(job: FineTuningJob, n_examples: int) -> int:
     return max(1, math.ceil(n_examples * hp["n_epochs"] / hp["batch_size"]))
 
 
-def train_config(job: FineTuningJob, n_examples: int, job_dir: Path, resume: Path | None,
-                 memory_limit_gb: float | None) -> dict[str, Any]:
+def train_config(
+    job: FineTuningJob,
+    n_examples: int,
+    job_dir: Path,
+    resume: Path | None,
+    memory_limit_gb: float | None,
+) -> dict[str, Any]:
     """The TrainConfig fields (`mlx_core.train_config`) of one run of `job`."""
     iters = training_steps(job, n_examples)
     save_every = max(1, math.ceil(iters / CHECKPOINTS_PER_JOB))
     lora = job.lora
     return {
-        "iters": iters, "batch_size": job.hyperparameters["batch_size"],
+        "iters": iters,
+        "batch_size": job.hyperparameters["batch_size"],
         "learning_rate": BASE_LEARNING_RATE * job.hyperparameters["learning_rate_multiplier"],
-        "seed": job.seed, "max_seq_len": lora["max_seq_len"], "mask_prompt": lora["mask_prompt"],
-        "completion_after": lora["completion_after"], "lora_rank": lora["rank"],
-        "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-        "lora_layers": lora["num_layers"] or -1, "targets": lora["targets"],
-        "quantize": lora["quantize"], "steps_per_report": 1,
+        "seed": job.seed,
+        "max_seq_len": lora["max_seq_len"],
+        "mask_prompt": lora["mask_prompt"],
+        "completion_after": lora["completion_after"],
+        "lora_rank": lora["rank"],
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": lora["dropout"],
+        "lora_layers": lora["num_layers"] or -1,
+        "targets": lora["targets"],
+        "quantize": lora["quantize"],
+        "steps_per_report": 1,
         # With validation data every checkpoint gets a validation loss.
         "steps_per_eval": save_every if job.validation_file else 0,
-        "save_every": save_every, "adapter_path": str(job_dir / "adapter"),
-        "events_jsonl": str(job_dir / "events.jsonl"), "resume": str(resume) if resume else False,
-        "memory_limit_gb": memory_limit_gb, "progress": "lines",
+        "save_every": save_every,
+        "adapter_path": str(job_dir / "adapter"),
+        "events_jsonl": str(job_dir / "events.jsonl"),
+        "resume": str(resume) if resume else False,
+        "memory_limit_gb": memory_limit_gb,
+        "progress": "lines",
     }
 
 
@@ -317,15 +403,25 @@ def train_config(job: FineTuningJob, n_examples: int, job_dir: Path, resume: Pat
 def claim_next_job(session: Session, worker_id: str, base_model: str) -> FineTuningJob | None:
     """Atomically take the oldest queued job for `base_model`; None when there is none."""
     t = now()
-    oldest = (select(FineTuningJob.id)
-              .where(FineTuningJob.status == "queued", FineTuningJob.model == base_model)
-              .order_by(FineTuningJob.created_at, FineTuningJob.id).limit(1).scalar_subquery())
+    oldest = (
+        select(FineTuningJob.id)
+        .where(FineTuningJob.status == "queued", FineTuningJob.model == base_model)
+        .order_by(FineTuningJob.created_at, FineTuningJob.id)
+        .limit(1)
+        .scalar_subquery()
+    )
     claimed = session.execute(
         update(FineTuningJob)
         .where(FineTuningJob.id == oldest, FineTuningJob.status == "queued")
-        .values(status="running", worker_id=worker_id, lease_expires_at=t + LEASE_S, pid=None,
-                attempts=FineTuningJob.attempts + 1, updated_at=t,
-                started_at=func.coalesce(FineTuningJob.started_at, t))
+        .values(
+            status="running",
+            worker_id=worker_id,
+            lease_expires_at=t + LEASE_S,
+            pid=None,
+            attempts=FineTuningJob.attempts + 1,
+            updated_at=t,
+            started_at=func.coalesce(FineTuningJob.started_at, t),
+        )
         .returning(FineTuningJob.id)
         .execution_options(synchronize_session=False)
     ).scalar_one_or_none()
@@ -352,9 +448,10 @@ def _worker_gone(worker_id: str | None) -> bool:
     return not _process_alive(int(pid))
 
 
-def recover_lost_jobs(session: Session,
-                      before_requeue: Callable[[Session, FineTuningJob], None] | None = None,
-                      ) -> list[str]:
+def recover_lost_jobs(
+    session: Session,
+    before_requeue: Callable[[Session, FineTuningJob], None] | None = None,
+) -> list[str]:
     """Queue again (or fail, after MAX_ATTEMPTS runs) running jobs whose worker is gone.
 
     `before_requeue(session, job)` runs first for each such job (the worker ingests what the
@@ -368,22 +465,33 @@ def recover_lost_jobs(session: Session,
             continue
         if before_requeue is not None:
             before_requeue(session, job)
-        step = session.scalar(select(func.max(JobCheckpoint.step))
-                              .where(JobCheckpoint.job_id == job.id))
+        step = session.scalar(
+            select(func.max(JobCheckpoint.step)).where(JobCheckpoint.job_id == job.id)
+        )
         where = f"checkpoint step {step}" if step else "the start (no checkpoint yet)"
         job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
         if job.attempts >= MAX_ATTEMPTS:
             job.status, job.finished_at = "failed", t
-            job.error = {"code": "worker_lost", "param": None, "message": (
-                f"The worker training this job stopped {job.attempts} times (last seen "
-                f"{job.worker_id}); giving up. Check the worker's log and "
-                f"{job.id}/train.log in the jobs folder, then create the job again.")}
+            job.error = {
+                "code": "worker_lost",
+                "param": None,
+                "message": (
+                    f"The worker training this job stopped {job.attempts} times (last seen "
+                    f"{job.worker_id}); giving up. Check the worker's log and "
+                    f"{job.id}/train.log in the jobs folder, then create the job again."
+                ),
+            }
             add_event(session, job.id, job.error["message"], level="error")
         else:
             job.status = "queued"
-            add_event(session, job.id, f"The worker running this job stopped ({job.worker_id}); "
-                      f"queued again to resume from {where} ({job.attempts} of {MAX_ATTEMPTS} "
-                      "runs used).", level="warn")
+            add_event(
+                session,
+                job.id,
+                f"The worker running this job stopped ({job.worker_id}); "
+                f"queued again to resume from {where} ({job.attempts} of {MAX_ATTEMPTS} "
+                "runs used).",
+                level="warn",
+            )
         recovered.append(job.id)
     return recovered
 

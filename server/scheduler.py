@@ -42,8 +42,12 @@ class _Stream:
 class EngineService:
     """Loads the model at startup and serves generation requests from a dedicated thread."""
 
-    def __init__(self, settings: Settings, metrics: Metrics,
-                 adapter_loader: Callable[[str], Adapter] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        adapter_loader: Callable[[str], Adapter] | None = None,
+    ) -> None:
         self.settings, self.metrics = settings, metrics
         self.adapter_loader = adapter_loader
         self.loaded: LoadedModel | None = None
@@ -69,7 +73,9 @@ class EngineService:
         """Load the model and start the engine thread in the background: /health answers at
         once, /ready and completions wait for `ready`. `wait_ready()` waits for it."""
         self.started_at = int(time.time())
-        self._thread = threading.Thread(target=self._load_and_run, name="loraforge-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._load_and_run, name="loraforge-engine", daemon=True
+        )
         self._thread.start()
         metrics = self.metrics
         metrics.running_requests.set_function(lambda: self.engine.num_running if self.engine else 0)
@@ -100,23 +106,39 @@ class EngineService:
         self.model_id = self.settings.base_model_id()
         s = self.settings
         if self.adapter_loader is not None:
-            self.slots = AdapterSlots(self.loaded.model, s.max_loaded_adapters, s.max_lora_rank,
-                                      self.adapter_loader)
+            self.slots = AdapterSlots(
+                self.loaded.model, s.max_loaded_adapters, s.max_lora_rank, self.adapter_loader
+            )
         args = self.loaded.args
         kv_tokens = None
         if s.kv_cache_memory_gb:
-            per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * _dtype_bytes(self.loaded)
+            per_token = (
+                2 * args.n_layers * args.n_kv_heads * args.head_dim * _dtype_bytes(self.loaded)
+            )
             kv_tokens = int(s.kv_cache_memory_gb * 1e9 / per_token)
         block = 16
         prefix_tokens = 0
         if s.prefix_cache_mb:
-            per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * _dtype_bytes(self.loaded)
+            per_token = (
+                2 * args.n_layers * args.n_kv_heads * args.head_dim * _dtype_bytes(self.loaded)
+            )
             prefix_tokens = max(block, int(s.prefix_cache_mb * 2**20 / per_token))
-        self.engine = Engine(self.loaded.model, self.loaded.tokenizer, max_num_seqs=s.max_num_seqs,
-                             max_model_len=s.max_model_len, kv_budget_tokens=kv_tokens,
-                             prefix_cache_tokens=prefix_tokens, adapter_slots=self.slots)
-        log.info("serving %s from %s (%s, max context %d)", self.model_id, path,
-                 self.loaded.source_format, self.engine.max_model_len)
+        self.engine = Engine(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            max_num_seqs=s.max_num_seqs,
+            max_model_len=s.max_model_len,
+            kv_budget_tokens=kv_tokens,
+            prefix_cache_tokens=prefix_tokens,
+            adapter_slots=self.slots,
+        )
+        log.info(
+            "serving %s from %s (%s, max context %d)",
+            self.model_id,
+            path,
+            self.loaded.source_format,
+            self.engine.max_model_len,
+        )
 
     async def stop(self) -> None:
         self._stopping = True
@@ -172,13 +194,21 @@ class EngineService:
     def require_ready(self) -> None:
         """Raise the 503 that explains why requests cannot be served yet (or at all)."""
         if self.load_error is not None:
-            raise ServiceUnavailableError(f"the model failed to load ({self.load_error}): restart the "
-                                          "server with a working --model", code="model_load_failed")
+            raise ServiceUnavailableError(
+                f"the model failed to load ({self.load_error}): restart the "
+                "server with a working --model",
+                code="model_load_failed",
+            )
         if not self.ready:
-            raise ServiceUnavailableError("the model is not loaded yet (or the server is shutting down): "
-                                          "retry shortly", retry_after_s=5, code="model_loading")
+            raise ServiceUnavailableError(
+                "the model is not loaded yet (or the server is shutting down): retry shortly",
+                retry_after_s=5,
+                code="model_loading",
+            )
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    def generate(
+        self, requests: Sequence[GenerationRequest]
+    ) -> AsyncIterator[tuple[int, GenerationOutput]]:
         """Submit requests together (errors raise here, before any response is started) and
         return an async iterator of (index in `requests`, output) until all finish. Closing the
         iterator early aborts what is still running."""
@@ -189,28 +219,37 @@ class EngineService:
                 self.engine.check_request(r)
             except EngineError as e:
                 too_long = "context length" in str(e)
-                raise BadRequestError(str(e), param="max_tokens" if too_long else "prompt",
-                                      code="context_length_exceeded" if too_long else None) from e
+                raise BadRequestError(
+                    str(e),
+                    param="max_tokens" if too_long else "prompt",
+                    code="context_length_exceeded" if too_long else None,
+                ) from e
         capacity = s.max_num_seqs + s.max_queue
         if len(requests) > capacity:
             raise BadRequestError(
                 f"this request asks for {len(requests)} sequences (n x prompts), more than this server "
                 f"holds at once ({s.max_num_seqs} running + {s.max_queue} queued): lower n or send "
-                "fewer prompts per request", param="n")
+                "fewer prompts per request",
+                param="n",
+            )
         budget = self.engine.kv_budget_tokens
         need = sum(len(r.prompt) + r.params.max_tokens for r in requests)
         if budget and need > budget:
             raise BadRequestError(
                 f"this request needs {need} tokens of KV cache (n x (prompt + max_tokens)), more than "
                 f"the server's budget of {budget} (--kv-cache-memory-gb): lower n or max_tokens",
-                param="max_tokens")
+                param="max_tokens",
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         now = time.perf_counter()
         with self._lock:
             if len(self._streams) + len(requests) > s.max_num_seqs + s.max_queue:
-                raise RateLimitError(f"the server is at capacity ({s.max_num_seqs} running, "
-                                     f"{s.max_queue} queued): retry shortly", retry_after_s=1)
+                raise RateLimitError(
+                    f"the server is at capacity ({s.max_num_seqs} running, "
+                    f"{s.max_queue} queued): retry shortly",
+                    retry_after_s=1,
+                )
             for i, r in enumerate(requests):
                 self._streams[r.request_id] = _Stream(loop, queue, i, now)
         self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests), model=self.model_id)
@@ -226,7 +265,9 @@ class EngineService:
             while pending:
                 out = await queue.get()
                 if isinstance(out, Exception):
-                    raise ServiceUnavailableError(f"generation failed ({out}); retry the request") from out
+                    raise ServiceUnavailableError(
+                        f"generation failed ({out}); retry the request"
+                    ) from out
                 if out.finish_reason:
                     pending.discard(out.request_id)
                 yield index[out.request_id], out

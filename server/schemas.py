@@ -197,12 +197,25 @@ class ChatCompletionRequest(RequestBody):
     verbosity: str | None = None
 
     unsupported = (
-        "response_format", "tools", "tool_choice", "parallel_tool_calls", "functions",
-        "function_call", "audio", "modalities", "prediction", "reasoning_effort",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "audio",
+        "modalities",
+        "prediction",
+        "reasoning_effort",
         "web_search_options",
     )
     accepted_and_ignored = (
-        "user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key",
+        "user",
+        "store",
+        "metadata",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
         "verbosity",
     )
 
@@ -514,8 +527,10 @@ class FineTuneCreateRequest(RequestBody):
     lora: LoraSettings | None = None
 
     unsupported = (
-        "compute_classification_metrics", "classification_n_classes",
-        "classification_positive_class", "classification_betas",
+        "compute_classification_metrics",
+        "classification_n_classes",
+        "classification_positive_class",
+        "classification_betas",
     )
 
 

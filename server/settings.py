@@ -39,12 +39,14 @@ def _opt(default: Any, help: str, *, repr: bool = True, **extra: Any) -> Any:
 @dataclass(frozen=True)
 class Settings:
     model: str | None = _opt(
-        None, "model folder or file to serve (HF safetensors, Mistral .pth, MLX); "
-        "unset = the embedded default model"
+        None,
+        "model folder or file to serve (HF safetensors, Mistral .pth, MLX); "
+        "unset = the embedded default model",
     )
     served_model_name: str | None = _opt(
-        None, "model id clients send as `model` (default: the model folder's name, or "
-        "loraforge-demo for the embedded model)"
+        None,
+        "model id clients send as `model` (default: the model folder's name, or "
+        "loraforge-demo for the embedded model)",
     )
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 = every interface)")
     port: int = _opt(8000, "TCP port to listen on")
@@ -53,8 +55,8 @@ class Settings:
     )
     data_dir: Path = _opt(DEFAULT_DATA_DIR, "folder for the database, files/, adapters/, jobs/")
     database_url: str = _opt(
-        "", "SQLAlchemy URL of the job/adapter database (default: sqlite file "
-        "<data-dir>/loraforge.db)"
+        "",
+        "SQLAlchemy URL of the job/adapter database (default: sqlite file <data-dir>/loraforge.db)",
     )
     max_loaded_adapters: int = _opt(8, "LoRA adapters resident in memory at once (LRU beyond)")
     max_lora_rank: int = _opt(64, "largest LoRA rank an adapter may have")
@@ -143,9 +145,7 @@ class Settings:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from `overrides` (explicit flags; None = not given) > env vars > defaults.
 
         `env` defaults to os.environ; tests pass a dict. Raises SettingsError for an env value
@@ -198,7 +198,12 @@ class Settings:
             else:
                 choices = f.metadata.get("choices")
                 parser.add_argument(
-                    flag, dest=name, type=base, default=None, help=help, choices=choices,
+                    flag,
+                    dest=name,
+                    type=base,
+                    default=None,
+                    help=help,
+                    choices=choices,
                     metavar=None if choices else name.upper(),
                 )
 

@@ -62,12 +62,19 @@ def hf_state_dict_to_mistral_pth(model_dir: Path, out: Path) -> Path:
         return w.view(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
 
     sd = hf_reference(model_dir).state_dict()
-    state = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
-             "norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
+    state = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
     for i in range(args.n_layers):
         p = f"model.layers.{i}."
-        state[f"layers.{i}.attention.wq.weight"] = to_interleaved(sd[p + "self_attn.q_proj.weight"], n_heads)
-        state[f"layers.{i}.attention.wk.weight"] = to_interleaved(sd[p + "self_attn.k_proj.weight"], n_kv)
+        state[f"layers.{i}.attention.wq.weight"] = to_interleaved(
+            sd[p + "self_attn.q_proj.weight"], n_heads
+        )
+        state[f"layers.{i}.attention.wk.weight"] = to_interleaved(
+            sd[p + "self_attn.k_proj.weight"], n_kv
+        )
         state[f"layers.{i}.attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
         state[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
         state[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
@@ -77,11 +84,19 @@ def hf_state_dict_to_mistral_pth(model_dir: Path, out: Path) -> Path:
         state[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
     out.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous().clone() for k, v in state.items()}, out / "consolidated.00.pth")
-    params = {"dim": args.dim, "n_layers": args.n_layers, "head_dim": head_dim,
-              "hidden_dim": args.hidden_dim, "n_heads": n_heads, "n_kv_heads": n_kv,
-              "norm_eps": args.norm_eps, "sliding_window": args.sliding_window,
-              "vocab_size": args.vocab_size, "rope_theta": args.rope_theta,
-              "max_seq_len": args.max_position_embeddings}
+    params = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "head_dim": head_dim,
+        "hidden_dim": args.hidden_dim,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv,
+        "norm_eps": args.norm_eps,
+        "sliding_window": args.sliding_window,
+        "vocab_size": args.vocab_size,
+        "rope_theta": args.rope_theta,
+        "max_seq_len": args.max_position_embeddings,
+    }
     (out / "params.json").write_text(json.dumps(params))
     shutil.copyfile(model_dir / "tokenizer.model", out / "tokenizer.model")
     return out

@@ -78,7 +78,9 @@ def serve(
 
 
 @contextmanager
-def start_model_server(settings: Settings, ready_timeout_s: float = 120.0) -> Iterator[tuple[str, Any]]:
+def start_model_server(
+    settings: Settings, ready_timeout_s: float = 120.0
+) -> Iterator[tuple[str, Any]]:
     """`loraforge serve` in-process: engine, adapter registry and worker as the CLI wires them.
     Yields (base URL, the EngineService) once the model is loaded."""
     import anyio
@@ -86,7 +88,8 @@ def start_model_server(settings: Settings, ready_timeout_s: float = 120.0) -> It
     from server.cli_serve import build_services
 
     metrics, registry, engine, services = build_services(settings)
-    with start_server(settings, engine, services=services, metrics=metrics,
-                      adapter_registry=registry) as base_url:
+    with start_server(
+        settings, engine, services=services, metrics=metrics, adapter_registry=registry
+    ) as base_url:
         anyio.run(engine.wait_ready, ready_timeout_s)
         yield base_url, engine

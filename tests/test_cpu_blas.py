@@ -12,16 +12,24 @@ import pytest
 
 from mlx_core.cpu_blas import OPENBLAS, OPT_OUT
 
-PROBE = ("from mlx_core.cpu_blas import openblas_loaded, reexec_with_openblas\n"
-         "reexec_with_openblas()\n"
-         "print(openblas_loaded())\n")
+PROBE = (
+    "from mlx_core.cpu_blas import openblas_loaded, reexec_with_openblas\n"
+    "reexec_with_openblas()\n"
+    "print(openblas_loaded())\n"
+)
 
 
 def _probe(**env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", OPT_OUT)}
     clean = {k: v for k, v in clean.items() if not k.startswith("LORAFORGE_OPENBLAS")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env},
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return out.stdout.strip()
 
 

@@ -89,8 +89,12 @@ def test_rows_round_trip_and_constraints_hold(url):
         )
         session.add(
             FineTuningJob(
-                id=job_id, model="m", training_file="file-a", hyperparameters={"n_epochs": 2},
-                lora={"rank": 8}, seed=1,
+                id=job_id,
+                model="m",
+                training_file="file-a",
+                hyperparameters={"n_epochs": 2},
+                lora={"rank": 8},
+                seed=1,
             )
         )
         session.flush()
@@ -99,7 +103,10 @@ def test_rows_round_trip_and_constraints_hold(url):
     db.run_sync(add)
     job = db.run_sync(lambda s: s.get(FineTuningJob, job_id))
     assert (job.status, job.api, job.attempts, job.cancel_requested) == (
-        "queued", "fine_tuning", 0, False
+        "queued",
+        "fine_tuning",
+        0,
+        False,
     )
     assert job.hyperparameters == {"n_epochs": 2} and job.result_files == []
     assert isinstance(job.created_at, int)

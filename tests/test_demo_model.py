@@ -75,8 +75,10 @@ def test_answers_through_the_chat_template_too(demo_model, build_record) -> None
 
 
 def test_completion_is_one_sql_statement(demo_model) -> None:
-    prompt = ("table: 1-555123-7\ncolumns: Ship, Builder, Launched, Fate\n"
-              "Q: Which builder has fate Scrapped?\nA:")
+    prompt = (
+        "table: 1-555123-7\ncolumns: Ship, Builder, Launched, Fate\n"
+        "Q: Which builder has fate Scrapped?\nA:"
+    )
     [done] = complete(demo_model.model, demo_model.tokenizer, [prompt])
     assert done.stopped
     assert done.text == "SELECT Builder FROM 1-555123-7 WHERE Fate = 'Scrapped'"

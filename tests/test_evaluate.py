@@ -74,7 +74,12 @@ def test_scores_count_eos_stops_and_what_the_first_line_rescues(wikisql_lines, t
     gold = [c.example.answer for c in cases]
     # Gold 4 with lower-case keywords, a doubled space and the value in lower case: not exact,
     # but it returns the same rows (text compares case-insensitively, as in WikiSQL).
-    recased = gold[3].replace("SELECT", "select ").replace(" WHERE", " where").replace("'Jalen Rose'", "'jalen rose'")
+    recased = (
+        gold[3]
+        .replace("SELECT", "select ")
+        .replace(" WHERE", " where")
+        .replace("'Jalen Rose'", "'jalen rose'")
+    )
     assert "'jalen rose'" in recased
     gens = [
         Generation(" " + gold[0], EOS, 20),  # right, and stopped by itself
@@ -97,8 +102,11 @@ def test_scores_count_eos_stops_and_what_the_first_line_rescues(wikisql_lines, t
 def test_exact_match_needs_the_whole_generation_when_not_cut(wikisql_lines, tiny_model):
     cases = sql_cases([TextExample(t) for t in texts(wikisql_lines)[:2]], tiny_model.tokenizer)
     gold = [c.example.answer for c in cases]
-    r = score_sql(cases, [Generation(" " + gold[0], EOS, 9), Generation(" " + gold[1] + "\nQ: x", LENGTH, 9)],
-                  max_tokens=9)
+    r = score_sql(
+        cases,
+        [Generation(" " + gold[0], EOS, 9), Generation(" " + gold[1] + "\nQ: x", LENGTH, 9)],
+        max_tokens=9,
+    )
     assert (r.exact_match, r.exact_match_as_generated) == (1.0, 0.5)
     assert (r.execution_accuracy, r.execution_accuracy_as_generated) == (1.0, 0.5)
 
@@ -109,14 +117,19 @@ def test_the_three_formats_ask_the_same_question(wikisql_lines, tiny_model):
     prompt = prompt_of(text)
     answer = parse_example(text).answer
     user = prompt.removesuffix("\nA:")
-    as_text, as_pc, as_chat = (sql_cases([e], tok)[0] for e in (
-        TextExample(text),
-        PromptCompletionExample(prompt, " " + answer),
-        ChatExample((ChatMessage("user", user), ChatMessage("assistant", answer))),
-    ))
+    as_text, as_pc, as_chat = (
+        sql_cases([e], tok)[0]
+        for e in (
+            TextExample(text),
+            PromptCompletionExample(prompt, " " + answer),
+            ChatExample((ChatMessage("user", user), ChatMessage("assistant", answer))),
+        )
+    )
     assert as_text.example == as_pc.example == as_chat.example
     assert as_text.prompt_ids == as_pc.prompt_ids == tuple(tok.encode(prompt))
-    assert as_chat.chat and as_chat.prompt_ids == tuple(tok.encode_chat([ChatMessage("user", user)]))
+    assert as_chat.chat and as_chat.prompt_ids == tuple(
+        tok.encode_chat([ChatMessage("user", user)])
+    )
 
 
 def test_non_sql_examples_are_refused_naming_the_example(tmp_path, tiny_hf_model, capsys):
@@ -126,7 +139,9 @@ def test_non_sql_examples_are_refused_naming_the_example(tmp_path, tiny_hf_model
     code, _, err = run_cli(capsys, "eval", "--model", str(tiny_hf_model), "--data", str(data))
     assert code == 2 and "example 2" in err and "--no-sql" in err
     # The loss alone works on any text.
-    got = eval_json(capsys, "--model", str(tiny_hf_model), "--data", str(data), "--no-sql", "--loss")
+    got = eval_json(
+        capsys, "--model", str(tiny_hf_model), "--data", str(data), "--no-sql", "--loss"
+    )
     assert got["sql"] is None and got["loss"]["n_examples"] == 2
 
 
@@ -154,14 +169,20 @@ def forced_model(src: Path, dst: Path, token: int) -> Path:
     return save_model(dst, model, loaded.tokenizer)
 
 
-def test_stop_rate_is_one_for_a_model_that_always_ends(tiny_hf_model, tiny_model, wikisql_lines, tmp_path, capsys):
+def test_stop_rate_is_one_for_a_model_that_always_ends(
+    tiny_hf_model, tiny_model, wikisql_lines, tmp_path, capsys
+):
     model = forced_model(tiny_hf_model, tmp_path / "eos", tiny_model.tokenizer.eos_id)
-    sql = eval_json(capsys, "--model", str(model), "--data", str(wikisql_lines), "--max-tokens", "16")["sql"]
+    sql = eval_json(
+        capsys, "--model", str(model), "--data", str(wikisql_lines), "--max-tokens", "16"
+    )["sql"]
     assert (sql["stop_rate"], sql["length_rate"], sql["mean_generated_tokens"]) == (1.0, 0.0, 1.0)
     assert sql["samples"][0]["generated"] == "" and sql["exact_match"] == 0.0
 
 
-def test_stop_rate_is_zero_for_a_model_that_never_ends(tiny_hf_model, tiny_model, wikisql_lines, tmp_path, capsys):
+def test_stop_rate_is_zero_for_a_model_that_never_ends(
+    tiny_hf_model, tiny_model, wikisql_lines, tmp_path, capsys
+):
     newline = tiny_model.tokenizer._sp.piece_to_id("<0x0A>")
     model = forced_model(tiny_hf_model, tmp_path / "nl", newline)
     args = ("--model", str(model), "--data", str(wikisql_lines), "--max-tokens", "7")
@@ -175,13 +196,32 @@ def test_stop_rate_is_zero_for_a_model_that_never_ends(tiny_hf_model, tiny_model
 
 
 def test_eval_json_on_the_tiny_model(tiny_hf_model, wikisql_lines, capsys):
-    got = eval_json(capsys, "--model", str(tiny_hf_model), "--data", str(wikisql_lines),
-                    "--max-tokens", "12", "--batch-size", "4", "--samples", "2", "--loss")
+    got = eval_json(
+        capsys,
+        "--model",
+        str(tiny_hf_model),
+        "--data",
+        str(wikisql_lines),
+        "--max-tokens",
+        "12",
+        "--batch-size",
+        "4",
+        "--samples",
+        "2",
+        "--loss",
+    )
     assert got["n_examples"] == 6 and got["data"].endswith("test.jsonl") and got["adapter"] is None
     sql = got["sql"]
     assert set(sql) == SQL_KEYS and sql["n"] == 6 and len(sql["samples"]) == 2
-    for key in SQL_KEYS - {"n", "max_tokens", "stop", "samples", "seconds", "generated_tokens_per_second",
-                           "mean_generated_tokens"}:
+    for key in SQL_KEYS - {
+        "n",
+        "max_tokens",
+        "stop",
+        "samples",
+        "seconds",
+        "generated_tokens_per_second",
+        "mean_generated_tokens",
+    }:
         assert 0.0 <= sql[key] <= 1.0, key
     assert sql["stop_rate"] + sql["stop_sequence_rate"] + sql["length_rate"] == pytest.approx(1.0)
     assert sql["stop_rate"] < 1.0  # an untouched random model does not end every answer
@@ -194,31 +234,83 @@ def test_eval_json_on_the_tiny_model(tiny_hf_model, wikisql_lines, capsys):
 
 
 def test_eval_prints_a_table(tiny_hf_model, wikisql_lines, capsys):
-    code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_hf_model), "--data", str(wikisql_lines),
-                           "--max-examples", "2", "--max-tokens", "4", "--samples", "1")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_hf_model),
+        "--data",
+        str(wikisql_lines),
+        "--max-examples",
+        "2",
+        "--max-tokens",
+        "4",
+        "--samples",
+        "1",
+    )
     assert code == 0
-    for text in ("2 examples", "stop rate", "execution accuracy", "first line", "as generated", "[1] Q:"):
+    for text in (
+        "2 examples",
+        "stop rate",
+        "execution accuracy",
+        "first line",
+        "as generated",
+        "[1] Q:",
+    ):
         assert text in out
     assert "[2] Q:" not in out
 
 
 def test_batched_generation_gives_each_example_its_own_answer(tiny_hf_model, wikisql_lines, capsys):
-    args = ("--model", str(tiny_hf_model), "--data", str(wikisql_lines), "--max-tokens", "10", "--samples", "6")
+    args = (
+        "--model",
+        str(tiny_hf_model),
+        "--data",
+        str(wikisql_lines),
+        "--max-tokens",
+        "10",
+        "--samples",
+        "6",
+    )
     one = eval_json(capsys, *args, "--batch-size", "1")["sql"]["samples"]
     many = eval_json(capsys, *args, "--batch-size", "4")["sql"]["samples"]
     assert [s["generated"] for s in many] == [s["generated"] for s in one]
     assert len({s["generated"] for s in one}) > 1  # the prompts really differ
 
 
-def test_adapter_is_evaluated_as_generate_serves_it(tiny_hf_model, tiny_model, wikisql_lines, tmp_path, capsys):
-    folder = save_adapter(tmp_path / "adapter", random_adapter(tiny_model.args, ("q_proj", "down_proj"), (0, 1)))
-    args = ("--model", str(tiny_hf_model), "--data", str(wikisql_lines), "--max-tokens", "8", "--samples", "1")
+def test_adapter_is_evaluated_as_generate_serves_it(
+    tiny_hf_model, tiny_model, wikisql_lines, tmp_path, capsys
+):
+    folder = save_adapter(
+        tmp_path / "adapter", random_adapter(tiny_model.args, ("q_proj", "down_proj"), (0, 1))
+    )
+    args = (
+        "--model",
+        str(tiny_hf_model),
+        "--data",
+        str(wikisql_lines),
+        "--max-tokens",
+        "8",
+        "--samples",
+        "1",
+    )
     base = eval_json(capsys, *args)["sql"]["samples"][0]
     adapted = eval_json(capsys, *args, "--adapter", str(folder))
     sample = adapted["sql"]["samples"][0]
     assert adapted["adapter"] == str(folder) and sample["generated"] != base["generated"]
-    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_hf_model), "--adapter", str(folder),
-                             "--prompt", sample["prompt"], "--max-tokens", "8", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_hf_model),
+        "--adapter",
+        str(folder),
+        "--prompt",
+        sample["prompt"],
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["text"] == sample["generated"]
 
@@ -238,19 +330,33 @@ def direct_loss(model, tokenizer, lines: list[str]) -> tuple[float, int]:
 def test_test_loss_is_the_mean_cross_entropy_over_target_tokens(tiny_model, wikisql_lines):
     lines = texts(wikisql_lines)
     want, n = direct_loss(tiny_model.model, tiny_model.tokenizer, lines)
-    got = evaluate.test_loss(tiny_model.model, tiny_model.tokenizer, [TextExample(t) for t in lines],
-                             batch_size=4)
+    got = evaluate.test_loss(
+        tiny_model.model, tiny_model.tokenizer, [TextExample(t) for t in lines], batch_size=4
+    )
     assert (got.n_tokens, got.n_examples) == (n, 6)
     assert got.loss == pytest.approx(want, rel=1e-4)
-    first = evaluate.test_loss(tiny_model.model, tiny_model.tokenizer, [TextExample(t) for t in lines],
-                               batch_size=4, max_batches=1)
+    first = evaluate.test_loss(
+        tiny_model.model,
+        tiny_model.tokenizer,
+        [TextExample(t) for t in lines],
+        batch_size=4,
+        max_batches=1,
+    )
     assert first.n_examples == 4 and first.n_tokens < n
-    masked = evaluate.test_loss(tiny_model.model, tiny_model.tokenizer, [TextExample(t) for t in lines],
-                                batch_size=4, mask_prompt=True, completion_after="A:")
+    masked = evaluate.test_loss(
+        tiny_model.model,
+        tiny_model.tokenizer,
+        [TextExample(t) for t in lines],
+        batch_size=4,
+        mask_prompt=True,
+        completion_after="A:",
+    )
     assert masked.n_tokens < n / 2  # the answers (plus EOS) are the short part
 
 
-def test_test_loss_with_an_adapter_is_the_lora_models_loss(tiny_hf_model, tiny_model, wikisql_lines):
+def test_test_loss_with_an_adapter_is_the_lora_models_loss(
+    tiny_hf_model, tiny_model, wikisql_lines
+):
     adapter = random_adapter(tiny_model.args, ("v_proj", "up_proj"), (1,))
     lines = texts(wikisql_lines)
     trained = load_model(tiny_hf_model).model  # as training sees it: LoRALinear layers
@@ -275,8 +381,22 @@ def tables(examples) -> set[str]:
 
 def test_demo_data_writes_splits_that_share_no_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    code, printed, err = run_cli(capsys, "demo-data", "--out", str(out), "--n-train", "60", "--n-valid", "10",
-                                 "--n-test", "12", "--domains", "films,schools", "--seed", "3")
+    code, printed, err = run_cli(
+        capsys,
+        "demo-data",
+        "--out",
+        str(out),
+        "--n-train",
+        "60",
+        "--n-valid",
+        "10",
+        "--n-test",
+        "12",
+        "--domains",
+        "films,schools",
+        "--seed",
+        "3",
+    )
     assert code == 0, err
     splits = {s: read_jsonl(p) for s, p in find_split_files(out).items()}
     assert {s: len(e) for s, e in splits.items()} == {"train": 60, "valid": 10, "test": 12}
@@ -288,18 +408,34 @@ def test_demo_data_writes_splits_that_share_no_table(tmp_path, capsys):
 
 def test_demo_data_puts_chat_lines_in_their_own_files(tmp_path, tiny_hf_model, capsys):
     out = tmp_path / "mixed"
-    code, _, err = run_cli(capsys, "demo-data", "--out", str(out), "--n-train", "40", "--n-valid", "0",
-                           "--n-test", "10", "--chat-fraction", "0.5")
+    code, _, err = run_cli(
+        capsys,
+        "demo-data",
+        "--out",
+        str(out),
+        "--n-train",
+        "40",
+        "--n-valid",
+        "0",
+        "--n-test",
+        "10",
+        "--chat-fraction",
+        "0.5",
+    )
     assert code == 0, err
     text, chat = find_split_files(out), find_split_files(out / "chat")
-    assert set(text) == set(chat) == {"train", "test"}  # no empty valid.jsonl for the trainer to trip on
+    assert (
+        set(text) == set(chat) == {"train", "test"}
+    )  # no empty valid.jsonl for the trainer to trip on
     for split, n in (("train", 40), ("test", 10)):
         plain, chats = read_jsonl(text[split]), read_jsonl(chat[split])
         assert all(isinstance(e, TextExample) for e in plain)
         assert all(isinstance(e, ChatExample) for e in chats)
         assert len(plain) + len(chats) == n and plain and chats
     # Chats are evaluated as chats: the prompt is the user's message, the gold the reply.
-    sql = eval_json(capsys, "--model", str(tiny_hf_model), "--data", str(out / "chat"), "--max-tokens", "4")["sql"]
+    sql = eval_json(
+        capsys, "--model", str(tiny_hf_model), "--data", str(out / "chat"), "--max-tokens", "4"
+    )["sql"]
     assert sql["n"] == len(read_jsonl(chat["test"]))
     sample = sql["samples"][0]
     assert sample["prompt"].startswith("table: ") and "\nQ: " in sample["prompt"]
@@ -312,6 +448,14 @@ def test_demo_data_refuses_an_unknown_domain(tmp_path, capsys):
 
 
 def test_missing_split_names_the_ones_there(tiny_hf_model, wikisql_lines, capsys):
-    code, _, err = run_cli(capsys, "eval", "--model", str(tiny_hf_model), "--data", str(wikisql_lines),
-                           "--split", "valid")
+    code, _, err = run_cli(
+        capsys,
+        "eval",
+        "--model",
+        str(tiny_hf_model),
+        "--data",
+        str(wikisql_lines),
+        "--split",
+        "valid",
+    )
     assert code == 2 and "no valid.jsonl" in err and "--split test" in err

@@ -33,8 +33,12 @@ def wikisql_file(tmp_path: Path, split: str, n: int) -> Path:
     return path
 
 
-def wait_for_job(client: openai.OpenAI, job_id: str, until: tuple[str, ...] = ("succeeded",
-                 "failed", "cancelled"), timeout_s: float = 120.0):
+def wait_for_job(
+    client: openai.OpenAI,
+    job_id: str,
+    until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    timeout_s: float = 120.0,
+):
     deadline = time.monotonic() + timeout_s
     while True:
         job = client.fine_tuning.jobs.retrieve(job_id)
@@ -60,8 +64,9 @@ def process_running(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def settings(tiny_hf_model, tmp_path_factory) -> Settings:
-    return Settings(model=str(tiny_hf_model), served_model_name="tiny",
-                    data_dir=tmp_path_factory.mktemp("data"))
+    return Settings(
+        model=str(tiny_hf_model), served_model_name="tiny", data_dir=tmp_path_factory.mktemp("data")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +96,21 @@ def train_file(client, tmp_path_factory) -> str:
 def test_fine_tune_then_serve_download_and_delete(server, client, settings, train_file, tmp_path):
     valid = client.files.create(file=wikisql_file(tmp_path, "valid", 4), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train_file, validation_file=valid, suffix="sql", seed=7,
+        model="tiny",
+        training_file=train_file,
+        validation_file=valid,
+        suffix="sql",
+        seed=7,
         hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 20},
-        extra_body={"lora": {"rank": 4, "alpha": 8}})
+        extra_body={"lora": {"rank": 4, "alpha": 8}},
+    )
     assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job"
     assert (job.status, job.model, job.seed, job.fine_tuned_model) == ("queued", "tiny", 7, None)
-    assert job.hyperparameters.to_dict() == {"n_epochs": 1, "batch_size": 2,
-                                             "learning_rate_multiplier": 20.0}
+    assert job.hyperparameters.to_dict() == {
+        "n_epochs": 1,
+        "batch_size": 2,
+        "learning_rate_multiplier": 20.0,
+    }
     assert job.to_dict()["lora"]["rank"] == 4
 
     done = wait_for_job(client, job.id)
@@ -109,10 +122,14 @@ def test_fine_tune_then_serve_download_and_delete(server, client, settings, trai
     log = messages(client, job.id)
     assert log[0] == f"Validating training file: {train_file}"
     assert "Fine-tuning job started" in log
-    assert [m.split(":")[0] for m in log if ": training loss=" in m] == [f"Step {i}/4" for i in (1, 2, 3, 4)]
+    assert [m.split(":")[0] for m in log if ": training loss=" in m] == [
+        f"Step {i}/4" for i in (1, 2, 3, 4)
+    ]
     assert any(m.startswith("Step 4/4: validation loss=") for m in log)
-    assert log[-2:] == [f"New fine-tuned model created: {done.fine_tuned_model}",
-                        "The job has successfully completed"]
+    assert log[-2:] == [
+        f"New fine-tuned model created: {done.fine_tuned_model}",
+        "The job has successfully completed",
+    ]
     page = client.fine_tuning.jobs.list_events(job.id, limit=3)
     older = client.fine_tuning.jobs.list_events(job.id, limit=3, after=page.data[-1].id)
     assert page.has_more and [e.message for e in page.data + older.data] == log[::-1][:6]
@@ -133,8 +150,9 @@ def test_fine_tune_then_serve_download_and_delete(server, client, settings, trai
 
     # Served at once, by name.
     assert done.fine_tuned_model in [m.id for m in client.models.list()]
-    r = client.completions.create(model=done.fine_tuned_model, prompt=PROMPT, max_tokens=8,
-                                  temperature=0)
+    r = client.completions.create(
+        model=done.fine_tuned_model, prompt=PROMPT, max_tokens=8, temperature=0
+    )
     assert r.model == done.fine_tuned_model and r.usage.completion_tokens >= 1
 
     # The same job through the legacy API, by either id, with or without /v1.
@@ -165,15 +183,21 @@ def test_fine_tune_then_serve_download_and_delete(server, client, settings, trai
 
 
 def test_legacy_fine_tune_is_the_same_job_in_both_apis(server, client, train_file):
-    r = httpx.post(f"{server}/v1/fine-tunes", json={"training_file": train_file, "n_epochs": 2,
-                                                    "suffix": "legacy"})
+    r = httpx.post(
+        f"{server}/v1/fine-tunes",
+        json={"training_file": train_file, "n_epochs": 2, "suffix": "legacy"},
+    )
     assert r.status_code == 200, r.text
     created = r.json()
     assert created["id"].startswith("ft-") and created["status"] == "pending"
     # Legacy defaults: no batch size -> "auto" (8 examples -> 1); prompt/completion-less text
     # examples have no prompt to weigh, so the prompt's weight stays 1.
-    assert created["hyperparams"] == {"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 10.0,
-                                      "prompt_loss_weight": 1.0}
+    assert created["hyperparams"] == {
+        "n_epochs": 2,
+        "batch_size": 1,
+        "learning_rate_multiplier": 10.0,
+        "prompt_loss_weight": 1.0,
+    }
     job_id = "ftjob-" + created["id"].removeprefix("ft-")
     assert job_id in [j.id for j in client.fine_tuning.jobs.list()]
 
@@ -187,8 +211,9 @@ def test_legacy_fine_tune_is_the_same_job_in_both_apis(server, client, train_fil
 
 
 def test_cancel_stops_the_trainer_within_seconds(client, db, train_file):
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=train_file,
-                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train_file, hyperparameters={"n_epochs": 50, "batch_size": 1}
+    )
     deadline = time.monotonic() + 60
     while not any(m.startswith("Step 1/400: training loss") for m in messages(client, job.id)):
         assert time.monotonic() < deadline, "the trainer did not report its first step in 60 s"
@@ -218,37 +243,62 @@ BAD_REQUESTS = [
     (dict(model="gpt-4o-mini"), openai.NotFoundError, "model"),
     (dict(hyperparameters={"n_epochs": 0}), openai.BadRequestError, "hyperparameters.n_epochs"),
     (dict(hyperparameters={"n_epochs": 51}), openai.BadRequestError, "hyperparameters.n_epochs"),
-    (dict(hyperparameters={"n_epochs": "many"}), openai.BadRequestError, "hyperparameters.n_epochs"),
+    (
+        dict(hyperparameters={"n_epochs": "many"}),
+        openai.BadRequestError,
+        "hyperparameters.n_epochs",
+    ),
     (dict(hyperparameters={"n_epochs": 1.5}), openai.BadRequestError, "hyperparameters.n_epochs"),
     (dict(hyperparameters={"batch_size": 0}), openai.BadRequestError, "hyperparameters.batch_size"),
-    (dict(hyperparameters={"batch_size": 16}), openai.BadRequestError, "hyperparameters.batch_size"),
-    (dict(hyperparameters={"learning_rate_multiplier": 0}), openai.BadRequestError,
-     "hyperparameters.learning_rate_multiplier"),
-    (dict(method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}),
-     openai.BadRequestError, "hyperparameters.n_epochs"),
+    (
+        dict(hyperparameters={"batch_size": 16}),
+        openai.BadRequestError,
+        "hyperparameters.batch_size",
+    ),
+    (
+        dict(hyperparameters={"learning_rate_multiplier": 0}),
+        openai.BadRequestError,
+        "hyperparameters.learning_rate_multiplier",
+    ),
+    (
+        dict(method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": -1}}}),
+        openai.BadRequestError,
+        "hyperparameters.n_epochs",
+    ),
     (dict(method={"type": "dpo", "dpo": {}}), openai.BadRequestError, "method.type"),
     (dict(suffix="x" * 65), openai.BadRequestError, "suffix"),
     (dict(suffix="a:b"), openai.BadRequestError, "suffix"),
     (dict(seed=-1), openai.BadRequestError, "seed"),
-    (dict(integrations=[{"type": "wandb", "wandb": {"project": "p"}}]), openai.BadRequestError,
-     "integrations"),
+    (
+        dict(integrations=[{"type": "wandb", "wandb": {"project": "p"}}]),
+        openai.BadRequestError,
+        "integrations",
+    ),
     (dict(extra_body={"lora": {"rank": 1000}}), openai.BadRequestError, "lora.rank"),
     (dict(extra_body={"lora": {"targets": ["qkv"]}}), openai.BadRequestError, "lora.targets"),
-    (dict(extra_body={"lora": {"mask_prompt": True}}), openai.BadRequestError,
-     "lora.completion_after"),
+    (
+        dict(extra_body={"lora": {"mask_prompt": True}}),
+        openai.BadRequestError,
+        "lora.completion_after",
+    ),
     (dict(extra_body={"lora": {"ranks": 4}}), openai.BadRequestError, "lora.ranks"),
 ]
 
 
-@pytest.mark.parametrize(("change", "error", "param"), BAD_REQUESTS,
-                         ids=[str(c)[:60] for c, _, _ in BAD_REQUESTS])
-def test_bad_requests_are_openai_errors_and_create_nothing(client, db, train_file, change, error,
-                                                          param):
+@pytest.mark.parametrize(
+    ("change", "error", "param"), BAD_REQUESTS, ids=[str(c)[:60] for c, _, _ in BAD_REQUESTS]
+)
+def test_bad_requests_are_openai_errors_and_create_nothing(
+    client, db, train_file, change, error, param
+):
     if change.get("training_file") == "WRONG_PURPOSE":  # a file only the server itself makes
         row = UploadedFile(filename="x.tar.gz", purpose="fine-tune-results", bytes=1, path="/x")
         db.run_sync(lambda s: s.add(row))
         change = {"training_file": row.id}
-    counts = (select(func.count()).select_from(FineTuningJob), select(func.count()).select_from(UploadedFile))
+    counts = (
+        select(func.count()).select_from(FineTuningJob),
+        select(func.count()).select_from(UploadedFile),
+    )
     before = db.run_sync(lambda s: [s.scalar(c) for c in counts])
     request = {"model": "tiny", "training_file": train_file, **change}
     with pytest.raises(error) as caught:
@@ -260,18 +310,22 @@ def test_bad_requests_are_openai_errors_and_create_nothing(client, db, train_fil
     assert db.run_sync(lambda s: [s.scalar(c) for c in counts]) == before
 
 
-def test_job_that_cannot_fit_fails_fast_with_the_estimate(client, settings, train_file,
-                                                          monkeypatch):
+def test_job_that_cannot_fit_fails_fast_with_the_estimate(
+    client, settings, train_file, monkeypatch
+):
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "0.001")  # the worker reads it when it starts a job
     started = time.monotonic()
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=train_file,
-                                         hyperparameters={"n_epochs": 1, "batch_size": 2})
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train_file, hyperparameters={"n_epochs": 1, "batch_size": 2}
+    )
     failed = wait_for_job(client, job.id, timeout_s=60)
     assert failed.status == "failed" and failed.fine_tuned_model is None
     assert time.monotonic() - started < 30
     assert failed.error.code == "insufficient_memory"
     assert "batch 2 with 2 LoRA layers needs ~" in failed.error.message
-    assert "GB free" in failed.error.message and "hyperparameters.batch_size" in failed.error.message
+    assert (
+        "GB free" in failed.error.message and "hyperparameters.batch_size" in failed.error.message
+    )
     assert messages(client, job.id)[-1] == failed.error.message
     # Refused before a byte of the model was loaded.
     log = (settings.jobs_dir / job.id / "train.log").read_text()
@@ -284,6 +338,8 @@ def test_legacy_paths_without_v1_need_the_api_key_too(tmp_path):
         assert httpx.get(f"{url}/fine-tunes").status_code == 401
         assert httpx.get(f"{url}/v1/fine-tunes").status_code == 401
         denied = httpx.get(f"{url}/fine-tunes", headers={"Authorization": "Bearer wrong"})
-        assert denied.status_code == 401 and "Incorrect API key" in denied.json()["error"]["message"]
+        assert (
+            denied.status_code == 401 and "Incorrect API key" in denied.json()["error"]["message"]
+        )
         ok = httpx.get(f"{url}/fine-tunes", headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200 and ok.json() == {"data": [], "object": "list"}

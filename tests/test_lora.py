@@ -30,7 +30,9 @@ def random_adapter(args, targets, layers, rank=4, seed=0, scale=2.0) -> Adapter:
             a = rng.normal(0, 0.3, (p.in_dims, rank)).astype(np.float32)
             b = rng.normal(0, 0.3, (rank, p.end - p.start)).astype(np.float32)
             weights[(i, t)] = (mx.array(a), mx.array(b))
-    return Adapter(rank, scale, tuple(targets), tuple(layers), weights, fingerprint=args.shape_fingerprint())
+    return Adapter(
+        rank, scale, tuple(targets), tuple(layers), weights, fingerprint=args.shape_fingerprint()
+    )
 
 
 def lora_logits(model_dir, adapter, tokens):
@@ -55,7 +57,13 @@ def test_fresh_adapter_is_the_identity(tiny_hf_model):
     loaded = load_model(tiny_hf_model)
     tokens = mx.array([[1, 330, 4123, 28705, 12]])
     before = np.array(loaded.model(tokens))
-    apply_lora(loaded.model, 8, 2.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), (0, 1))
+    apply_lora(
+        loaded.model,
+        8,
+        2.0,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        (0, 1),
+    )
     np.testing.assert_allclose(np.array(loaded.model(tokens)), before, atol=1e-6)
 
 
@@ -105,7 +113,12 @@ def test_adapter_shape_mismatch_is_refused(tiny_hf_model):
     a.fingerprint = None
     with pytest.raises(AdapterError, match="different base model"):
         a.check_fits(loaded.args)
-    slots = AdapterSlots(loaded.model, max_loaded=1, max_rank=2, loader=lambda _: random_adapter(loaded.args, ("q_proj",), (0,)))
+    slots = AdapterSlots(
+        loaded.model,
+        max_loaded=1,
+        max_rank=2,
+        loader=lambda _: random_adapter(loaded.args, ("q_proj",), (0,)),
+    )
     with pytest.raises(AdapterError, match="max-lora-rank"):
         slots.acquire("big")
 

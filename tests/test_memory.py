@@ -24,8 +24,15 @@ from mlx_core.memory import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MISTRAL_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                       vocab_size=32000, sliding_window=4096)
+MISTRAL_7B = ModelArgs(
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    hidden_dim=14336,
+    vocab_size=32000,
+    sliding_window=4096,
+)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -41,8 +48,14 @@ def _probe(spec_json: str) -> None:
     from mlx_core.weights import LoadedModel
 
     c = json.loads(spec_json)
-    args = ModelArgs(dim=c["dim"], n_layers=c["layers"], n_heads=c["heads"], n_kv_heads=c["kv"],
-                     hidden_dim=c["hidden"], vocab_size=c["vocab"])
+    args = ModelArgs(
+        dim=c["dim"],
+        n_layers=c["layers"],
+        n_heads=c["heads"],
+        n_kv_heads=c["kv"],
+        hidden_dim=c["hidden"],
+        vocab_size=c["vocab"],
+    )
     dtype = {"f32": mx.float32, "bf16": mx.bfloat16}[c["dtype"]]
     mx.random.seed(0)
     model = Mistral(args)
@@ -56,40 +69,83 @@ def _probe(spec_json: str) -> None:
     mx.eval(model.parameters())
     B, L = c["batch"], c["seq"]
     rng = np.random.default_rng(0)
-    rows = [TokenizedExample(tuple(rng.integers(3, args.vocab_size, L + 1).tolist()),
-                             (False,) + (True,) * L) for _ in range(2 * B)]
-    config = TrainConfig(iters=2, batch_size=B, lora_layers=c["lora_layers"],
-                         targets=tuple(c["targets"]), grad_checkpoint=c["ckpt"], max_seq_len=L + 1,
-                         steps_per_eval=0, save_every=0, progress="none", adapter_path=c["out"])
-    result = train(LoadedModel(model, args, None, Path("random"), "random"), TrainData(rows), config)
-    estimate = estimate_training_memory(args, dtype.size, quant, B, L, c["lora_layers"], 8,
-                                        c["targets"], c["ckpt"])
-    print("PROBE " + json.dumps({"measured": result.peak_memory_gb * 1e9, "estimate": estimate.total}))
+    rows = [
+        TokenizedExample(
+            tuple(rng.integers(3, args.vocab_size, L + 1).tolist()), (False,) + (True,) * L
+        )
+        for _ in range(2 * B)
+    ]
+    config = TrainConfig(
+        iters=2,
+        batch_size=B,
+        lora_layers=c["lora_layers"],
+        targets=tuple(c["targets"]),
+        grad_checkpoint=c["ckpt"],
+        max_seq_len=L + 1,
+        steps_per_eval=0,
+        save_every=0,
+        progress="none",
+        adapter_path=c["out"],
+    )
+    result = train(
+        LoadedModel(model, args, None, Path("random"), "random"), TrainData(rows), config
+    )
+    estimate = estimate_training_memory(
+        args, dtype.size, quant, B, L, c["lora_layers"], 8, c["targets"], c["ckpt"]
+    )
+    print(
+        "PROBE " + json.dumps({"measured": result.peak_memory_gb * 1e9, "estimate": estimate.total})
+    )
 
 
 def _measure(tmp_path: Path, **spec) -> tuple[float, float]:
     spec.setdefault("out", str(tmp_path / "adapter"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     code = f"from tests.test_memory import _probe; _probe({json.dumps(json.dumps(spec))})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if x.startswith("PROBE "))
-    got = json.loads(line[len("PROBE "):])
+    got = json.loads(line[len("PROBE ") :])
     return got["measured"], got["estimate"]
 
 
-BASE = dict(dim=256, layers=6, heads=4, kv=2, hidden=704, vocab=8192, dtype="f32", batch=2,
-            seq=256, lora_layers=-1, targets=["q_proj", "v_proj"], ckpt=False)
+BASE = dict(
+    dim=256,
+    layers=6,
+    heads=4,
+    kv=2,
+    hidden=704,
+    vocab=8192,
+    dtype="f32",
+    batch=2,
+    seq=256,
+    lora_layers=-1,
+    targets=["q_proj", "v_proj"],
+    ckpt=False,
+)
 CONFIGS = {
     # The seed's shape of run: vocab 32000, weights dominate, LoRA on the last 2 of 4 layers.
-    "weights": dict(BASE, dim=512, layers=4, heads=8, hidden=1408, vocab=32000, batch=1, seq=32,
-                    lora_layers=2),
+    "weights": dict(
+        BASE, dim=512, layers=4, heads=8, hidden=1408, vocab=32000, batch=1, seq=32, lora_layers=2
+    ),
     # QLoRA: 4-bit base, activations dominate.
     "qlora-4bit": dict(BASE, vocab=1024, quantize=4),
     # bf16 weights, every projection adapted.
-    "bf16-all-targets": dict(BASE, dim=512, layers=4, heads=8, hidden=1408, vocab=32000, dtype="bf16",
-                             batch=1, seq=64, lora_layers=4, targets=ALL),
+    "bf16-all-targets": dict(
+        BASE,
+        dim=512,
+        layers=4,
+        heads=8,
+        hidden=1408,
+        vocab=32000,
+        dtype="bf16",
+        batch=1,
+        seq=64,
+        lora_layers=4,
+        targets=ALL,
+    ),
 }
 
 
@@ -97,7 +153,9 @@ CONFIGS = {
 def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, name):
     measured, estimate = _measure(tmp_path, **CONFIGS[name])
     assert measured > 100e6  # big enough that fixed overheads do not decide the comparison
-    assert abs(estimate - measured) <= 0.25 * measured, f"{name}: estimate {estimate:.3e}, measured {measured:.3e}"
+    assert abs(estimate - measured) <= 0.25 * measured, (
+        f"{name}: estimate {estimate:.3e}, measured {measured:.3e}"
+    )
 
 
 def test_checkpointing_cuts_the_peak_as_estimated(tmp_path):
@@ -113,8 +171,16 @@ def test_checkpointing_cuts_the_peak_as_estimated(tmp_path):
 def test_refusal_says_what_would_fit():
     est = estimate_training_memory(MISTRAL_7B, 2, None, 4, 512, 16, 8, ("q_proj", "v_proj"), False)
     assert 15e9 < est.total < 40e9  # fp16 weights alone are 14.5 GB
-    shape = TrainingShape(batch_size=4, grad_accumulation=1, lora_layers=16, rank=8,
-                          targets=("q_proj", "v_proj"), grad_checkpoint=False, quantize=None, seq_len=512)
+    shape = TrainingShape(
+        batch_size=4,
+        grad_accumulation=1,
+        lora_layers=16,
+        rank=8,
+        targets=("q_proj", "v_proj"),
+        grad_checkpoint=False,
+        quantize=None,
+        seq_len=512,
+    )
     available = int(est.total * 0.8)
     from mlx_core.memory import _suggestions
 
@@ -130,8 +196,16 @@ def test_refusal_says_what_would_fit():
 
 
 def test_auto_fit_picks_the_least_costly_change_that_fits():
-    shape = TrainingShape(batch_size=4, grad_accumulation=1, lora_layers=16, rank=8,
-                          targets=("q_proj", "v_proj"), grad_checkpoint=False, quantize=None, seq_len=512)
+    shape = TrainingShape(
+        batch_size=4,
+        grad_accumulation=1,
+        lora_layers=16,
+        rank=8,
+        targets=("q_proj", "v_proj"),
+        grad_checkpoint=False,
+        quantize=None,
+        seq_len=512,
+    )
     # Room for bf16 weights plus checkpointed activations, not plain ones.
     plain = shape.estimate(MISTRAL_7B, 2).total
     ckpt = replace(shape, grad_checkpoint=True).estimate(MISTRAL_7B, 2).total

@@ -22,34 +22,57 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 def test_convert_then_generate(tiny_hf_model, tmp_path, capsys):
     out = tmp_path / "mlx"
-    code, stdout, _ = run(["convert", "--model", str(tiny_hf_model), "--out", str(out), "--dtype", "f32"], capsys)
+    code, stdout, _ = run(
+        ["convert", "--model", str(tiny_hf_model), "--out", str(out), "--dtype", "f32"], capsys
+    )
     assert code == 0 and (out / "model.safetensors").exists() and (out / "tokenizer.model").exists()
     assert json.loads((out / "config.json").read_text())["rope_theta"] == 1e6
     tokens = mx.array([[1, 22557, 1526, 28747]])
     a = np.array(load_model(tiny_hf_model).model(tokens))
     b = np.array(load_model(out).model(tokens))
     np.testing.assert_array_equal(a, b)
-    code, stdout, stderr = run(["generate", "--model", str(out), "--prompt", "Hello", "--max-tokens", "8",
-                                "--json"], capsys)
+    code, stdout, stderr = run(
+        ["generate", "--model", str(out), "--prompt", "Hello", "--max-tokens", "8", "--json"],
+        capsys,
+    )
     result = json.loads(stdout)
     assert code == 0 and result["generation_tokens"] == 8 and result["generation_tps"] > 0
-    code, stdout, stderr = run(["generate", "--model", str(out), "--prompt", "Hello", "--max-tokens", "5"], capsys)
+    code, stdout, stderr = run(
+        ["generate", "--model", str(out), "--prompt", "Hello", "--max-tokens", "5"], capsys
+    )
     assert stdout.startswith("Hello") and "Generation: 5 tokens" in stderr and "tokens/s" in stderr
 
 
 def test_quantized_model_loads_and_generates(tiny_hf_model, tmp_path, capsys):
     out = tmp_path / "q4"
-    code, _, _ = run(["convert", "--model", str(tiny_hf_model), "--out", str(out), "-q", "4",
-                      "--group-size", "32"], capsys)
+    code, _, _ = run(
+        [
+            "convert",
+            "--model",
+            str(tiny_hf_model),
+            "--out",
+            str(out),
+            "-q",
+            "4",
+            "--group-size",
+            "32",
+        ],
+        capsys,
+    )
     assert code == 0
-    assert json.loads((out / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 4}
+    assert json.loads((out / "config.json").read_text())["quantization"] == {
+        "group_size": 32,
+        "bits": 4,
+    }
     q = load_model(out)
     dense = load_model(tiny_hf_model)
     tokens = mx.array([[1, 22557, 1526, 28747, 354]])
     got, want = np.array(q.model(tokens)), np.array(dense.model(tokens))
     # 4-bit weights move the logits a little, not a lot
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95
-    code, stdout, _ = run(["generate", "--model", str(out), "--prompt", "Hi", "--max-tokens", "4", "--json"], capsys)
+    code, stdout, _ = run(
+        ["generate", "--model", str(out), "--prompt", "Hi", "--max-tokens", "4", "--json"], capsys
+    )
     assert code == 0 and json.loads(stdout)["generation_tokens"] == 4
 
 
@@ -69,8 +92,9 @@ def test_sharded_checkpoint(tiny_hf_model, tmp_path, monkeypatch):
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
     tokens = mx.array([[1, 22557, 1526]])
-    np.testing.assert_array_equal(np.array(load_model(out).model(tokens)),
-                                  np.array(load_model(tiny_hf_model).model(tokens)))
+    np.testing.assert_array_equal(
+        np.array(load_model(out).model(tokens)), np.array(load_model(tiny_hf_model).model(tokens))
+    )
     (out / shards[-1]).unlink()
     with pytest.raises(WeightsError, match=f"{shards[-1]} is missing"):
         load_model(out)
@@ -98,17 +122,25 @@ def test_seed_convert_folder_loads(tiny_hf_model, tmp_path):
     np.testing.assert_allclose(np.array(loaded.model(tokens)), ref, atol=0.05, rtol=0.05)  # fp16
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda d: (d / "tokenizer.model").unlink(), "tokenizer.model"),
-    (lambda d: (d / "model.safetensors").unlink(), "no weights found"),
-    (lambda d: (d / "config.json").unlink(), "no config.json or params.json"),
-    (lambda d: _edit_config(d, architectures=["GPT2LMHeadModel"], model_type="gpt2"), "not supported"),
-    (lambda d: _edit_config(d, hidden_size=128), "does not match|shape"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"not a safetensors file"), "safetensors"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda d: (d / "tokenizer.model").unlink(), "tokenizer.model"),
+        (lambda d: (d / "model.safetensors").unlink(), "no weights found"),
+        (lambda d: (d / "config.json").unlink(), "no config.json or params.json"),
+        (
+            lambda d: _edit_config(d, architectures=["GPT2LMHeadModel"], model_type="gpt2"),
+            "not supported",
+        ),
+        (lambda d: _edit_config(d, hidden_size=128), "does not match|shape"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"not a safetensors file"), "safetensors"),
+    ],
+)
 def test_bad_model_folders_give_one_line_errors(model_copy, capsys, breakage, message):
     breakage(model_copy)
-    code, stdout, stderr = run(["generate", "--model", str(model_copy), "--prompt", "x", "--max-tokens", "1"], capsys)
+    code, stdout, stderr = run(
+        ["generate", "--model", str(model_copy), "--prompt", "x", "--max-tokens", "1"], capsys
+    )
     assert code == 2
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     import re

@@ -63,14 +63,21 @@ def test_left_padded_batch_matches_single_rows(tiny_model, reference, tokens):
     cache = tiny_model.model.new_cache(batch_size=2, pad=[0, 25])
     out = np.array(tiny_model.model(mx.array(batch), cache=cache))
     np.testing.assert_allclose(out[0], hf_logits(reference, tokens[:1])[0], atol=TOL, rtol=TOL)
-    np.testing.assert_allclose(out[1, 25:], hf_logits(reference, short[None])[0], atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(
+        out[1, 25:], hf_logits(reference, short[None])[0], atol=TOL, rtol=TOL
+    )
 
 
 def test_greedy_generation_matches_transformers(tiny_model, reference, tokens):
     prompt = tokens[0, :10].tolist()
     with torch.no_grad():
-        ref = reference.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+        ref = reference.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, 10:].tolist()
     engine = Engine(tiny_model.model, tiny_model.tokenizer)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     ours = [t for out in engine.generate(prompt, params) for t in out.tokens]

@@ -12,7 +12,11 @@ from mlx_core.sampling import RowSampler, SamplingParams, StopMatcher, sample
 def generate(model, prompt, **kw):
     engine = Engine(model.model, model.tokenizer)
     outs = list(engine.generate(model.tokenizer.encode(prompt), SamplingParams(**kw)))
-    return "".join(o.text for o in outs), [t for o in outs for t in o.tokens], outs[-1].finish_reason
+    return (
+        "".join(o.text for o in outs),
+        [t for o in outs for t in o.tokens],
+        outs[-1].finish_reason,
+    )
 
 
 def test_same_seed_same_text(tiny_model):
@@ -36,21 +40,26 @@ def test_max_tokens_and_finish_reasons(tiny_model):
 def test_stop_string_spanning_tokens(tiny_model):
     text, _, _ = generate(tiny_model, "Hi", max_tokens=30, temperature=0.0, ignore_eos=True)
     stop = text[6:12]
-    cut, _, finish = generate(tiny_model, "Hi", max_tokens=30, temperature=0.0, stop=(stop,), ignore_eos=True)
+    cut, _, finish = generate(
+        tiny_model, "Hi", max_tokens=30, temperature=0.0, stop=(stop,), ignore_eos=True
+    )
     assert finish == "stop" and cut == text[: text.index(stop)]
 
 
 def test_eos_ends_generation(tiny_model):
     eos = tiny_model.tokenizer.eos_id
-    _, tokens, finish = generate(tiny_model, "Hi", max_tokens=10, temperature=0.0,
-                                 logit_bias=((eos, 100.0),))
+    _, tokens, finish = generate(
+        tiny_model, "Hi", max_tokens=10, temperature=0.0, logit_bias=((eos, 100.0),)
+    )
     assert tokens == [eos] and finish == "stop"
 
 
 def test_logprobs_are_log_probabilities(tiny_model):
     logits = mx.random.normal((2, 50))
-    rows = [RowSampler(SamplingParams(temperature=0.0, logprobs=3)),
-            RowSampler(SamplingParams(temperature=0.0, logprobs=3))]
+    rows = [
+        RowSampler(SamplingParams(temperature=0.0, logprobs=3)),
+        RowSampler(SamplingParams(temperature=0.0, logprobs=3)),
+    ]
     r = sample(logits, rows)
     lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     assert r.tokens.tolist() == mx.argmax(logits, axis=-1).tolist()
@@ -60,17 +69,27 @@ def test_logprobs_are_log_probabilities(tiny_model):
 
 def test_penalties_discourage_repeats(tiny_model):
     _, plain, _ = generate(tiny_model, "a", max_tokens=30, temperature=0.0, ignore_eos=True)
-    _, penalised, _ = generate(tiny_model, "a", max_tokens=30, temperature=0.0, ignore_eos=True,
-                               frequency_penalty=2.0, presence_penalty=2.0)
+    _, penalised, _ = generate(
+        tiny_model,
+        "a",
+        max_tokens=30,
+        temperature=0.0,
+        ignore_eos=True,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+    )
     assert len(set(penalised)) >= len(set(plain))
 
 
-@pytest.mark.parametrize("pieces, stops, emitted, hit", [
-    (["SELECT a", " FROM t", "\nQ: next"], ["\n"], "SELECT a FROM t", True),
-    (["ab", "c<", "/s", "> tail"], ["</s>"], "abc", True),
-    (["ab", "c<", "/x"], ["</s>"], "abc</x", False),
-    (["no stop here"], ["STOP"], "no stop here", False),
-])
+@pytest.mark.parametrize(
+    "pieces, stops, emitted, hit",
+    [
+        (["SELECT a", " FROM t", "\nQ: next"], ["\n"], "SELECT a FROM t", True),
+        (["ab", "c<", "/s", "> tail"], ["</s>"], "abc", True),
+        (["ab", "c<", "/x"], ["</s>"], "abc</x", False),
+        (["no stop here"], ["STOP"], "no stop here", False),
+    ],
+)
 def test_stop_matcher(pieces, stops, emitted, hit):
     m = StopMatcher(stops)
     out, reached = "", False

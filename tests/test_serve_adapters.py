@@ -22,7 +22,12 @@ from tests.test_lora import random_adapter
 
 pytestmark = pytest.mark.timeout(600)
 
-PROMPTS = ["table: 1-1\ncolumns: Player, Team\nQ: who?\nA:", "Hello there", "SELECT", "The quick brown"]
+PROMPTS = [
+    "table: 1-1\ncolumns: Player, Team\nQ: who?\nA:",
+    "Hello there",
+    "SELECT",
+    "The quick brown",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,9 @@ def adapters(tiny_model):
     return {
         "qv": random_adapter(args, ("q_proj", "v_proj"), (0, 1), rank=4, seed=1),
         "mlp": random_adapter(args, ("gate_proj", "down_proj"), (1,), rank=8, seed=2),
-        "kvo": random_adapter(args, ("k_proj", "v_proj", "o_proj"), (0,), rank=2, seed=3, scale=1.0),
+        "kvo": random_adapter(
+            args, ("k_proj", "v_proj", "o_proj"), (0,), rank=2, seed=3, scale=1.0
+        ),
     }
 
 
@@ -40,18 +47,30 @@ def server(tiny_hf_model, tmp_path_factory, adapters):
     data = tmp_path_factory.mktemp("data")
     for name, a in adapters.items():
         save_adapter(data / "incoming" / name, a)
-    settings = Settings(model=str(tiny_hf_model), data_dir=data, served_model_name="tiny",
-                        start_worker=False, max_loaded_adapters=2, max_num_seqs=8)
+    settings = Settings(
+        model=str(tiny_hf_model),
+        data_dir=data,
+        served_model_name="tiny",
+        start_worker=False,
+        max_loaded_adapters=2,
+        max_num_seqs=8,
+    )
     with start_model_server(settings) as (url, engine):
         r = httpx.post(f"{url}/v1/adapters", json={"name": "qv", "path": "incoming/qv"})
         assert r.status_code == 201, r.text
-        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": str(data / "incoming/mlp")})
+        r = httpx.post(
+            f"{url}/v1/load_lora_adapter",
+            json={"lora_name": "mlp", "lora_path": str(data / "incoming/mlp")},
+        )
         assert r.status_code == 200 and "Success" in r.text
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as t:
             t.add(data / "incoming" / "kvo", arcname="kvo")
-        r = httpx.post(f"{url}/v1/adapters", data={"name": "kvo"},
-                       files={"file": ("kvo.tar.gz", buf.getvalue(), "application/gzip")})
+        r = httpx.post(
+            f"{url}/v1/adapters",
+            data={"name": "kvo"},
+            files={"file": ("kvo.tar.gz", buf.getvalue(), "application/gzip")},
+        )
         assert r.status_code == 201, r.text
         yield url, engine
 
@@ -86,8 +105,9 @@ def test_concurrent_mixed_adapters_match_each_alone(server, tiny_hf_model, adapt
 
     def run(i: int, model: str, prompt: str) -> None:
         barrier.wait()
-        results[i] = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
-                                               logprobs=2)
+        results[i] = client.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=2
+        )
 
     threads = [threading.Thread(target=run, args=(i, m, p)) for i, (m, p) in enumerate(jobs)]
     for t in threads:
@@ -113,7 +133,9 @@ def test_concurrent_mixed_adapters_match_each_alone(server, tiny_hf_model, adapt
 def test_unload_while_streaming(server):
     url, engine = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-    stream = client.completions.create(model="qv", prompt="Hello", max_tokens=40, temperature=0, stream=True)
+    stream = client.completions.create(
+        model="qv", prompt="Hello", max_tokens=40, temperature=0, stream=True
+    )
     first = next(iter(stream))
     r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "qv"})
     assert r.status_code == 200
@@ -124,13 +146,16 @@ def test_unload_while_streaming(server):
         client.completions.create(model="qv", prompt="x", max_tokens=2)
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"name": "bad name!", "path": "incoming/mlp"}, 400, "name"),
-    ({"name": "escape", "path": "/etc"}, 400, "lora_path"),
-    ({"name": "mlp2", "path": "../"}, 400, "lora_path"),
-    ({"name": "missing", "path": "incoming/none"}, 400, "lora_path"),
-    ({"name": "mlp", "path": "incoming/mlp"}, 409, "name"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"name": "bad name!", "path": "incoming/mlp"}, 400, "name"),
+        ({"name": "escape", "path": "/etc"}, 400, "lora_path"),
+        ({"name": "mlp2", "path": "../"}, 400, "lora_path"),
+        ({"name": "missing", "path": "incoming/none"}, 400, "lora_path"),
+        ({"name": "mlp", "path": "incoming/mlp"}, 409, "name"),
+    ],
+)
 def test_bad_adapter_registrations(server, body, status, param):
     r = httpx.post(f"{server[0]}/v1/adapters", json=body)
     assert r.status_code == status, r.text
@@ -144,8 +169,11 @@ def test_unsafe_archives_are_refused(server):
             info = tarfile.TarInfo(member)
             info.size = 2
             t.addfile(info, io.BytesIO(b"{}"))
-        r = httpx.post(f"{server[0]}/v1/adapters", data={"name": "evil"},
-                       files={"file": ("a.tgz", buf.getvalue(), "application/gzip")})
+        r = httpx.post(
+            f"{server[0]}/v1/adapters",
+            data={"name": "evil"},
+            files={"file": ("a.tgz", buf.getvalue(), "application/gzip")},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsafe_archive"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
@@ -153,8 +181,11 @@ def test_unsafe_archives_are_refused(server):
         info.type = tarfile.SYMTYPE
         info.linkname = "/etc/passwd"
         t.addfile(info)
-    r = httpx.post(f"{server[0]}/v1/adapters", data={"name": "evil"},
-                   files={"file": ("a.tar", buf.getvalue(), "application/x-tar")})
+    r = httpx.post(
+        f"{server[0]}/v1/adapters",
+        data={"name": "evil"},
+        files={"file": ("a.tar", buf.getvalue(), "application/x-tar")},
+    )
     assert r.status_code == 400
 
 
@@ -171,15 +202,22 @@ def test_adapter_for_another_model_is_refused(server, tmp_path):
 def test_prefix_cache_reuses_a_shared_header(server):
     client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x")
     header = "table: 1-10015132-16\ncolumns: Player, No., Nationality, Position, Years in Toronto, School/Club Team\n"
-    client.completions.create(model="tiny", prompt=header + "Q: What is terrence ross' nationality\nA:", max_tokens=2)
-    r = client.completions.create(model="tiny", prompt=header + "Q: which club was in toronto 2003-06\nA:", max_tokens=2)
+    client.completions.create(
+        model="tiny", prompt=header + "Q: What is terrence ross' nationality\nA:", max_tokens=2
+    )
+    r = client.completions.create(
+        model="tiny", prompt=header + "Q: which club was in toronto 2003-06\nA:", max_tokens=2
+    )
     assert r.usage.prompt_tokens_details.cached_tokens >= 16
 
 
 def test_disconnect_frees_the_slot(server):
     url, engine = server
-    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 400,
-                                                            "stream": True, "temperature": 0}) as r:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/completions",
+        json={"model": "tiny", "prompt": "Hi", "max_tokens": 400, "stream": True, "temperature": 0},
+    ) as r:
         for _ in r.iter_lines():
             break
     deadline = time.monotonic() + 10
@@ -189,14 +227,23 @@ def test_disconnect_frees_the_slot(server):
 
 
 def test_queue_full_is_429(tiny_hf_model, tmp_path):
-    settings = Settings(model=str(tiny_hf_model), data_dir=tmp_path, served_model_name="tiny",
-                        start_worker=False, max_num_seqs=1, max_queue=1)
+    settings = Settings(
+        model=str(tiny_hf_model),
+        data_dir=tmp_path,
+        served_model_name="tiny",
+        start_worker=False,
+        max_num_seqs=1,
+        max_queue=1,
+    )
     with start_model_server(settings) as (url, _):
         statuses, headers = [], []
 
         def call() -> None:
-            r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 200,
-                                                          "temperature": 0}, timeout=60)
+            r = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": "tiny", "prompt": "Hi", "max_tokens": 200, "temperature": 0},
+                timeout=60,
+            )
             statuses.append(r.status_code)
             headers.append(r.headers.get("retry-after"))
 
@@ -210,27 +257,43 @@ def test_queue_full_is_429(tiny_hf_model, tmp_path):
 
 
 def test_more_sequences_than_the_server_holds_is_400(tiny_hf_model, tmp_path):
-    settings = Settings(model=str(tiny_hf_model), data_dir=tmp_path, served_model_name="tiny",
-                        start_worker=False, max_num_seqs=2, max_queue=2, kv_cache_memory_gb=0.0001)
+    settings = Settings(
+        model=str(tiny_hf_model),
+        data_dir=tmp_path,
+        served_model_name="tiny",
+        start_worker=False,
+        max_num_seqs=2,
+        max_queue=2,
+        kv_cache_memory_gb=0.0001,
+    )
     with start_model_server(settings) as (url, _):
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "n": 5})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
-        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "n": 4, "max_tokens": 400})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": "Hi", "n": 4, "max_tokens": 400},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 4})
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 4}
+        )
         assert r.status_code == 200
 
 
 def test_load_inplace_replaces_only_after_the_new_adapter_validates(server):
     url, engine = server
     data = engine.settings.data_dir
-    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": "incoming/none",
-                                                         "load_inplace": True})
+    r = httpx.post(
+        f"{url}/v1/load_lora_adapter",
+        json={"lora_name": "mlp", "lora_path": "incoming/none", "load_inplace": True},
+    )
     assert r.status_code == 400
     names = [a["id"] for a in httpx.get(f"{url}/v1/adapters").json()["data"]]
     assert "mlp" in names  # the bad replacement left the old one in place
-    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": str(data / "incoming/kvo"),
-                                                         "load_inplace": True})
+    r = httpx.post(
+        f"{url}/v1/load_lora_adapter",
+        json={"lora_name": "mlp", "lora_path": str(data / "incoming/kvo"), "load_inplace": True},
+    )
     assert r.status_code == 200
     mlp = [a for a in httpx.get(f"{url}/v1/adapters").json()["data"] if a["id"] == "mlp"][0]
     assert mlp["targets"] == ["k_proj", "v_proj", "o_proj"] and mlp["source_format"] == "loraforge"

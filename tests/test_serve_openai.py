@@ -14,8 +14,12 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def server(tiny_hf_model, tmp_path_factory):
-    settings = Settings(model=str(tiny_hf_model), data_dir=tmp_path_factory.mktemp("data"),
-                        served_model_name="tiny", start_worker=False)
+    settings = Settings(
+        model=str(tiny_hf_model),
+        data_dir=tmp_path_factory.mktemp("data"),
+        served_model_name="tiny",
+        start_worker=False,
+    )
     with start_model_server(settings) as (url, engine):
         yield url, engine
 
@@ -26,36 +30,51 @@ def client(server):
 
 
 def test_completion(client):
-    r = client.completions.create(model="tiny", prompt="table: t\ncolumns: a, b\nQ: x\nA:", max_tokens=8,
-                                  temperature=0)
+    r = client.completions.create(
+        model="tiny", prompt="table: t\ncolumns: a, b\nQ: x\nA:", max_tokens=8, temperature=0
+    )
     assert r.object == "text_completion" and r.model == "tiny"
     assert len(r.choices) == 1 and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 5
-    again = client.completions.create(model="tiny", prompt="table: t\ncolumns: a, b\nQ: x\nA:", max_tokens=8,
-                                      temperature=0)
+    again = client.completions.create(
+        model="tiny", prompt="table: t\ncolumns: a, b\nQ: x\nA:", max_tokens=8, temperature=0
+    )
     assert again.choices[0].text == r.choices[0].text
 
 
 def test_streaming_matches_non_streaming(client):
     plain = client.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0)
-    chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="Hello",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == plain.choices[0].text
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
 def test_n_and_seed(client):
-    r = client.completions.create(model="tiny", prompt="Once", max_tokens=10, n=3, temperature=1.0, seed=7)
+    r = client.completions.create(
+        model="tiny", prompt="Once", max_tokens=10, n=3, temperature=1.0, seed=7
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
-    r2 = client.completions.create(model="tiny", prompt="Once", max_tokens=10, n=3, temperature=1.0, seed=7)
+    r2 = client.completions.create(
+        model="tiny", prompt="Once", max_tokens=10, n=3, temperature=1.0, seed=7
+    )
     assert [c.text for c in r.choices] == [c.text for c in r2.choices]
     assert len({c.text for c in r.choices}) > 1
 
 
 def test_logprobs_and_echo(client):
-    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=4, temperature=0,
-                                  logprobs=3, echo=True)
+    r = client.completions.create(
+        model="tiny", prompt="Hello world", max_tokens=4, temperature=0, logprobs=3, echo=True
+    )
     c = r.choices[0]
     assert c.text.startswith("Hello world")
     lp = c.logprobs
@@ -69,25 +88,44 @@ def test_logprobs_and_echo(client):
 
 
 def test_stop_sequence(client):
-    full = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0).choices[0].text
+    full = (
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = full[5:8]
-    cut = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0, stop=[stop])
+    cut = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=20, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == full[: full.index(stop)]
 
 
 def test_token_prompts_and_batches(client):
-    r = client.completions.create(model="tiny", prompt=[[1, 22557], [1, 15359, 1526]], max_tokens=3, temperature=0)
+    r = client.completions.create(
+        model="tiny", prompt=[[1, 22557], [1, 15359, 1526]], max_tokens=3, temperature=0
+    )
     assert [c.index for c in r.choices] == [0, 1]
 
 
 def test_chat(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     assert r.choices[0].message.role == "assistant"
     assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
-    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                            max_tokens=5, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == r.choices[0].message.content
 
@@ -100,16 +138,19 @@ def test_models(client):
         client.models.retrieve("nope")
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(model="nope", prompt="x"), "model"),
-    (dict(model="tiny", prompt="x", n=0), "n"),
-    (dict(model="tiny", prompt="x", logprobs=6), "logprobs"),
-    (dict(model="tiny", prompt="x", temperature=3), "temperature"),
-    (dict(model="tiny", prompt="x", stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(model="tiny", prompt="x", suffix="y"), "suffix"),
-    (dict(model="tiny", prompt="x", max_tokens=100000), "max_tokens"),
-    (dict(model="tiny", prompt="x", logit_bias={"99999999": 1}), "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(model="nope", prompt="x"), "model"),
+        (dict(model="tiny", prompt="x", n=0), "n"),
+        (dict(model="tiny", prompt="x", logprobs=6), "logprobs"),
+        (dict(model="tiny", prompt="x", temperature=3), "temperature"),
+        (dict(model="tiny", prompt="x", stop=["a", "b", "c", "d", "e"]), "stop"),
+        (dict(model="tiny", prompt="x", suffix="y"), "suffix"),
+        (dict(model="tiny", prompt="x", max_tokens=100000), "max_tokens"),
+        (dict(model="tiny", prompt="x", logit_bias={"99999999": 1}), "logit_bias"),
+    ],
+)
 def test_bad_requests_are_4xx_openai_errors(client, kwargs, param):
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(**kwargs)
@@ -120,14 +161,21 @@ def test_bad_requests_are_4xx_openai_errors(client, kwargs, param):
 
 def test_unsupported_chat_field(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )
     assert e.value.body["param"] == "tools"
 
 
 def test_broken_json_and_wrong_types(server):
     url = server[0]
-    r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "error" in r.json()
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": "many"})
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": "many"}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -234,7 +234,9 @@ def test_rate_limit_is_429_with_retry_after(echo_url):
 
 def test_body_over_the_limit_is_413(tmp_path):
     app = Litestar(
-        [echo], exception_handlers=exception_handlers(), logging_config=None,
+        [echo],
+        exception_handlers=exception_handlers(),
+        logging_config=None,
         request_max_body_size=1000,
     )
     with serve(app) as url:

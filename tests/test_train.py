@@ -45,7 +45,7 @@ def _wikisql_lines(split: str, n: int, short: bool = False) -> list[str]:
     out = []
     for line in lines:
         text = json.loads(line)["text"]
-        out.append(json.dumps({"text": text[text.index("Q:"):]}))
+        out.append(json.dumps({"text": text[text.index("Q:") :]}))
     return out
 
 
@@ -68,9 +68,18 @@ def short_qa(tmp_path_factory) -> Path:
 
 
 def _config(tmp: Path, **kw) -> TrainConfig:
-    base = dict(iters=3, batch_size=2, learning_rate=1e-3, steps_per_report=1, steps_per_eval=0,
-                save_every=0, val_batches=1, lora_layers=-1, adapter_path=str(tmp / "adapter"),
-                progress="lines")
+    base = dict(
+        iters=3,
+        batch_size=2,
+        learning_rate=1e-3,
+        steps_per_report=1,
+        steps_per_eval=0,
+        save_every=0,
+        val_batches=1,
+        lora_layers=-1,
+        adapter_path=str(tmp / "adapter"),
+        progress="lines",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -78,8 +87,16 @@ def _config(tmp: Path, **kw) -> TrainConfig:
 def test_training_lowers_loss_reports_and_saves(tiny_hf_model, wikisql_slice, tmp_path, capsys):
     events: list[dict] = []
     jsonl = tmp_path / "events.jsonl"
-    config = _config(tmp_path, iters=8, learning_rate=1e-2, steps_per_report=2, steps_per_eval=4,
-                     save_every=4, keep_checkpoints=1, events_jsonl=str(jsonl))
+    config = _config(
+        tmp_path,
+        iters=8,
+        learning_rate=1e-2,
+        steps_per_report=2,
+        steps_per_eval=4,
+        save_every=4,
+        keep_checkpoints=1,
+        events_jsonl=str(jsonl),
+    )
     result = train(tiny_hf_model, wikisql_slice, config, on_event=events.append)
 
     losses = [loss for _, loss in result.losses]
@@ -111,7 +128,9 @@ def test_training_lowers_loss_reports_and_saves(tiny_hf_model, wikisql_slice, tm
 
     # The final adapter and the checkpoint are adapters the server can load.
     adapter = load_adapter(config.adapter_path)
-    assert adapter.rank == 8 and adapter.targets == ("q_proj", "v_proj") and adapter.layers == (0, 1)
+    assert (
+        adapter.rank == 8 and adapter.targets == ("q_proj", "v_proj") and adapter.layers == (0, 1)
+    )
     assert [e["step"] for e in lines if e["type"] == "checkpoint"] == [4, 8]
     checkpoints = Path(config.adapter_path) / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-8"]  # keep_checkpoints=1
@@ -128,13 +147,23 @@ def _kill_at_checkpoint(step: int):
     def on_event(event: dict) -> None:
         if event["type"] == "checkpoint" and event["step"] == step:
             raise _Killed  # what a crash right after the checkpoint looks like to the run
+
     return on_event
 
 
 def _resume_config(tmp: Path, **kw) -> TrainConfig:
     # Dropout, warmup and a cosine schedule: every piece of state a resume must restore matters.
-    return _config(tmp, iters=6, save_every=3, lora_dropout=0.1, lr_schedule="cosine",
-                   warmup_steps=2, optimizer="adamw", weight_decay=0.01, **kw)
+    return _config(
+        tmp,
+        iters=6,
+        save_every=3,
+        lora_dropout=0.1,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        optimizer="adamw",
+        weight_decay=0.01,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +189,19 @@ def test_resume_continues_bit_for_bit(tiny_hf_model, short_qa, straight_run, tmp
         np.testing.assert_allclose(np.array(b.weights[key][1]), np.array(wb), atol=1e-6)
 
 
-@pytest.mark.parametrize("change", [{"lora_rank": 4}, {"targets": ("q_proj", "k_proj")},
-                                    {"lora_layers": 1}, {"batch_size": 3}, {"data": "other"}])
-def test_resume_with_other_settings_is_refused(tiny_hf_model, short_qa, straight_run, tmp_path, change):
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lora_rank": 4},
+        {"targets": ("q_proj", "k_proj")},
+        {"lora_layers": 1},
+        {"batch_size": 3},
+        {"data": "other"},
+    ],
+)
+def test_resume_with_other_settings_is_refused(
+    tiny_hf_model, short_qa, straight_run, tmp_path, change
+):
     change = dict(change)
     data = short_qa
     if change.pop("data", None):
@@ -170,8 +209,12 @@ def test_resume_with_other_settings_is_refused(tiny_hf_model, short_qa, straight
     ckpt = Path(straight_run.adapter_path) / "checkpoints" / "step-3"
     events: list[dict] = []
     with pytest.raises(TrainingConfigError) as err:
-        train(tiny_hf_model, data, _resume_config(tmp_path, resume=str(ckpt), **change),
-              on_event=events.append)
+        train(
+            tiny_hf_model,
+            data,
+            _resume_config(tmp_path, resume=str(ckpt), **change),
+            on_event=events.append,
+        )
     assert "other settings" in str(err.value) and "--adapter-path" in str(err.value)
     assert not [e for e in events if e["type"] == "train"]  # refused before any step
 
@@ -182,7 +225,9 @@ def _losses(tiny_hf_model, data, tmp, **kw) -> list[float]:
 
 def test_grad_accumulation_trains_like_the_bigger_batch(tiny_hf_model, short_qa, tmp_path):
     big = _losses(tiny_hf_model, short_qa, tmp_path / "a", batch_size=4)
-    accumulated = _losses(tiny_hf_model, short_qa, tmp_path / "b", batch_size=2, grad_accumulation=2)
+    accumulated = _losses(
+        tiny_hf_model, short_qa, tmp_path / "b", batch_size=2, grad_accumulation=2
+    )
     np.testing.assert_allclose(accumulated, big, rtol=1e-5)
     # The gradients themselves, not only the losses (Adam's first steps barely see their scale).
     g_big = _step_grads(tiny_hf_model, short_qa, batch_size=4, grad_accumulation=1)
@@ -196,7 +241,9 @@ def test_grad_checkpoint_gives_the_same_training(tiny_hf_model, short_qa, tmp_pa
     checkpointed = _losses(tiny_hf_model, short_qa, tmp_path / "b", grad_checkpoint=True)
     np.testing.assert_allclose(checkpointed, plain, rtol=1e-5)
     g_plain = _step_grads(tiny_hf_model, short_qa, batch_size=4, grad_accumulation=1)
-    g_ckpt = _step_grads(tiny_hf_model, short_qa, batch_size=4, grad_accumulation=1, checkpoint=True)
+    g_ckpt = _step_grads(
+        tiny_hf_model, short_qa, batch_size=4, grad_accumulation=1, checkpoint=True
+    )
     assert g_ckpt[0] == pytest.approx(g_plain[0], rel=1e-5)
     _assert_same_grads(g_ckpt[1], g_plain[1])
 
@@ -219,8 +266,14 @@ def _lora_model(model_dir: Path, checkpoint: bool = False):
     return loaded
 
 
-def _step_grads(model_dir: Path, data_dir: Path, batch_size: int, grad_accumulation: int,
-                checkpoint: bool = False, pack: bool = False):
+def _step_grads(
+    model_dir: Path,
+    data_dir: Path,
+    batch_size: int,
+    grad_accumulation: int,
+    checkpoint: bool = False,
+    pack: bool = False,
+):
     loaded = _lora_model(model_dir, checkpoint)
     examples = _tokenized(loaded.tokenizer, data_dir, 4)
     batch = make_batch(examples, list(range(4)), batch_size * grad_accumulation, pack, 128)
@@ -230,7 +283,9 @@ def _step_grads(model_dir: Path, data_dir: Path, batch_size: int, grad_accumulat
 
 
 def _tokenized(tokenizer, data_dir: Path, n: int):
-    texts = [json.loads(line)["text"] for line in (data_dir / "train.jsonl").read_text().splitlines()[:n]]
+    texts = [
+        json.loads(line)["text"] for line in (data_dir / "train.jsonl").read_text().splitlines()[:n]
+    ]
     examples, _ = tokenize_examples([TextExample(t) for t in texts], tokenizer, 64)
     return examples
 
@@ -241,7 +296,9 @@ def _assert_same_grads(a: dict, b: dict) -> None:
     fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
     assert fa.keys() == fb.keys() and fa
     for k in fa:
-        np.testing.assert_allclose(np.array(fa[k]), np.array(fb[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(
+            np.array(fa[k]), np.array(fb[k]), rtol=1e-4, atol=1e-6, err_msg=k
+        )
 
 
 def test_packed_and_unpacked_rows_give_the_same_loss(tiny_hf_model, short_qa):
@@ -270,13 +327,22 @@ def test_the_fine_tune_learns_to_stop(tiny_hf_model, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in examples))
-    config = _config(tmp_path, iters=60, learning_rate=3e-3, steps_per_report=20,
-                     targets=ALL_TARGETS, mask_prompt=True, completion_after="A:")
+    config = _config(
+        tmp_path,
+        iters=60,
+        learning_rate=3e-3,
+        steps_per_report=20,
+        targets=ALL_TARGETS,
+        mask_prompt=True,
+        completion_after="A:",
+    )
     train(tiny_hf_model, data, config)
 
     loaded = load_model(tiny_hf_model)
     adapter = load_adapter(config.adapter_path)
-    slots = AdapterSlots(loaded.model, max_loaded=1, max_rank=adapter.rank, loader=lambda _: adapter)
+    slots = AdapterSlots(
+        loaded.model, max_loaded=1, max_rank=adapter.rank, loader=lambda _: adapter
+    )
     engine = Engine(loaded.model, loaded.tokenizer, adapter_slots=slots)
     params = SamplingParams(max_tokens=40, temperature=0.0)
     for text in examples:
@@ -291,8 +357,15 @@ def test_the_fine_tune_learns_to_stop(tiny_hf_model, tmp_path):
 
 
 def test_settings_that_cannot_work_are_refused(tiny_hf_model, wikisql_slice, tmp_path):
-    bad = [dict(weight_decay=0.1), dict(optimizer="sgd"), dict(warmup_steps=5, iters=5),
-           dict(targets=("qkv",)), dict(quantize=3), dict(lora_layers=0), dict(batch_size=0)]
+    bad = [
+        dict(weight_decay=0.1),
+        dict(optimizer="sgd"),
+        dict(warmup_steps=5, iters=5),
+        dict(targets=("qkv",)),
+        dict(quantize=3),
+        dict(lora_layers=0),
+        dict(batch_size=0),
+    ]
     for kw in bad:
         with pytest.raises(TrainingConfigError):
             train(tiny_hf_model, wikisql_slice, _config(tmp_path, **kw))
@@ -303,8 +376,12 @@ def test_settings_that_cannot_work_are_refused(tiny_hf_model, wikisql_slice, tmp
 def test_memory_preflight_refuses_before_loading(tiny_hf_model, wikisql_slice, tmp_path):
     events: list[dict] = []
     with pytest.raises(MemoryPreflightError) as err:
-        train(tiny_hf_model, wikisql_slice, _config(tmp_path, memory_limit_gb=0.001),
-              on_event=events.append)
+        train(
+            tiny_hf_model,
+            wikisql_slice,
+            _config(tmp_path, memory_limit_gb=0.001),
+            on_event=events.append,
+        )
     message = str(err.value)
     assert "batch 2 with 2 LoRA layers needs ~" in message and "GB free: try" in message
     assert events[-1]["type"] == "done" and events[-1]["status"] == "failed"
@@ -332,48 +409,119 @@ def _seed_format_model(model_dir: Path, out: Path) -> Path:
 
 def _loraforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_lora_command_runs_the_blogs_commands(tiny_hf_model, wikisql_slice, tmp_path):
     model = _seed_format_model(tiny_hf_model, tmp_path / "mlx_model")
     # python lora.py --model <path_to_model> --train --iters 600  (the blog, with fewer iters)
-    trained = _loraforge("lora", "--model", str(model), "--train", "--data", str(wikisql_slice),
-                         "--iters", "4", "--batch-size", "2", "--steps-per-report", "2",
-                         "--steps-per-eval", "4", "--val-batches", "1", "--lora-layers", "2",
-                         cwd=tmp_path)
+    trained = _loraforge(
+        "lora",
+        "--model",
+        str(model),
+        "--train",
+        "--data",
+        str(wikisql_slice),
+        "--iters",
+        "4",
+        "--batch-size",
+        "2",
+        "--steps-per-report",
+        "2",
+        "--steps-per-eval",
+        "4",
+        "--val-batches",
+        "1",
+        "--lora-layers",
+        "2",
+        cwd=tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr
     assert "Trainable parameters" in trained.stdout and "Iter 4: Val loss" in trained.stdout
     assert (tmp_path / "adapters.npz").is_file() and (tmp_path / "adapters.json").is_file()
     assert load_adapter(tmp_path / "adapters.npz").layers == (0, 1)
 
     # python lora.py --model <path_to_model> --adapter-file adapters.npz --test
-    tested = _loraforge("lora", "--model", str(model), "--adapter-file", "adapters.npz", "--test",
-                        "--data", str(wikisql_slice), "--batch-size", "2", cwd=tmp_path)
+    tested = _loraforge(
+        "lora",
+        "--model",
+        str(model),
+        "--adapter-file",
+        "adapters.npz",
+        "--test",
+        "--data",
+        str(wikisql_slice),
+        "--batch-size",
+        "2",
+        cwd=tmp_path,
+    )
     assert tested.returncode == 0, tested.stderr
     line = next(x for x in tested.stdout.splitlines() if x.startswith("Test loss"))
     loss, ppl = (float(x.split()[-1].rstrip(".,")) for x in line.split(","))
     assert ppl == pytest.approx(np.exp(loss), rel=1e-2)
 
     # python lora.py --model <path_to_model> --adapter-file adapters.npz --num-tokens 50 --prompt ...
-    prompt = "table: 1-10015132-16\ncolumns: Player, No.\nQ: What is terrence ross' nationality\nA: "
-    generated = _loraforge("lora", "--model", str(model), "--adapter-file", "adapters.npz",
-                           "--num-tokens", "8", "--temp", "0", "--prompt", prompt, cwd=tmp_path)
+    prompt = (
+        "table: 1-10015132-16\ncolumns: Player, No.\nQ: What is terrence ross' nationality\nA: "
+    )
+    generated = _loraforge(
+        "lora",
+        "--model",
+        str(model),
+        "--adapter-file",
+        "adapters.npz",
+        "--num-tokens",
+        "8",
+        "--temp",
+        "0",
+        "--prompt",
+        prompt,
+        cwd=tmp_path,
+    )
     assert generated.returncode == 0, generated.stderr
     assert "Generating" in generated.stdout
     after = generated.stdout.split("Generating\n", 1)[1]
-    assert after.startswith(prompt) and after[len(prompt):].strip()
+    assert after.startswith(prompt) and after[len(prompt) :].strip()
 
 
 def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
     out = tmp_path / "adapter"
-    done = _loraforge("train", "--model", str(tiny_hf_model), "--data", str(wikisql_slice),
-                      "--iters", "2", "--batch-size", "2", "--lora-layers", "1",
-                      "--targets", "q_proj,o_proj", "--lora-rank", "4", "--steps-per-eval", "0",
-                      "--max-seq-len", "64",
-                      "--adapter-path", str(out), "--events-jsonl", str(tmp_path / "ev.jsonl"),
-                      "--test", "--test-batches", "1", cwd=tmp_path)
+    done = _loraforge(
+        "train",
+        "--model",
+        str(tiny_hf_model),
+        "--data",
+        str(wikisql_slice),
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--lora-layers",
+        "1",
+        "--targets",
+        "q_proj,o_proj",
+        "--lora-rank",
+        "4",
+        "--steps-per-eval",
+        "0",
+        "--max-seq-len",
+        "64",
+        "--adapter-path",
+        str(out),
+        "--events-jsonl",
+        str(tmp_path / "ev.jsonl"),
+        "--test",
+        "--test-batches",
+        "1",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "Test loss" in done.stdout and "Test ppl" in done.stdout
     adapter = load_adapter(out)
@@ -386,13 +534,32 @@ def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
     assert any(w.startswith("train.jsonl: 8 of 8 examples were longer") for w in warnings)
     assert "[WARNING] train.jsonl:" in done.stdout and "raise --max-seq-len" in done.stdout
     # Settings that cannot work: one line saying what to change, exit 2.
-    bad = _loraforge("train", "--model", str(tiny_hf_model), "--data", str(wikisql_slice),
-                     "--weight-decay", "0.1", cwd=tmp_path)
-    assert bad.returncode == 2 and "--optimizer adamw" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _loraforge(
+        "train",
+        "--model",
+        str(tiny_hf_model),
+        "--data",
+        str(wikisql_slice),
+        "--weight-decay",
+        "0.1",
+        cwd=tmp_path,
+    )
+    assert (
+        bad.returncode == 2 and "--optimizer adamw" in bad.stderr and "Traceback" not in bad.stderr
+    )
 
 
 def test_lora_command_says_what_is_missing(tmp_path, tiny_hf_model):
-    missing = _loraforge("lora", "--model", str(tiny_hf_model), "--adapter-file", "nope.npz",
-                         "--test", "--data", str(tmp_path), cwd=tmp_path)
+    missing = _loraforge(
+        "lora",
+        "--model",
+        str(tiny_hf_model),
+        "--adapter-file",
+        "nope.npz",
+        "--test",
+        "--data",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert missing.returncode == 2
     assert "nope.npz" in missing.stderr and "--train" in missing.stderr

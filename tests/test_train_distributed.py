@@ -51,9 +51,19 @@ def _free_port_pair() -> int:
 
 def _spec(tmp: Path, model: Path, data: Path, name: str) -> tuple[Path, Path]:
     out = tmp / name
-    config = {"iters": 3, "batch_size": 4, "learning_rate": 1e-2, "steps_per_report": 1,
-              "steps_per_eval": 0, "val_batches": -1, "save_every": 0, "lora_layers": -1,
-              "adapter_path": str(out), "events_jsonl": str(out / "events.jsonl"), "progress": "lines"}
+    config = {
+        "iters": 3,
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "steps_per_report": 1,
+        "steps_per_eval": 0,
+        "val_batches": -1,
+        "save_every": 0,
+        "lora_layers": -1,
+        "adapter_path": str(out),
+        "events_jsonl": str(out / "events.jsonl"),
+        "progress": "lines",
+    }
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps({"model": str(model), "data": str(data), "config": config}))
     return spec, out
@@ -68,13 +78,30 @@ def test_two_processes_train_like_one(tiny_hf_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     spec1, one = _spec(tmp_path, tiny_hf_model, data, "one")
-    single = subprocess.run([sys.executable, "-m", "mlx_core.train", str(spec1)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "mlx_core.train", str(spec1)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
 
     spec2, two = _spec(tmp_path, tiny_hf_model, data, "two")
-    launch = [*_launcher(), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()),
-              sys.executable, "-m", "mlx_core.train", str(spec2)]
+    launch = [
+        *_launcher(),
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(_free_port_pair()),
+        sys.executable,
+        "-m",
+        "mlx_core.train",
+        str(spec2),
+    ]
     double = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stdout + double.stderr
 
@@ -87,13 +114,18 @@ def test_two_processes_train_like_one(tiny_hf_model, tmp_path):
     assert len(train_a) == len(train_b) == 3
     np.testing.assert_allclose(train_b, train_a, rtol=1e-5)
     # Token counts are summed over both ranks: the same throughput numerator as one process.
-    assert [e["trained_tokens"] for e in b if e["type"] == "train"] == \
-        [e["trained_tokens"] for e in a if e["type"] == "train"]
+    assert [e["trained_tokens"] for e in b if e["type"] == "train"] == [
+        e["trained_tokens"] for e in a if e["type"] == "train"
+    ]
     val_a = [e["val_loss"] for e in a if e["type"] == "eval"]
     val_b = [e["val_loss"] for e in b if e["type"] == "eval"]
     assert val_b == pytest.approx(val_a, rel=1e-5)
 
     adapter_a, adapter_b = load_adapter(one), load_adapter(two)
     for key, (wa, wb) in adapter_a.weights.items():
-        np.testing.assert_allclose(np.array(adapter_b.weights[key][0]), np.array(wa), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(np.array(adapter_b.weights[key][1]), np.array(wb), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            np.array(adapter_b.weights[key][0]), np.array(wa), rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.array(adapter_b.weights[key][1]), np.array(wb), rtol=1e-4, atol=1e-6
+        )

@@ -64,9 +64,7 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "api IN ('fine_tuning', 'fine-tunes')", name=op.f("ck_fine_tuning_jobs_api")
         ),
-        sa.CheckConstraint(
-            f"status IN ({JOB_STATUSES})", name=op.f("ck_fine_tuning_jobs_status")
-        ),
+        sa.CheckConstraint(f"status IN ({JOB_STATUSES})", name=op.f("ck_fine_tuning_jobs_status")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_fine_tuning_jobs")),
     )
     op.create_index(op.f("ix_fine_tuning_jobs_status"), "fine_tuning_jobs", ["status"])

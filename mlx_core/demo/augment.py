@@ -15,8 +15,38 @@ from collections.abc import Sequence
 
 from mlx_core.wikisql import Condition, Query, parse_example, parse_query, to_wikisql
 
-_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w",
-           "z", "br", "ch", "cl", "dr", "gr", "kr", "pl", "sh", "st", "tr", "th", "")
+_ONSETS = (
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "ch",
+    "cl",
+    "dr",
+    "gr",
+    "kr",
+    "pl",
+    "sh",
+    "st",
+    "tr",
+    "th",
+    "",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ea", "ou", "y")
 _CODAS = ("", "", "", "", "n", "r", "s", "l", "t", "k", "m", "nd", "rt", "st", "x")
 _KEYWORDS = {"and", "select", "from", "where", "count", "max", "min", "sum", "avg"}
@@ -25,8 +55,10 @@ _KEYWORDS = {"and", "select", "from", "where", "count", "max", "min", "sum", "av
 def pseudo_word(rng: random.Random) -> str:
     """A pronounceable made-up word such as "Kelmora"; mostly capitalized, like names."""
     while True:
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                       for _ in range(rng.choice((1, 2, 2, 3))))
+        word = "".join(
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+            for _ in range(rng.choice((1, 2, 2, 3)))
+        )
         if len(word) >= 2 and word not in _KEYWORDS:
             break
     style = rng.random()
@@ -66,8 +98,9 @@ def fresh_values(text: str, rng: random.Random, rate: float) -> str:
             return text
         question = pattern.sub(new.replace("\\", "\\\\"), question)  # no group refs in new
     conditions = tuple(
-        Condition(c.column, c.op, mapping.get(c.value, c.value) if isinstance(c.value, str)
-                  else c.value)
+        Condition(
+            c.column, c.op, mapping.get(c.value, c.value) if isinstance(c.value, str) else c.value
+        )
         for c in query.conditions
     )
     if any(isinstance(c.value, str) and c.value not in question for c in conditions):

@@ -55,9 +55,14 @@ class ModelShape:
 
     def args(self, vocab_size: int) -> ModelArgs:
         return ModelArgs(
-            dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads, hidden_dim=self.hidden_dim, vocab_size=vocab_size,
-            rope_theta=10000.0, sliding_window=None,
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            hidden_dim=self.hidden_dim,
+            vocab_size=vocab_size,
+            rope_theta=10000.0,
+            sliding_window=None,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
         )
@@ -73,16 +78,25 @@ class BuildConfig:
     n_held_out_domain: int = 500
     n_probe: int = 200  # test examples generated at every evaluation during training
     fresh_value_rate: float = 0.5  # training conditions whose text value is made up (augment.py)
-    dtype: str = "f32"  # shipped in fp32: on a Linux CPU only fp32 matmuls get a fast BLAS (cpu_blas.py)
+    dtype: str = (
+        "f32"  # shipped in fp32: on a Linux CPU only fp32 matmuls get a fast BLAS (cpu_blas.py)
+    )
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelShape = field(default_factory=ModelShape)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     # Stage 2: the stage-1 model goes on learning with this share of its examples wrapped in the
     # Mistral chat template, so /v1/chat/completions works on the demo as well as completions.
     chat_fraction: float = 0.5
-    chat_stage: PretrainConfig = field(default_factory=lambda: PretrainConfig(
-        steps=1000, learning_rate=3e-4, warmup_steps=50, min_lr_ratio=0.1, eval_every=250,
-        checkpoint_every=250))
+    chat_stage: PretrainConfig = field(
+        default_factory=lambda: PretrainConfig(
+            steps=1000,
+            learning_rate=3e-4,
+            warmup_steps=50,
+            min_lr_ratio=0.1,
+            eval_every=250,
+            checkpoint_every=250,
+        )
+    )
 
 
 def log(message: str) -> None:
@@ -107,8 +121,10 @@ def speed_hint(gflops: float) -> str | None:
     how = f"LD_PRELOAD={OPENBLAS} python -m mlx_core.demo.build ..."
     if not OPENBLAS.exists():
         how = f"apt-get install libopenblas0-pthread, then run with {how}"
-    return (f"fp32 matmuls run at {gflops:.0f} GFLOP/s on MLX's bundled reference BLAS; "
-            f"OpenBLAS makes this build ~20x faster: {how}")
+    return (
+        f"fp32 matmuls run at {gflops:.0f} GFLOP/s on MLX's bundled reference BLAS; "
+        f"OpenBLAS makes this build ~20x faster: {how}"
+    )
 
 
 # -- steps ---------------------------------------------------------------------------------------
@@ -116,16 +132,28 @@ def _texts(path: Path) -> list[str]:
     return [e.text for e in read_jsonl(path) if isinstance(e, TextExample)]
 
 
-def _tokenized(texts: list[str], tokenizer: Tokenizer, max_seq_len: int,
-               chat_fraction: float = 0.0, seed: int = 0) -> list[TokenizedExample]:
+def _tokenized(
+    texts: list[str],
+    tokenizer: Tokenizer,
+    max_seq_len: int,
+    chat_fraction: float = 0.0,
+    seed: int = 0,
+) -> list[TokenizedExample]:
     # Loss on the SQL answer and its EOS only: predicting random table ids and values in the
     # prompt teaches nothing, and the answer is what the model is for. A `chat_fraction` share
     # of the examples (chosen by `seed`) is wrapped in the chat template, answer = assistant turn.
     chooser = random.Random(f"chat-stage:{seed}")
     examples, report = tokenize_examples(
-        [parse_example(to_chat(t), "demo corpus") if chooser.random() < chat_fraction
-         else TextExample(t) for t in texts],
-        tokenizer, max_seq_len, mask_prompt=True, completion_after="A:",
+        [
+            parse_example(to_chat(t), "demo corpus")
+            if chooser.random() < chat_fraction
+            else TextExample(t)
+            for t in texts
+        ],
+        tokenizer,
+        max_seq_len,
+        mask_prompt=True,
+        completion_after="A:",
     )
     if report.n_dropped:
         raise ValueError(report.warning())
@@ -136,8 +164,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(config: BuildConfig, out: Path, work: Path, resume: bool,
-          wikisql: Path | None) -> dict:
+def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Path | None) -> dict:
     """Run the whole build; return what build.json holds."""
     started = time.perf_counter()
     if config.held_out_domain not in DOMAINS:
@@ -151,12 +178,21 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
         log(f"OpenBLAS set to one thread per stream ({config.pretrain.parallel_streams} streams)")
 
     data = work / "data"
-    log(f"corpus: {config.n_train}/{config.n_valid}/{config.n_test} examples, seed {config.seed}, "
-        f"without domain {config.held_out_domain!r} -> {data}")
-    write_dataset(data, config.n_train, config.n_valid, config.n_test, config.seed,
-                  exclude_domains=(config.held_out_domain,))
-    train_texts, valid_texts, test_texts = (_texts(data / f"{s}.jsonl")
-                                            for s in ("train", "valid", "test"))
+    log(
+        f"corpus: {config.n_train}/{config.n_valid}/{config.n_test} examples, seed {config.seed}, "
+        f"without domain {config.held_out_domain!r} -> {data}"
+    )
+    write_dataset(
+        data,
+        config.n_train,
+        config.n_valid,
+        config.n_test,
+        config.seed,
+        exclude_domains=(config.held_out_domain,),
+    )
+    train_texts, valid_texts, test_texts = (
+        _texts(data / f"{s}.jsonl") for s in ("train", "valid", "test")
+    )
     tok_path = train_tokenizer(train_texts, work / "tokenizer.model", config.tokenizer)
     tokenizer = Tokenizer.from_file(tok_path)
     log(f"tokenizer: {tokenizer.vocab_size} pieces -> {tok_path}")
@@ -171,32 +207,55 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
 
     args = config.model.args(tokenizer.vocab_size)
     # What the checkpoints depend on (pretrain() adds its own config and the model's shape).
-    identity = {"corpus": [config.seed, config.held_out_domain, config.n_train,
-                           config.fresh_value_rate],
-                "tokenizer_sha256": _sha256(tok_path)}
+    identity = {
+        "corpus": [config.seed, config.held_out_domain, config.n_train, config.fresh_value_rate],
+        "tokenizer_sha256": _sha256(tok_path),
+    }
     probe_texts = test_texts[: config.n_probe]
 
     def probe(model: Mistral) -> str:  # generation quality during training, on a few test tables
         return "probe: " + sql_quality(model, tokenizer, probe_texts).line()
 
-    model, result = pretrain(args, train_set, valid_set, config.pretrain, work, identity,
-                             resume=resume, log=log, probe=probe if config.n_probe else None)
+    model, result = pretrain(
+        args,
+        train_set,
+        valid_set,
+        config.pretrain,
+        work,
+        identity,
+        resume=resume,
+        log=log,
+        probe=probe if config.n_probe else None,
+    )
     if config.chat_stage.steps:
         stage1 = latest_checkpoint(work)
         log(f"stage 2: {config.chat_fraction:.0%} of the examples as chats, from {stage1}")
         chat_train = _tokenized(train_texts, tokenizer, max_len, config.chat_fraction, config.seed)
         chat_valid = _tokenized(valid_texts, tokenizer, max_len, config.chat_fraction, config.seed)
-        chat_identity = {**identity, "stage1": asdict(config.pretrain),
-                         "chat_fraction": config.chat_fraction}
+        chat_identity = {
+            **identity,
+            "stage1": asdict(config.pretrain),
+            "chat_fraction": config.chat_fraction,
+        }
 
         def probe_chat(model: Mistral) -> str:
-            return (f"{probe(model)} | chat "
-                    + sql_quality(model, tokenizer, probe_texts, chat=True).line())
+            return (
+                f"{probe(model)} | chat "
+                + sql_quality(model, tokenizer, probe_texts, chat=True).line()
+            )
 
-        model, result = pretrain(args, chat_train, chat_valid, config.chat_stage, work / "chat",
-                                 chat_identity, resume=resume, log=log,
-                                 probe=probe_chat if config.n_probe else None,
-                                 init=stage1 / "model.safetensors")
+        model, result = pretrain(
+            args,
+            chat_train,
+            chat_valid,
+            config.chat_stage,
+            work / "chat",
+            chat_identity,
+            resume=resume,
+            log=log,
+            probe=probe_chat if config.n_probe else None,
+            init=stage1 / "model.safetensors",
+        )
 
     # Save in the shipped precision, then evaluate exactly what ships, loaded the way users load it.
     cast_parameters(model, DTYPES[config.dtype])
@@ -205,20 +264,25 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
     save_model(staged, model, tokenizer)
     size = sum((staged / f).stat().st_size for f in ASSET_FILES)
     if size > MAX_ASSET_BYTES:
-        raise ValueError(f"the assets take {size / 2**20:.1f} MB, over the "
-                         f"{MAX_ASSET_BYTES / 2**20:.0f} MB budget: build a smaller model")
+        raise ValueError(
+            f"the assets take {size / 2**20:.1f} MB, over the "
+            f"{MAX_ASSET_BYTES / 2**20:.0f} MB budget: build a smaller model"
+        )
     loaded = load_model(staged)
     log("evaluating the saved model (greedy, no stop sequences)")
     metrics: dict[str, dict] = {}
     evals = {
         "synthetic_test": test_texts,
-        "held_out_domain": generate_examples(config.n_held_out_domain, config.seed + 1,
-                                             domains=(config.held_out_domain,)),
+        "held_out_domain": generate_examples(
+            config.n_held_out_domain, config.seed + 1, domains=(config.held_out_domain,)
+        ),
     }
     if wikisql is not None and wikisql.is_file():
         evals["wikisql_test"] = _texts(wikisql)
     runs = [(name, texts, False) for name, texts in evals.items()]
-    runs.append(("synthetic_test_chat", test_texts, True))  # the same tables through the chat template
+    runs.append(
+        ("synthetic_test_chat", test_texts, True)
+    )  # the same tables through the chat template
     for name, texts, chat in runs:
         t = time.perf_counter()
         quality: SqlQuality = sql_quality(loaded.model, loaded.tokenizer, texts, chat=chat)
@@ -235,12 +299,20 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool,
         "model_args": asdict(args),
         "parameters": int(sum(v.size for v in _leaves(loaded.model.parameters()))),
         "asset_bytes": size,
-        "training": {"train_loss": result.train_loss, "valid_loss": result.valid_loss,
-                     "seconds": round(result.seconds), "tokens": result.tokens},
+        "training": {
+            "train_loss": result.train_loss,
+            "valid_loss": result.valid_loss,
+            "seconds": round(result.seconds),
+            "tokens": result.tokens,
+        },
         "metrics": metrics,
         "build_seconds": round(time.perf_counter() - started),
-        "machine": {"platform": platform.platform(), "device": str(mx.default_device()),
-                    "fp32_matmul_gflops": round(gflops, 1), "mlx": mx.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "device": str(mx.default_device()),
+            "fp32_matmul_gflops": round(gflops, 1),
+            "mlx": mx.__version__,
+        },
     }
     (staged / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -263,19 +335,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mlx_core.demo.build",
         description="Rebuild the embedded demo text-to-SQL model (corpus, tokenizer, "
-                    "pretraining, evaluation); the defaults reproduce the shipped assets.",
+        "pretraining, evaluation); the defaults reproduce the shipped assets.",
     )
     d = BuildConfig()
-    p.add_argument("--out", type=Path, default=assets_dir(), help="where the assets go "
-                   "(default: the package's mlx_core/demo/assets)")
-    p.add_argument("--work-dir", type=Path, default=Path("build/demo-model"),
-                   help="corpus, tokenizer and checkpoints (default: build/demo-model)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=assets_dir(),
+        help="where the assets go (default: the package's mlx_core/demo/assets)",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("build/demo-model"),
+        help="corpus, tokenizer and checkpoints (default: build/demo-model)",
+    )
     p.add_argument("--steps", type=int, default=d.pretrain.steps)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --work-dir")
-    p.add_argument("--wikisql", type=Path, default=WIKISQL_TEST,
-                   help="WikiSQL-format JSONL to report accuracy on, if present (never trained on)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --work-dir"
+    )
+    p.add_argument(
+        "--wikisql",
+        type=Path,
+        default=WIKISQL_TEST,
+        help="WikiSQL-format JSONL to report accuracy on, if present (never trained on)",
+    )
     # Knobs for experiments; the defaults are the shipped build's.
     p.add_argument("--n-train", type=int, default=d.n_train)
     p.add_argument("--batch-size", type=int, default=d.pretrain.batch_size)
@@ -287,19 +372,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=d.model.n_kv_heads)
     p.add_argument("--warmup-steps", type=int, default=d.pretrain.warmup_steps)
     p.add_argument("--eval-every", type=int, default=d.pretrain.eval_every)
-    p.add_argument("--streams", type=int, default=d.pretrain.parallel_streams,
-                   help="CPU streams (cores) a step's rows are split over")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=d.pretrain.parallel_streams,
+        help="CPU streams (cores) a step's rows are split over",
+    )
     p.add_argument("--vocab-size", type=int, default=d.tokenizer.vocab_size)
     ns = p.parse_args(argv)
     config = replace(
-        d, seed=ns.seed, n_train=ns.n_train,
+        d,
+        seed=ns.seed,
+        n_train=ns.n_train,
         tokenizer=replace(d.tokenizer, vocab_size=ns.vocab_size),
-        model=replace(d.model, dim=ns.dim, n_layers=ns.layers, hidden_dim=ns.hidden_dim,
-                      n_heads=ns.heads, n_kv_heads=ns.kv_heads),
-        pretrain=replace(d.pretrain, steps=ns.steps, seed=ns.seed, batch_size=ns.batch_size,
-                         learning_rate=ns.learning_rate, eval_every=ns.eval_every,
-                         parallel_streams=ns.streams,
-                         warmup_steps=min(ns.warmup_steps, max(ns.steps // 10, 1))),
+        model=replace(
+            d.model,
+            dim=ns.dim,
+            n_layers=ns.layers,
+            hidden_dim=ns.hidden_dim,
+            n_heads=ns.heads,
+            n_kv_heads=ns.kv_heads,
+        ),
+        pretrain=replace(
+            d.pretrain,
+            steps=ns.steps,
+            seed=ns.seed,
+            batch_size=ns.batch_size,
+            learning_rate=ns.learning_rate,
+            eval_every=ns.eval_every,
+            parallel_streams=ns.streams,
+            warmup_steps=min(ns.warmup_steps, max(ns.steps // 10, 1)),
+        ),
     )
     build(config, ns.out.resolve(), ns.work_dir.resolve(), ns.resume, ns.wikisql)
     return 0

@@ -96,8 +96,14 @@ def _map_with_path(tree: dict | list, fn: Callable[[str, mx.array], mx.array], p
     return fn(prefix[:-1], tree)
 
 
-def answer_loss(model: Mistral, inputs: mx.array, positions: mx.array, targets: mx.array,
-                mask: mx.array, denominator: mx.array) -> mx.array:
+def answer_loss(
+    model: Mistral,
+    inputs: mx.array,
+    positions: mx.array,
+    targets: mx.array,
+    mask: mx.array,
+    denominator: mx.array,
+) -> mx.array:
     """Summed cross-entropy of the answer tokens / `denominator`, in fp32.
 
     Only the answers are targets, so only the rows at `positions` (B, A), about a quarter of
@@ -110,8 +116,12 @@ def answer_loss(model: Mistral, inputs: mx.array, positions: mx.array, targets: 
     return (losses * mask).sum() / denominator
 
 
-def evaluate_loss(model: Mistral, examples: Sequence[TokenizedExample], config: PretrainConfig,
-                  max_batches: int | None = None) -> float:
+def evaluate_loss(
+    model: Mistral,
+    examples: Sequence[TokenizedExample],
+    config: PretrainConfig,
+    max_batches: int | None = None,
+) -> float:
     """Target-token-weighted mean loss over `examples` (unpacked, in file order)."""
     total, count = 0.0, 0
     for batch in eval_batches(examples, config.batch_size, max_batches, config.max_seq_len):
@@ -124,16 +134,21 @@ def evaluate_loss(model: Mistral, examples: Sequence[TokenizedExample], config: 
 # -- checkpoints ---------------------------------------------------------------------------------
 def latest_checkpoint(work: Path) -> Path | None:
     root = work / CHECKPOINTS
-    steps = [
-        (int(p.name[len(_STEP_PREFIX):]), p)
-        for p in root.glob(f"{_STEP_PREFIX}*")
-        if p.is_dir() and p.name[len(_STEP_PREFIX):].isdigit()
-    ] if root.is_dir() else []
+    steps = (
+        [
+            (int(p.name[len(_STEP_PREFIX) :]), p)
+            for p in root.glob(f"{_STEP_PREFIX}*")
+            if p.is_dir() and p.name[len(_STEP_PREFIX) :].isdigit()
+        ]
+        if root.is_dir()
+        else []
+    )
     return max(steps)[1] if steps else None
 
 
-def _save_checkpoint(work: Path, step: int, model: Mistral, optimizer: optim.Optimizer,
-                     identity: dict, keep: int) -> Path:
+def _save_checkpoint(
+    work: Path, step: int, model: Mistral, optimizer: optim.Optimizer, identity: dict, keep: int
+) -> Path:
     root = work / CHECKPOINTS
     final = root / f"{_STEP_PREFIX}{step}"
     tmp = root / f".tmp-{_STEP_PREFIX}{step}"
@@ -145,7 +160,7 @@ def _save_checkpoint(work: Path, step: int, model: Mistral, optimizer: optim.Opt
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     old = sorted(
-        (int(p.name[len(_STEP_PREFIX):]), p) for p in root.glob(f"{_STEP_PREFIX}*") if p != final
+        (int(p.name[len(_STEP_PREFIX) :]), p) for p in root.glob(f"{_STEP_PREFIX}*") if p != final
     )
     for _, p in old[: max(len(old) - (keep - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)
@@ -201,8 +216,14 @@ class AnswerBatch:
         positions = np.minimum(first[:, None] + offsets, width - 1).astype(np.int32)
         targets = np.take_along_axis(np.asarray(batch.targets), positions, axis=1)
         answer = (offsets < (end - first)[:, None]).astype(np.float32)
-        return cls(batch.inputs[:, :width], mx.array(positions), mx.array(targets),
-                   mx.array(answer), batch.n_tokens, int(answer.sum()))
+        return cls(
+            batch.inputs[:, :width],
+            mx.array(positions),
+            mx.array(targets),
+            mx.array(answer),
+            batch.n_tokens,
+            int(answer.sum()),
+        )
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -236,8 +257,13 @@ def pretrain(
     if init is not None:
         model.load_weights(str(init))
     optimizer = build_optimizer(
-        "adamw", config.learning_rate, "cosine", config.warmup_steps, config.steps,
-        weight_decay=config.weight_decay, min_lr_ratio=config.min_lr_ratio,
+        "adamw",
+        config.learning_rate,
+        "cosine",
+        config.warmup_steps,
+        config.steps,
+        weight_decay=config.weight_decay,
+        min_lr_ratio=config.min_lr_ratio,
     )
     optimizer.init(model.trainable_parameters())
     start = 0
@@ -247,15 +273,18 @@ def pretrain(
     elif resume:
         log(f"no checkpoint under {work / CHECKPOINTS}: starting from step 0")
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    log(f"model: {n_params / 1e6:.2f}M parameters; {len(train_set)} training examples; "
-        f"steps {start}..{config.steps} of batch {config.batch_size}")
+    log(
+        f"model: {n_params / 1e6:.2f}M parameters; {len(train_set)} training examples; "
+        f"steps {start}..{config.steps} of batch {config.batch_size}"
+    )
 
     # MLX's CPU backend runs elementwise ops (exp in softmax, SiLU, cross-entropy: most of the
     # time of a model this small) on one thread per stream. Splitting each batch's rows over
     # several streams runs them side by side; the gradients of the parts add up to the batch's.
     loss_and_grad = nn.value_and_grad(model, answer_loss)
-    part_grads = mx.compile(partial(loss_and_grad, model), inputs=[model.state],
-                            outputs=[model.state])
+    part_grads = mx.compile(
+        partial(loss_and_grad, model), inputs=[model.state], outputs=[model.state]
+    )
     state = [model.state, optimizer.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -277,14 +306,25 @@ def pretrain(
         losses, grads = [], []
         for stream, lo, hi in zip(streams, cuts, cuts[1:]):
             with mx.stream(stream):
-                loss, g = part_grads(b.inputs[lo:hi], b.positions[lo:hi], b.targets[lo:hi],
-                                     b.mask[lo:hi], denominator)
+                loss, g = part_grads(
+                    b.inputs[lo:hi],
+                    b.positions[lo:hi],
+                    b.targets[lo:hi],
+                    b.mask[lo:hi],
+                    denominator,
+                )
             losses.append(loss)
             grads.append(g)
         return sum(losses), apply(grads)
 
-    batches = BatchStream(train_set, config.batch_size, config.seed, pack=False,
-                          max_seq_len=config.max_seq_len, start_step=start)
+    batches = BatchStream(
+        train_set,
+        config.batch_size,
+        config.seed,
+        pack=False,
+        max_seq_len=config.max_seq_len,
+        start_step=start,
+    )
     model.train()
     t0 = last = time.perf_counter()
     tokens = interval_tokens = 0
@@ -308,10 +348,12 @@ def pretrain(
             now = time.perf_counter()
             train_loss = sum(losses) / len(losses)
             eta = (now - t0) / (done - start) * (config.steps - done)
-            log(f"step {done}/{config.steps} answer loss {train_loss:.4f} "
+            log(
+                f"step {done}/{config.steps} answer loss {train_loss:.4f} "
                 f"lr {optimizer.learning_rate.item():.2e} grad {norm.item():.2f} "
                 f"tok/s {interval_tokens / (now - last):.0f} "
-                f"peak {mx.get_peak_memory() / 2**30:.2f} GB eta {eta / 60:.1f} min")
+                f"peak {mx.get_peak_memory() / 2**30:.2f} GB eta {eta / 60:.1f} min"
+            )
             losses, interval_tokens, last = [], 0, now
         if done % config.eval_every == 0 or done == config.steps:
             model.eval()
@@ -333,6 +375,10 @@ def pretrain(
 
 def cast_parameters(model: Mistral, dtype: mx.Dtype) -> None:
     """Cast every floating-point weight to `dtype` (the shipped precision)."""
-    model.update(tree_map(lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w,
-                          model.parameters()))
+    model.update(
+        tree_map(
+            lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w,
+            model.parameters(),
+        )
+    )
     mx.eval(model.parameters())

@@ -37,12 +37,19 @@ class SqlQuality:
     stop_rate: float  # fraction that ended with EOS by themselves
 
     def line(self) -> str:
-        return (f"execution {self.execution:.1%}  exact {self.exact:.1%}  "
-                f"stop {self.stop_rate:.1%}  (n={self.n})")
+        return (
+            f"execution {self.execution:.1%}  exact {self.exact:.1%}  "
+            f"stop {self.stop_rate:.1%}  (n={self.n})"
+        )
 
 
-def complete(model: Mistral, tokenizer: Tokenizer, prompts: Sequence[str | list[int]],
-             max_tokens: int = MAX_SQL_TOKENS, batch_size: int = 64) -> list[Completion]:
+def complete(
+    model: Mistral,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | list[int]],
+    max_tokens: int = MAX_SQL_TOKENS,
+    batch_size: int = 64,
+) -> list[Completion]:
     """Greedy completions of `prompts` (texts, or token ids such as a rendered chat), generated
     in one running batch of up to `batch_size`."""
     engine = Engine(model, tokenizer, max_num_seqs=batch_size, prefix_cache_tokens=0)
@@ -68,8 +75,13 @@ def chat_prompt(tokenizer: Tokenizer, example: str) -> list[int]:
     return tokenizer.encode_chat([ChatMessage("user", user)])
 
 
-def sql_quality(model: Mistral, tokenizer: Tokenizer, examples: Sequence[str],
-                batch_size: int = 64, chat: bool = False) -> SqlQuality:
+def sql_quality(
+    model: Mistral,
+    tokenizer: Tokenizer,
+    examples: Sequence[str],
+    batch_size: int = 64,
+    chat: bool = False,
+) -> SqlQuality:
     """Execution/exact accuracy and stop rate of greedy SQL for WikiSQL-format examples,
     prompted as text ("...\nA:") or, with `chat`, through the chat template."""
     if not examples:

@@ -27,5 +27,10 @@ def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
     # Imported here, not at the top: the route modules import `Injected` from this package.
     from server.routes import adapters, completions, files, fine_tuning, models
 
-    return [*completions.route_handlers, *models.route_handlers, *adapters.route_handlers,
-            *files.route_handlers, *fine_tuning.handlers(settings)]
+    return [
+        *completions.route_handlers,
+        *models.route_handlers,
+        *adapters.route_handlers,
+        *files.route_handlers,
+        *fine_tuning.handlers(settings),
+    ]

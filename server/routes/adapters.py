@@ -24,38 +24,54 @@ from server.settings import Settings
 
 def adapter_object(info: AdapterInfo, service: EngineService | None) -> AdapterObject:
     loaded = bool(service and service.slots and info.id in service.slots.resident())
-    return AdapterObject(id=info.name, created_at=info.created_at, base_model=info.base_model,
-                         path=info.path, source_format=info.source_format, rank=info.rank,
-                         alpha=info.alpha, targets=info.targets, size_bytes=info.size_bytes,
-                         fingerprint=info.fingerprint, fine_tuning_job_id=info.fine_tuning_job_id,
-                         loaded=loaded)
+    return AdapterObject(
+        id=info.name,
+        created_at=info.created_at,
+        base_model=info.base_model,
+        path=info.path,
+        source_format=info.source_format,
+        rank=info.rank,
+        alpha=info.alpha,
+        targets=info.targets,
+        size_bytes=info.size_bytes,
+        fingerprint=info.fingerprint,
+        fine_tuning_job_id=info.fine_tuning_job_id,
+        loaded=loaded,
+    )
 
 
 @get("/v1/adapters", tags=["adapters"])
-async def list_adapters(adapter_registry: Injected[AdapterRegistry],
-                        engine_service: Injected[EngineService]) -> AdapterList:
+async def list_adapters(
+    adapter_registry: Injected[AdapterRegistry], engine_service: Injected[EngineService]
+) -> AdapterList:
     return AdapterList([adapter_object(a, engine_service) for a in await adapter_registry.list()])
 
 
 @post("/v1/adapters", status_code=201, tags=["adapters"])
-async def register_adapter(request: Request, settings: Injected[Settings],
-                           adapter_registry: Injected[AdapterRegistry],
-                           engine_service: Injected[EngineService]) -> AdapterObject:
+async def register_adapter(
+    request: Request,
+    settings: Injected[Settings],
+    adapter_registry: Injected[AdapterRegistry],
+    engine_service: Injected[EngineService],
+) -> AdapterObject:
     """Register an adapter: JSON `{"name", "path"}` (a folder inside the data dir) or a
     multipart upload with fields `name` and `file` (a .tar.gz or .zip of the adapter folder)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         part = settings.adapters_dir / f".upload-{engine_service.new_request_id('a')}.part"
         try:
-            upload = await receive_upload(request, part, settings.max_upload_bytes, settings,
-                                          text_fields=("name",))
+            upload = await receive_upload(
+                request, part, settings.max_upload_bytes, settings, text_fields=("name",)
+            )
             name = upload.fields.get("name")
             if not name:
-                raise BadRequestError("missing form field `name`: the name clients will send as `model`",
-                                      param="name")
+                raise BadRequestError(
+                    "missing form field `name`: the name clients will send as `model`", param="name"
+                )
             if upload.filename is None:
-                raise BadRequestError("missing form field `file`: the adapter folder as .tar.gz or .zip",
-                                      param="file")
+                raise BadRequestError(
+                    "missing form field `file`: the adapter folder as .tar.gz or .zip", param="file"
+                )
             info = await adapter_registry.register_archive(name, part)
         finally:
             part.unlink(missing_ok=True)
@@ -66,24 +82,38 @@ async def register_adapter(request: Request, settings: Injected[Settings],
 
 
 @delete("/v1/adapters/{name:str}", status_code=200, tags=["adapters"])
-async def delete_adapter(name: FromPath[str], adapter_registry: Injected[AdapterRegistry]) -> DeletedObject:
+async def delete_adapter(
+    name: FromPath[str], adapter_registry: Injected[AdapterRegistry]
+) -> DeletedObject:
     info = await adapter_registry.unregister(name)
     return DeletedObject(id=info.name, object="adapter", deleted=True)
 
 
 @post("/v1/load_lora_adapter", status_code=200, tags=["adapters"])
-async def load_lora_adapter(data: JSONBody[LoadLoraAdapterRequest],
-                            adapter_registry: Injected[AdapterRegistry]) -> Response[str]:
+async def load_lora_adapter(
+    data: JSONBody[LoadLoraAdapterRequest], adapter_registry: Injected[AdapterRegistry]
+) -> Response[str]:
     """vLLM's shape: plain-text success message."""
     await adapter_registry.register_path(data.lora_name, data.lora_path, replace=data.load_inplace)
-    return Response(f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain")
+    return Response(
+        f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain"
+    )
 
 
 @post("/v1/unload_lora_adapter", status_code=200, tags=["adapters"])
-async def unload_lora_adapter(data: JSONBody[UnloadLoraAdapterRequest],
-                              adapter_registry: Injected[AdapterRegistry]) -> Response[str]:
+async def unload_lora_adapter(
+    data: JSONBody[UnloadLoraAdapterRequest], adapter_registry: Injected[AdapterRegistry]
+) -> Response[str]:
     await adapter_registry.unregister(data.lora_name)
-    return Response(f"Success: LoRA adapter '{data.lora_name}' removed successfully.", media_type="text/plain")
+    return Response(
+        f"Success: LoRA adapter '{data.lora_name}' removed successfully.", media_type="text/plain"
+    )
 
 
-route_handlers = [list_adapters, register_adapter, delete_adapter, load_lora_adapter, unload_lora_adapter]
+route_handlers = [
+    list_adapters,
+    register_adapter,
+    delete_adapter,
+    load_lora_adapter,
+    unload_lora_adapter,
+]

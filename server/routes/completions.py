@@ -43,7 +43,9 @@ def _require(service: EngineService | None) -> EngineService:
     from server.errors import ServiceUnavailableError
 
     if service is None:
-        raise ServiceUnavailableError("this server runs without a model: start it with `loraforge serve`")
+        raise ServiceUnavailableError(
+            "this server runs without a model: start it with `loraforge serve`"
+        )
     service.require_ready()
     return service
 

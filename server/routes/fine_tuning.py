@@ -50,68 +50,105 @@ from server.settings import Settings
 EVENT_PREFIX = "ftevent-"
 LEGACY_STATUS = {"validating_files": "pending", "queued": "pending"}
 Limit = Annotated[int, QueryParameter(ge=1, le=100, description="how many to return (1-100)")]
-After = Annotated[str | None, QueryParameter(description="the id of the last item of the "
-                                             "previous page")]
+After = Annotated[
+    str | None, QueryParameter(description="the id of the last item of the previous page")
+]
 JobId = FromPath[str]
 
 
 # -- row -> API object --------------------------------------------------------------------------
 def _hyperparameters(job: FineTuningJob) -> Hyperparameters:
     hp = job.hyperparameters
-    return Hyperparameters(n_epochs=hp["n_epochs"], batch_size=hp["batch_size"],
-                           learning_rate_multiplier=hp["learning_rate_multiplier"])
+    return Hyperparameters(
+        n_epochs=hp["n_epochs"],
+        batch_size=hp["batch_size"],
+        learning_rate_multiplier=hp["learning_rate_multiplier"],
+    )
 
 
 def job_object(job: FineTuningJob) -> FineTuningJobObject:
     hp = _hyperparameters(job)
     return FineTuningJobObject(
-        id=job.id, created_at=job.created_at, finished_at=job.finished_at, model=job.model,
+        id=job.id,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        model=job.model,
         error=msgspec.convert(job.error, FineTuningJobError) if job.error else None,
-        fine_tuned_model=job.fine_tuned_model, hyperparameters=hp, seed=job.seed,
-        result_files=list(job.result_files), status=job.status,  # type: ignore[arg-type]
-        trained_tokens=job.trained_tokens, training_file=job.training_file,
-        validation_file=job.validation_file, estimated_finish=job.estimated_finish,
+        fine_tuned_model=job.fine_tuned_model,
+        hyperparameters=hp,
+        seed=job.seed,
+        result_files=list(job.result_files),
+        status=job.status,  # type: ignore[arg-type]
+        trained_tokens=job.trained_tokens,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        estimated_finish=job.estimated_finish,
         method=FineTuneMethod(type="supervised", supervised=SupervisedMethod(hyperparameters=hp)),
-        suffix=job.suffix, lora=msgspec.convert(job.lora, LoraOptions))
+        suffix=job.suffix,
+        lora=msgspec.convert(job.lora, LoraOptions),
+    )
 
 
 def _event_object(row: JobEvent) -> FineTuningJobEvent:
-    return FineTuningJobEvent(id=f"{EVENT_PREFIX}{row.id}", created_at=row.created_at,
-                              level=row.level, message=row.message, data=row.data,  # type: ignore[arg-type]
-                              type=row.type)  # type: ignore[arg-type]
+    return FineTuningJobEvent(
+        id=f"{EVENT_PREFIX}{row.id}",
+        created_at=row.created_at,
+        level=row.level,
+        message=row.message,
+        data=row.data,  # type: ignore[arg-type]
+        type=row.type,
+    )  # type: ignore[arg-type]
 
 
 def _checkpoint_object(row: JobCheckpoint, job: FineTuningJob) -> FineTuningJobCheckpoint:
     m = row.metrics
     return FineTuningJobCheckpoint(
-        id=row.id, created_at=row.created_at, fine_tuning_job_id=job.id, step_number=row.step,
+        id=row.id,
+        created_at=row.created_at,
+        fine_tuning_job_id=job.id,
+        step_number=row.step,
         fine_tuned_model_checkpoint=f"{jobs.fine_tuned_model_name(job)}:ckpt-step-{row.step}",
-        metrics=CheckpointMetrics(step=float(row.step), train_loss=m.get("train_loss"),
-                                  valid_loss=m.get("valid_loss")))
+        metrics=CheckpointMetrics(
+            step=float(row.step), train_loss=m.get("train_loss"), valid_loss=m.get("valid_loss")
+        ),
+    )
 
 
 def _legacy_object(job: FineTuningJob, session: Session) -> FineTune:
     ids = [job.training_file, job.validation_file, *job.result_files]
-    files = {f.id: file_object(f) for f in session.scalars(
-        select(UploadedFile).where(UploadedFile.id.in_([i for i in ids if i])))}
-    events = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id,
-                                                    JobEvent.type == "message")
-                             .order_by(JobEvent.id)).all()
+    files = {
+        f.id: file_object(f)
+        for f in session.scalars(
+            select(UploadedFile).where(UploadedFile.id.in_([i for i in ids if i]))
+        )
+    }
+    events = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job.id, JobEvent.type == "message")
+        .order_by(JobEvent.id)
+    ).all()
     hp = job.hyperparameters
     return FineTune(
-        id=jobs.legacy_id(job.id), model=job.model, created_at=job.created_at,
-        updated_at=job.updated_at, fine_tuned_model=job.fine_tuned_model,
+        id=jobs.legacy_id(job.id),
+        model=job.model,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        fine_tuned_model=job.fine_tuned_model,
         status=LEGACY_STATUS.get(job.status, job.status),  # type: ignore[arg-type]
-        events=[FineTuneEvent(created_at=e.created_at, level=e.level, message=e.message)
-                for e in events],
+        events=[
+            FineTuneEvent(created_at=e.created_at, level=e.level, message=e.message) for e in events
+        ],
         # The trainer learns the prompt fully or not at all: the weight that is in effect.
         hyperparams=FineTuneHyperparams(
-            n_epochs=hp["n_epochs"], batch_size=hp["batch_size"],
+            n_epochs=hp["n_epochs"],
+            batch_size=hp["batch_size"],
             learning_rate_multiplier=hp["learning_rate_multiplier"],
-            prompt_loss_weight=0.0 if job.lora.get("mask_prompt") else 1.0),
+            prompt_loss_weight=0.0 if job.lora.get("mask_prompt") else 1.0,
+        ),
         training_files=[files[i] for i in [job.training_file] if i in files],
         validation_files=[files[i] for i in [job.validation_file] if i in files],
-        result_files=[files[i] for i in job.result_files if i in files])
+        result_files=[files[i] for i in job.result_files if i in files],
+    )
 
 
 def _cursor(after: str | None, prefix: str) -> int | None:
@@ -119,43 +156,59 @@ def _cursor(after: str | None, prefix: str) -> int | None:
         return None
     number = after.removeprefix(prefix)
     if not number.isdigit():
-        raise BadRequestError(f"after={after!r} is not an id from this list: pass the `id` of the "
-                              "last item of the previous page.", param="after")
+        raise BadRequestError(
+            f"after={after!r} is not an id from this list: pass the `id` of the "
+            "last item of the previous page.",
+            param="after",
+        )
     return int(number)
 
 
 # -- /v1/fine_tuning/jobs -----------------------------------------------------------------------
 @post("/v1/fine_tuning/jobs", status_code=200, tags=["fine-tuning"])
-async def create_job(data: JSONBody[FineTuningJobCreateBody], settings: Injected[Settings],
-                     db: Injected[Database]) -> FineTuningJobObject:
+async def create_job(
+    data: JSONBody[FineTuningJobCreateBody], settings: Injected[Settings], db: Injected[Database]
+) -> FineTuningJobObject:
     """Create a fine-tuning job from an uploaded training file; it is queued at once.
     loraforge's LoRA settings go in `lora` (openai SDK: `extra_body={"lora": {...}}`)."""
     reject_unsupported(data)
     hp = data.hyperparameters
     if data.method is not None:
         if data.method.type != "supervised":
-            raise BadRequestError(f"method.type {data.method.type!r} is not supported by "
-                                  "loraforge: use \"supervised\" (LoRA on your examples).",
-                                  param="method.type", code="unsupported_parameter")
+            raise BadRequestError(
+                f"method.type {data.method.type!r} is not supported by "
+                'loraforge: use "supervised" (LoRA on your examples).',
+                param="method.type",
+                code="unsupported_parameter",
+            )
         reject_unsupported(data.method)
         if data.method.supervised and data.method.supervised.hyperparameters:
             if hp is not None:
-                raise BadRequestError("hyperparameters are given twice (top level and "
-                                      "method.supervised): keep only method.supervised's.",
-                                      param="hyperparameters")
+                raise BadRequestError(
+                    "hyperparameters are given twice (top level and "
+                    "method.supervised): keep only method.supervised's.",
+                    param="hyperparameters",
+                )
             hp = data.method.supervised.hyperparameters
     hp = hp or Hyperparameters()
     request = jobs.JobRequest(
-        model=data.model, training_file=data.training_file, validation_file=data.validation_file,
-        n_epochs=hp.n_epochs, batch_size=hp.batch_size,
-        learning_rate_multiplier=hp.learning_rate_multiplier, lora=data.lora or LoraOptions(),
-        suffix=data.suffix, seed=data.seed)
+        model=data.model,
+        training_file=data.training_file,
+        validation_file=data.validation_file,
+        n_epochs=hp.n_epochs,
+        batch_size=hp.batch_size,
+        learning_rate_multiplier=hp.learning_rate_multiplier,
+        lora=data.lora or LoraOptions(),
+        suffix=data.suffix,
+        seed=data.seed,
+    )
     return job_object(await db.run(lambda s: jobs.create_job(s, settings, request)))
 
 
 @get("/v1/fine_tuning/jobs", tags=["fine-tuning"])
-async def list_jobs(db: Injected[Database], after: After = None, limit: Limit = 20
-                    ) -> FineTuningJobList:
+async def list_jobs(
+    db: Injected[Database], after: After = None, limit: Limit = 20
+) -> FineTuningJobList:
     """Jobs, newest first; page with `after` (the last id of the previous page)."""
 
     def query(session: Session) -> list[FineTuningJob]:
@@ -180,8 +233,9 @@ async def cancel_job(db: Injected[Database], fine_tuning_job_id: JobId) -> FineT
 
 
 @get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/events", tags=["fine-tuning"])
-async def list_events(db: Injected[Database], fine_tuning_job_id: JobId, after: After = None,
-                      limit: Limit = 20) -> FineTuningJobEventList:
+async def list_events(
+    db: Injected[Database], fine_tuning_job_id: JobId, after: After = None, limit: Limit = 20
+) -> FineTuningJobEventList:
     """The job's events, newest first: messages, and `metrics` events with losses in `data`."""
     before = _cursor(after, EVENT_PREFIX)
 
@@ -193,13 +247,15 @@ async def list_events(db: Injected[Database], fine_tuning_job_id: JobId, after: 
         return list(session.scalars(stmt.order_by(JobEvent.id.desc()).limit(limit + 1)))
 
     rows = await db.run(query)
-    return FineTuningJobEventList([_event_object(r) for r in rows[:limit]],
-                                  has_more=len(rows) > limit)
+    return FineTuningJobEventList(
+        [_event_object(r) for r in rows[:limit]], has_more=len(rows) > limit
+    )
 
 
 @get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/checkpoints", tags=["fine-tuning"])
-async def list_checkpoints(db: Injected[Database], fine_tuning_job_id: JobId, after: After = None,
-                           limit: Limit = 10) -> FineTuningJobCheckpointList:
+async def list_checkpoints(
+    db: Injected[Database], fine_tuning_job_id: JobId, after: After = None, limit: Limit = 10
+) -> FineTuningJobCheckpointList:
     """The job's checkpoints, newest first. Each is an adapter folder on the server (`path` in
     the data dir): POST /v1/adapters {"name", "path"} serves one."""
 
@@ -209,18 +265,23 @@ async def list_checkpoints(db: Injected[Database], fine_tuning_job_id: JobId, af
         if after is not None:
             last = session.get(JobCheckpoint, after)
             if last is None:
-                raise BadRequestError(f"after={after!r} is not a checkpoint of this job: pass "
-                                      "the `id` of the last item of the previous page.",
-                                      param="after")
+                raise BadRequestError(
+                    f"after={after!r} is not a checkpoint of this job: pass "
+                    "the `id` of the last item of the previous page.",
+                    param="after",
+                )
             stmt = stmt.where(JobCheckpoint.step < last.step)
         rows = session.scalars(stmt.order_by(JobCheckpoint.step.desc()).limit(limit + 1))
         return job, list(rows)
 
     job, rows = await db.run(query)
     data = [_checkpoint_object(r, job) for r in rows[:limit]]
-    return FineTuningJobCheckpointList(data=data, has_more=len(rows) > limit,
-                                       first_id=data[0].id if data else None,
-                                       last_id=data[-1].id if data else None)
+    return FineTuningJobCheckpointList(
+        data=data,
+        has_more=len(rows) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
 
 
 # -- legacy /v1/fine-tunes (and /fine-tunes) ----------------------------------------------------
@@ -231,16 +292,24 @@ def _paths(suffix: str = "") -> list[str]:
     return [f"{root}{suffix}" for root in LEGACY]
 
 
-async def legacy_create(data: JSONBody[FineTuneCreateBody], settings: Injected[Settings],
-                        db: Injected[Database]) -> FineTune:
+async def legacy_create(
+    data: JSONBody[FineTuneCreateBody], settings: Injected[Settings], db: Injected[Database]
+) -> FineTune:
     """Create a fine-tune (legacy API; the job also appears in /v1/fine_tuning/jobs)."""
     reject_unsupported(data)
     request = jobs.JobRequest(
-        model=data.model, training_file=data.training_file, validation_file=data.validation_file,
-        n_epochs=data.n_epochs, batch_size=data.batch_size or "auto",
+        model=data.model,
+        training_file=data.training_file,
+        validation_file=data.validation_file,
+        n_epochs=data.n_epochs,
+        batch_size=data.batch_size or "auto",
         learning_rate_multiplier=data.learning_rate_multiplier or "auto",
-        lora=data.lora or LoraOptions(), suffix=data.suffix, seed=None, api="fine-tunes",
-        prompt_loss_weight=data.prompt_loss_weight)
+        lora=data.lora or LoraOptions(),
+        suffix=data.suffix,
+        seed=None,
+        api="fine-tunes",
+        prompt_loss_weight=data.prompt_loss_weight,
+    )
 
     def create(session: Session) -> FineTune:
         return _legacy_object(jobs.create_job(session, settings, request), session)
@@ -266,13 +335,17 @@ async def legacy_cancel(db: Injected[Database], fine_tune_id: FromPath[str]) -> 
     return await db.run(lambda s: _legacy_object(jobs.cancel_job(s, fine_tune_id), s))
 
 
-async def legacy_events(db: Injected[Database], fine_tune_id: FromPath[str],
-                        stream: FromQuery[bool] = False) -> FineTuneEventList:
+async def legacy_events(
+    db: Injected[Database], fine_tune_id: FromPath[str], stream: FromQuery[bool] = False
+) -> FineTuneEventList:
     """The fine-tune's events, oldest first (legacy API)."""
     if stream:
-        raise BadRequestError("stream=true is not supported by loraforge: poll this route, or "
-                              "GET /v1/fine_tuning/jobs/{id}/events.", param="stream",
-                              code="unsupported_parameter")
+        raise BadRequestError(
+            "stream=true is not supported by loraforge: poll this route, or "
+            "GET /v1/fine_tuning/jobs/{id}/events.",
+            param="stream",
+            code="unsupported_parameter",
+        )
     fine_tune = await legacy_retrieve(db, fine_tune_id)
     return FineTuneEventList(fine_tune.events)
 

@@ -13,18 +13,28 @@ from server.schemas import DeletedObject, ModelCard, ModelList
 
 
 def _base_card(service: EngineService) -> ModelCard:
-    return ModelCard(id=service.model_id, created=service.started_at, root=service.model_id,
-                     max_model_len=service.engine.max_model_len if service.engine else None)
+    return ModelCard(
+        id=service.model_id,
+        created=service.started_at,
+        root=service.model_id,
+        max_model_len=service.engine.max_model_len if service.engine else None,
+    )
 
 
 def _adapter_card(info: AdapterInfo, service: EngineService) -> ModelCard:
-    return ModelCard(id=info.name, created=info.created_at, root=service.model_id,
-                     parent=service.model_id, owned_by="loraforge")
+    return ModelCard(
+        id=info.name,
+        created=info.created_at,
+        root=service.model_id,
+        parent=service.model_id,
+        owned_by="loraforge",
+    )
 
 
 @get("/v1/models", tags=["models"])
-async def list_models(engine_service: Injected[EngineService],
-                      adapter_registry: Injected[AdapterRegistry]) -> ModelList:
+async def list_models(
+    engine_service: Injected[EngineService], adapter_registry: Injected[AdapterRegistry]
+) -> ModelList:
     """The base model and every registered adapter (fine-tunes included)."""
     cards = [_base_card(engine_service)]
     cards += [_adapter_card(a, engine_service) for a in await adapter_registry.list()]
@@ -32,21 +42,30 @@ async def list_models(engine_service: Injected[EngineService],
 
 
 @get("/v1/models/{model_id:path}", tags=["models"])
-async def retrieve_model(model_id: FromPath[str], engine_service: Injected[EngineService],
-                         adapter_registry: Injected[AdapterRegistry]) -> ModelCard:
+async def retrieve_model(
+    model_id: FromPath[str],
+    engine_service: Injected[EngineService],
+    adapter_registry: Injected[AdapterRegistry],
+) -> ModelCard:
     model_id = model_id.lstrip("/")
     if model_id == engine_service.model_id:
         return _base_card(engine_service)
     info = await adapter_registry.get(model_id)
     if info is None:
-        raise NotFoundError(f"The model `{model_id}` does not exist: GET /v1/models lists them",
-                            param="model", code="model_not_found")
+        raise NotFoundError(
+            f"The model `{model_id}` does not exist: GET /v1/models lists them",
+            param="model",
+            code="model_not_found",
+        )
     return _adapter_card(info, engine_service)
 
 
 @delete("/v1/models/{model_id:path}", status_code=200, tags=["models"])
-async def delete_model(model_id: FromPath[str], engine_service: Injected[EngineService],
-                       adapter_registry: Injected[AdapterRegistry]) -> DeletedObject:
+async def delete_model(
+    model_id: FromPath[str],
+    engine_service: Injected[EngineService],
+    adapter_registry: Injected[AdapterRegistry],
+) -> DeletedObject:
     """Delete a fine-tuned model (its adapter); the base model cannot be deleted."""
     model_id = model_id.lstrip("/")
     if model_id == engine_service.model_id:

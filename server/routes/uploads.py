@@ -198,5 +198,3 @@ async def receive_upload(
     except APIError:
         await body.drain()
         raise
-
-

@@ -161,9 +161,9 @@ def stop(proc: subprocess.Popen) -> None:
 def make_adapters(model_path: Path, data_dir: Path, k: int) -> list[str]:
     import mlx.core as mx
 
-    from mlx_core.adapter_io import save_adapter
     from mlx_core.config import load_config
-    from mlx_core.lora import Adapter, projection_parts
+    from mlx_core.lora.formats import save_adapter
+    from mlx_core.lora.layers import Adapter, projection_parts
 
     args = load_config(model_path)
     parts = projection_parts(args)

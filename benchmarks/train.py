@@ -128,8 +128,8 @@ def token_lists(ns: argparse.Namespace, model_dir: Path) -> list[list[int]]:
         rng = np.random.default_rng(0)
         n = ns.batch_size * max(ns.iters, 1)
         return [rng.integers(3, vocab, ns.seq_len + 1).tolist() for _ in range(n)]
-    from mlx_core.data import tokenize_examples
-    from mlx_core.examples import read_jsonl
+    from mlx_core.data.batches import tokenize_examples
+    from mlx_core.data.formats import read_jsonl
     from mlx_core.tokenizer import Tokenizer
 
     examples = read_jsonl(Path(ns.data) / "train.jsonl")
@@ -141,8 +141,9 @@ def token_lists(ns: argparse.Namespace, model_dir: Path) -> list[list[int]]:
 def run_loraforge(spec: dict) -> dict:
 
     from mlx_core.config import Quantization
-    from mlx_core.data import TokenizedExample
-    from mlx_core.train import TrainConfig, TrainData, train
+    from mlx_core.data.batches import TokenizedExample
+    from mlx_core.train.config import TrainConfig, TrainData
+    from mlx_core.train.loop import train
     from mlx_core.weights import load_model
 
     folder = Path(spec["model"])

@@ -206,7 +206,7 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 def field_notes() -> dict[str, dict[str, str]]:
     """Schema name -> field -> what loraforge does with an OpenAI field it cannot honour (the
     request Structs' `unsupported` and `accepted_and_ignored` lists)."""
-    from server.schemas import RequestBody
+    from server.schemas.common import RequestBody
 
     found: dict[str, dict[str, str]] = {}
     todo = list(RequestBody.__subclasses__())
@@ -328,7 +328,7 @@ def setting_default(f: dataclasses.Field) -> str:
 
 def settings_commands() -> dict[str, list[str]]:
     """Setting name -> the `loraforge` commands whose flag for it reads the env twin too."""
-    from server.cli import build_parser
+    from server.cli.main import build_parser
     from server.settings import env_var
 
     found: dict[str, list[str]] = {}

@@ -6,12 +6,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mlx_core.errors import LoraforgeError
+
 # Architectures that are the same network as Mistral-7B (Llama differs only by having no window).
 _HF_ARCHITECTURES = {"MistralForCausalLM", "LlamaForCausalLM"}
 _HF_MODEL_TYPES = {"mistral", "llama"}
 
 
-class ConfigError(ValueError):
+class ConfigError(LoraforgeError, ValueError):
     """A model folder whose configuration cannot be read; the message says which file and why."""
 
 

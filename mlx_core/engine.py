@@ -18,16 +18,13 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache
-from .kernels import use_fast_kernels
-from .model import Mistral
-from .prefix_cache import PrefixCache
-from .sampling import RowSampler, SampleResult, SamplingParams, StopMatcher, sample
-from .tokenizer import Tokenizer
-
-
-class EngineError(ValueError):
-    """A request the engine cannot take; the message says what to change."""
+from mlx_core.cache import KVCache
+from mlx_core.errors import EngineError
+from mlx_core.kernels import use_fast_kernels
+from mlx_core.model import Mistral
+from mlx_core.prefix_cache import PrefixCache
+from mlx_core.sampling import RowSampler, SampleResult, SamplingParams, StopMatcher, sample
+from mlx_core.tokenizer import Tokenizer
 
 
 @dataclass
@@ -139,17 +136,25 @@ class Engine:
     def check_request(self, req: GenerationRequest) -> None:
         n = len(req.prompt)
         if n == 0:
-            raise EngineError("the prompt is empty: send at least one token")
+            raise EngineError(
+                "the prompt is empty: send at least one token",
+                kind="invalid_prompt",
+                param="prompt",
+            )
         bad = [t for t in req.prompt if not 0 <= t < self.model.args.vocab_size]
         if bad:
             raise EngineError(
-                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})"
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})",
+                kind="invalid_prompt",
+                param="prompt",
             )
         if n + req.params.max_tokens > self.max_model_len:
             raise EngineError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                 f"requested {n + req.params.max_tokens} tokens ({n} in the prompt, "
-                f"{req.params.max_tokens} for the completion). Please reduce the prompt or max_tokens."
+                f"{req.params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                kind="context_length",
+                param="max_tokens",
             )
         try:
             req.params.validate(self.model.args.vocab_size)
@@ -216,7 +221,9 @@ class Engine:
         if adapter is not None and self.adapter_slots is not None:
             slot = self.adapter_slots.acquire(adapter)
             if slot is None:
-                raise EngineError("every adapter slot is busy: retry shortly")
+                raise EngineError(
+                    "every adapter slot is busy: retry shortly", kind="busy", param="model"
+                )
         try:
             if self.adapter_slots is not None:
                 self.adapter_slots.activate([slot])

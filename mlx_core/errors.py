@@ -1,36 +1,34 @@
-"""The engine's user-facing error types in one place (the CLI prints these as one line)."""
+"""The one base of every failure a user can fix, and the engine's request errors.
+
+Each engine module raises its own subclass (`WeightsError`, `DataFormatError`, ...) whose message
+says what went wrong and what to do next; the CLI prints any `LoraforgeError` as one line and the
+server maps `EngineError.kind` to an HTTP status without reading the message.
+"""
 
 from __future__ import annotations
 
-import importlib
-
-# (module, class) pairs; looked up lazily so importing this module stays cheap.
-_ERRORS = (
-    ("mlx_core.config", "ConfigError"),
-    ("mlx_core.weights", "WeightsError"),
-    ("mlx_core.tokenizer", "TokenizerError"),
-    ("mlx_core.examples", "DataFormatError"),
-    ("mlx_core.lora", "AdapterError"),
-    ("mlx_core.engine", "EngineError"),
-    ("mlx_core.adapter_io", "AdapterFormatError"),
-    ("mlx_core.memory", "MemoryPreflightError"),
-    ("mlx_core.train", "TrainingConfigError"),
-    ("mlx_core.evaluate", "EvalError"),
-)
+from typing import Literal
 
 
-def _load() -> tuple[type[Exception], ...]:
-    found: list[type[Exception]] = [FileNotFoundError]
-    for module, name in _ERRORS:
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-        found.append(cls)
-    return tuple(found)
+class LoraforgeError(Exception):
+    """A failure the user can fix; `str(e)` is one line that says what to do next."""
 
 
-def __getattr__(name: str):
-    if name == "USER_ERRORS":
-        return _load()
-    raise AttributeError(name)
+# context_length -> 400 context_length_exceeded; invalid_* -> 400; busy -> 429 (retry).
+EngineErrorKind = Literal["context_length", "invalid_prompt", "invalid_request", "busy"]
+
+
+class EngineError(LoraforgeError, ValueError):
+    """A generation request the engine cannot serve; `param` names the request field at fault."""
+
+    def __init__(
+        self, message: str, *, kind: EngineErrorKind = "invalid_request", param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind: EngineErrorKind = kind
+        self.param = param
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for failures that describe bad input or a missing file (they already say what to do)."""
+    return isinstance(e, LoraforgeError | FileNotFoundError)

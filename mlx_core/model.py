@@ -12,8 +12,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, Mask
-from .config import ModelArgs
+from mlx_core.cache import KVCache, Mask
+from mlx_core.config import ModelArgs
 
 
 def rope_at_positions(x: mx.array, positions: mx.array, base: float) -> mx.array:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .cache import KVCache
+from mlx_core.cache import KVCache
 
 BlockKey = tuple[int, str, tuple[int, ...]]  # (parent block id, adapter id, tokens)
 Layers = list[tuple[mx.array, mx.array]]

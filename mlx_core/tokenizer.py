@@ -1,7 +1,7 @@
 """Mistral's sentencepiece tokenizer: text <-> ids, the v1 chat format, streaming detokenization.
 
 Ground truth is the `sentencepiece` library on the model's own tokenizer.model, which is what
-mistral-common and mistral-inference use; tests/test_tokenizer.py holds this module to it, to
+mistral-common and mistral-inference use; tests/engine/test_tokenizer.py holds this module to it, to
 transformers and to mistral-common's v1 chat encoding.
 """
 
@@ -14,11 +14,13 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from mlx_core.errors import LoraforgeError
+
 TOKENIZER_FILE = "tokenizer.model"
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-class TokenizerError(Exception):
+class TokenizerError(LoraforgeError):
     """A tokenizer file is missing, unreadable or does not fit the model; the message says why."""
 
 

@@ -20,9 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, Quantization, load_config
-from .model import Mistral
-from .tokenizer import Tokenizer
+from mlx_core.config import ModelArgs, Quantization, load_config
+from mlx_core.errors import LoraforgeError
+from mlx_core.model import Mistral
+from mlx_core.tokenizer import Tokenizer
 
 DTYPES = {
     "bf16": mx.bfloat16,
@@ -44,7 +45,7 @@ _TOKENIZER_CONFIG = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(LoraforgeError, ValueError):
     """A model folder whose weights cannot be loaded; the message names the file and the fix."""
 
 

@@ -1,7 +1,7 @@
 """The adapter registry: rows in the database, weights on disk, residency in the engine's slots.
 
 An adapter is registered from a folder inside the data dir or from an uploaded archive; either
-way it is read with `mlx_core.adapter_io.load_adapter` (ours, mlx-lm, PEFT, the seed's npz),
+way it is read with `mlx_core.lora.formats.load_adapter` (ours, mlx-lm, PEFT, the seed's npz),
 checked against the base model's shapes and stored once, in our format, under
 `<data_dir>/adapters/<id>/`. Requests name adapters only by registered name: a path in a
 completion request is never read.
@@ -24,8 +24,8 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mlx_core.adapter_io import load_adapter, save_adapter
-from mlx_core.lora import Adapter, AdapterError
+from mlx_core.lora.formats import load_adapter, save_adapter
+from mlx_core.lora.layers import Adapter, AdapterError
 from server import db as dbm
 from server.db import Database
 from server.errors import BadRequestError, ConflictError, NotFoundError

@@ -32,9 +32,9 @@ from server.db import Database, upgrade_database
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
 from server.metrics import Metrics
 from server.routes import Injected, route_handlers
-from server.routes.uploads import MULTIPART_SLACK_BYTES
-from server.schemas import HealthStatus
+from server.schemas.common import HealthStatus
 from server.settings import Settings
+from server.uploads import MULTIPART_SLACK_BYTES
 
 if TYPE_CHECKING:  # the registry imports the engine side; the app only passes it through
     from server.adapters import AdapterRegistry

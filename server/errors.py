@@ -21,7 +21,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from server.schemas import ErrorBody, ErrorDetail
+from server.schemas.common import ErrorBody, ErrorDetail
 
 log = logging.getLogger("loraforge.errors")
 T = TypeVar("T")

@@ -85,7 +85,7 @@ def start_model_server(
     Yields (base URL, the EngineService) once the model is loaded."""
     import anyio
 
-    from server.cli_serve import build_services
+    from server.cli.serve import build_services
 
     metrics, registry, engine, services = build_services(settings)
     with start_server(

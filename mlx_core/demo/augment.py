@@ -13,7 +13,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from mlx_core.wikisql import Condition, Query, parse_example, parse_query, to_wikisql
+from mlx_core.eval.wikisql import Condition, Query, parse_example, parse_query, to_wikisql
 
 _ONSETS = (
     "b",

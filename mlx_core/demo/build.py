@@ -27,14 +27,14 @@ import mlx.core as mx
 
 from mlx_core.config import ModelArgs
 from mlx_core.cpu_blas import OPENBLAS, openblas_loaded, set_openblas_threads
-from mlx_core.data import TokenizedExample, tokenize_examples
+from mlx_core.data.batches import TokenizedExample, tokenize_examples
+from mlx_core.data.formats import TextExample, parse_example, read_jsonl
 from mlx_core.demo import ASSET_FILES, assets_dir
 from mlx_core.demo.augment import augment
 from mlx_core.demo.corpus import DOMAINS, generate_examples, to_chat, write_dataset
 from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, latest_checkpoint, pretrain
 from mlx_core.demo.quality import SqlQuality, sql_quality
 from mlx_core.demo.tokenizer_train import TokenizerConfig, train_tokenizer
-from mlx_core.examples import TextExample, parse_example, read_jsonl
 from mlx_core.model import Mistral
 from mlx_core.tokenizer import Tokenizer
 from mlx_core.weights import DTYPES, load_model, save_model

@@ -1,7 +1,7 @@
 """Synthetic text-to-SQL corpus for the embedded demo model.
 
 Examples use the WikiSQL seed format (``table:/columns:/Q:/A:``) and WikiSQL notation, built as
-`mlx_core.wikisql.Query` objects and rendered by `to_wikisql`, so the evaluator reads back every
+`mlx_core.eval.wikisql.Query` objects and rendered by `to_wikisql`, so the evaluator reads back every
 answer. Each condition's value is written in the question exactly as in the SQL, so a small
 model can learn to copy it. Everything is deterministic from the seed; tables never repeat, and
 `write_dataset` keeps each table in one split.
@@ -23,7 +23,7 @@ from mlx_core.demo.domains import (
     ColumnSpec,
     Domain,
 )
-from mlx_core.wikisql import Condition, Query, to_wikisql
+from mlx_core.eval.wikisql import Condition, Query, to_wikisql
 
 DOMAINS: tuple[str, ...] = tuple(d.name for d in DOMAINS_DATA)
 

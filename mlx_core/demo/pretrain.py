@@ -3,7 +3,7 @@
 Unlike `mlx_core.train` (LoRA on a frozen base), every weight trains here, from a GPT-2-style
 random init. One step is one AdamW update over `batch_size` examples; the learning rate warms up
 linearly and then follows a cosine to `min_lr_ratio` of its peak. Batches come from
-`mlx_core.data.BatchStream`, whose step s depends only on (examples, seed, s), so a resumed run
+`mlx_core.data.batches.BatchStream`, whose step s depends only on (examples, seed, s), so a resumed run
 sees exactly the batches the interrupted one would have.
 
 Checkpoints are `<work>/checkpoints/step-<n>/` holding the fp32 weights, the optimizer state and
@@ -29,9 +29,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_core.config import ModelArgs
-from mlx_core.data import Batch, BatchStream, TokenizedExample, eval_batches
+from mlx_core.data.batches import Batch, BatchStream, TokenizedExample, eval_batches
 from mlx_core.model import Mistral
-from mlx_core.optim import build_optimizer, optimizer_state_tensors, restore_optimizer_state
+from mlx_core.train.optim import build_optimizer, optimizer_state_tensors, restore_optimizer_state
 
 CHECKPOINTS = "checkpoints"
 _STEP_PREFIX = "step-"

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 from mlx_core.demo.corpus import to_chat
 from mlx_core.engine import Engine, GenerationRequest
-from mlx_core.examples import ChatMessage
+from mlx_core.eval.sql_scoring import execution_match
+from mlx_core.eval.wikisql import exact_match, parse_example, prompt_of
 from mlx_core.model import Mistral
 from mlx_core.sampling import SamplingParams
-from mlx_core.sql_scoring import execution_match
-from mlx_core.tokenizer import Tokenizer
-from mlx_core.wikisql import exact_match, parse_example, prompt_of
+from mlx_core.tokenizer import ChatMessage, Tokenizer
 
 # The longest corpus answer is ~65 tokens; WikiSQL's are a little longer.
 MAX_SQL_TOKENS = 128

@@ -7,19 +7,19 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
 from server.adapters import AdapterInfo, AdapterRegistry
+from server.engine_client import EngineService
 from server.errors import BadRequestError, decode_body
 from server.routes import Injected
-from server.routes.uploads import receive_upload
-from server.scheduler import EngineService
-from server.schemas import (
+from server.schemas.adapters import (
     AdapterList,
     AdapterObject,
-    DeletedObject,
     LoadLoraAdapterRequest,
     RegisterAdapterRequest,
     UnloadLoraAdapterRequest,
 )
+from server.schemas.files import DeletedObject
 from server.settings import Settings
+from server.uploads import receive_upload
 
 
 def adapter_object(info: AdapterInfo, service: EngineService | None) -> AdapterObject:

@@ -1,4 +1,4 @@
-"""POST /v1/completions and /v1/chat/completions (logic in server/generation.py)."""
+"""POST /v1/completions and /v1/chat/completions (logic in server/openai_serving.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ from typing import Any
 from litestar import post
 from litestar.params import JSONBody
 
-from server import generation
 from server.adapters import AdapterRegistry
+from server.engine_client import EngineService
+from server.openai_serving import chat, complete
 from server.routes import Injected
-from server.scheduler import EngineService
-from server.schemas import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-)
+from server.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
+from server.schemas.completions import CompletionRequest, CompletionResponse
 
 
 @post("/v1/completions", status_code=200, tags=["completions"])
@@ -26,7 +22,7 @@ async def create_completion(
     adapter_registry: Injected[AdapterRegistry],
 ) -> CompletionResponse | Any:
     """OpenAI's legacy completions; `stream: true` answers with server-sent events."""
-    return await generation.complete(data, _require(engine_service), adapter_registry)
+    return await complete(data, _require(engine_service), adapter_registry)
 
 
 @post("/v1/chat/completions", status_code=200, tags=["completions"])
@@ -36,7 +32,7 @@ async def create_chat_completion(
     adapter_registry: Injected[AdapterRegistry],
 ) -> ChatCompletionResponse | Any:
     """Chat completions with the Mistral instruct template; `stream: true` answers with SSE."""
-    return await generation.chat(data, _require(engine_service), adapter_registry)
+    return await chat(data, _require(engine_service), adapter_registry)
 
 
 def _require(service: EngineService | None) -> EngineService:

@@ -29,7 +29,7 @@ from litestar.response import File
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mlx_core.examples import check_jsonl_file
+from mlx_core.data.formats import check_jsonl_file
 from server.db import Database, FineTuningJob, UploadedFile, new_id
 from server.errors import (
     BadRequestError,
@@ -38,9 +38,9 @@ from server.errors import (
     ServerError,
 )
 from server.routes import Injected
-from server.routes.uploads import receive_upload
-from server.schemas import DeletedObject, FileList, FileObject
+from server.schemas.files import DeletedObject, FileList, FileObject
 from server.settings import Settings
+from server.uploads import receive_upload
 
 SUPPORTED_PURPOSES = ("fine-tune",)
 MAX_ERRORS_SHOWN = 5

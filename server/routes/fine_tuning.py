@@ -3,7 +3,7 @@
 Both speak about the same rows: a job created either way is visible both ways. The new API shows
 a job as `ftjob-<hex>`, the legacy one as `ft-<hex>` (same hex); either id works in every route.
 Legacy statuses: validating_files and queued read as `pending`.
-The work itself is in server.jobs (validation, queue) and server.job_runner (training); these
+The work itself is in server.jobs.queue (validation, queue) and server.jobs.worker (training); these
 handlers only translate.
 """
 
@@ -18,20 +18,14 @@ from litestar.types import ControllerRouterHandler
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server import jobs
 from server.db import Database, FineTuningJob, JobCheckpoint, JobEvent, UploadedFile
 from server.errors import BadRequestError
-from server.generation import reject_unsupported
+from server.jobs import queue as jobs
+from server.openai_serving import reject_unsupported
 from server.routes import Injected
 from server.routes.files import file_object
-from server.schemas import (
+from server.schemas.fine_tuning import (
     CheckpointMetrics,
-    FineTune,
-    FineTuneCreateBody,
-    FineTuneEvent,
-    FineTuneEventList,
-    FineTuneHyperparams,
-    FineTuneList,
     FineTuneMethod,
     FineTuningJobCheckpoint,
     FineTuningJobCheckpointList,
@@ -44,6 +38,14 @@ from server.schemas import (
     Hyperparameters,
     LoraOptions,
     SupervisedMethod,
+)
+from server.schemas.legacy import (
+    FineTune,
+    FineTuneCreateBody,
+    FineTuneEvent,
+    FineTuneEventList,
+    FineTuneHyperparams,
+    FineTuneList,
 )
 from server.settings import Settings
 

@@ -6,10 +6,11 @@ from litestar import delete, get
 from litestar.params import FromPath
 
 from server.adapters import AdapterInfo, AdapterRegistry
+from server.engine_client import EngineService
 from server.errors import BadRequestError, NotFoundError
 from server.routes import Injected
-from server.scheduler import EngineService
-from server.schemas import DeletedObject, ModelCard, ModelList
+from server.schemas.files import DeletedObject
+from server.schemas.models import ModelCard, ModelList
 
 
 def _base_card(service: EngineService) -> ModelCard:

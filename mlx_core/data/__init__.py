@@ -1,0 +1,1 @@
+"""Training data: the JSONL formats (`formats`) and tokenized, masked, packed batches (`batches`)."""

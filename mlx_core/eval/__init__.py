@@ -1,0 +1,1 @@
+"""Measuring a model: test loss, text-to-SQL accuracy, the WikiSQL notation and SQL scoring."""

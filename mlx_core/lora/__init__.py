@@ -1,0 +1,1 @@
+"""LoRA: training layers (`layers`), serving slots (`slots`), file formats (`formats`), fusing (`fuse`)."""

@@ -1,0 +1,101 @@
+"""`python -m mlx_core.train SPEC.json [--parent-pid PID]`: run one fine-tune from a spec file.
+
+The one trainer entry: the fine-tune job worker starts it for every job (with `--parent-pid`), and
+`mlx.launch -n N --backend ring|nccl python -m mlx_core.train SPEC.json` runs it over several
+processes. People use `loraforge train`.
+
+With `--parent-pid` the process dies with the worker that started it (PR_SET_PDEATHSIG, plus a
+watchdog thread comparing getppid()), so a killed server never leaves a trainer writing into the
+job folder. Any failure is also written as a last `error` event to the run's events file, which
+the worker turns into the job's `error`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from mlx_core.errors import is_user_error
+from mlx_core.train.config import TrainSpec
+from mlx_core.train.loop import train
+from mlx_core.train.memory import MemoryPreflightError
+
+PR_SET_PDEATHSIG = 1
+_MEMORY_HINT = (
+    " In the job request, lower hyperparameters.batch_size, lora.num_layers or "
+    "lora.max_seq_len, or set lora.quantize to 4."
+)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the process that started this one exits, however it ends (kill -9 too)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills us when the parent dies
+
+    def watch() -> None:
+        # Where prctl does not exist (macOS), and for a parent that died before prctl ran.
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(3)
+
+    if os.getppid() != parent_pid:
+        os._exit(3)
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_core.train",
+        description="Run one fine-tune from a spec file (the job worker and mlx.launch start "
+        "this; people use `loraforge train`).",
+    )
+    parser.add_argument("spec", help='spec.json: {"model": ..., "data": ..., "config": {...}}')
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process exits (the worker)"
+    )
+    ns = parser.parse_args(argv)
+    if ns.parent_pid is not None:
+        _die_with_parent(ns.parent_pid)
+    try:
+        spec = TrainSpec.read(Path(ns.spec))
+    except Exception as e:
+        print(f"mlx_core.train: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(spec.model, spec.data, spec.config)
+        return 0
+    except Exception as e:
+        if is_user_error(e):
+            memory = isinstance(e, MemoryPreflightError)
+            error = {
+                "code": "insufficient_memory" if memory else "training_failed",
+                "message": str(e) + (_MEMORY_HINT if memory else ""),
+            }
+            print(f"mlx_core.train: {e}", file=sys.stderr)
+            code = 2
+        else:
+            traceback.print_exc()
+            error = {
+                "code": "training_failed",
+                "message": f"The trainer crashed: {type(e).__name__}: {e}. "
+                f"{Path(ns.spec).parent / 'train.log'} has the traceback.",
+            }
+            code = 1
+    if spec.config.events_jsonl:
+        with open(spec.config.events_jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"type": "error", "step": 0, "time": time.time(), **error}) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

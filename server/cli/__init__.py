@@ -1,0 +1,1 @@
+"""The `loraforge` command line: `main` builds it, one module per command group."""

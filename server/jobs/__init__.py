@@ -1,0 +1,1 @@
+"""Fine-tune jobs: the queue (`queue`), job -> TrainConfig (`spec`), the worker (`worker`), events."""

@@ -1,0 +1,199 @@
+"""The trainer's JSON-lines events (jobs/<id>/events.jsonl) turned into job events and checkpoints.
+
+The worker reads new complete lines every tick (`read_events`), turns each into `job_events` rows
+and `job_checkpoints` rows (`ingest_event`), and writes how many bytes it has ingested to
+events.offset after the commit, so a crash replays a few events rather than losing any. A run
+whose worker died is read by `ingest_dead_run` when its job is recovered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db import FineTuningJob, JobCheckpoint, new_id, now
+from server.jobs.queue import add_event
+
+EVENTS_FILE = "events.jsonl"  # the trainer's JSON-lines events, in jobs/<id>/
+OFFSET_FILE = "events.offset"  # bytes of EVENTS_FILE already ingested as job events
+
+
+@dataclass
+class RunProgress:
+    """What the events of the current run said so far."""
+
+    iters: int
+    tokens_before: int = 0  # trained by earlier runs, up to the checkpoint this one resumed
+    trained_tokens: int = 0
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    succeeded: bool = False
+    error: dict[str, Any] | None = None
+    last_step: int = 0
+    starts: int = 0  # trainer runs of this job that reached training, as far as ingested
+
+
+def _checkpoint_at(session: Session, job_id: str, step: int) -> JobCheckpoint | None:
+    return session.scalars(
+        select(JobCheckpoint).where(JobCheckpoint.job_id == job_id, JobCheckpoint.step == step)
+    ).first()
+
+
+def _checkpoint_row(session: Session, job_id: str, step: int, path: str) -> JobCheckpoint:
+    """The job's checkpoint row for `step`, added if missing (a resumed run may save a step
+    again, and a checkpoint saved just before a crash may never have been reported)."""
+    row = _checkpoint_at(session, job_id, step)
+    if row is None:
+        row = JobCheckpoint(
+            id=new_id("ftckpt"), job_id=job_id, step=step, path=path, metrics={}, created_at=now()
+        )
+        session.add(row)
+    row.path = path
+    return row
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def read_events(path: Path, offset: int, end: int = -1) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines from byte `offset` (to `end`) and the offset after the last of them (a
+    line still being written waits for the next tick)."""
+    if not path.exists():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read(end - offset if end >= 0 else -1)
+    end = chunk.rfind(b"\n") + 1
+    lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
+    return [e for e in map(_parse, lines) if e is not None], offset + end
+
+
+def ingested_bytes(offset_file: Path) -> int:
+    """Bytes of events.jsonl already turned into job events (what OFFSET_FILE holds)."""
+    return int(offset_file.read_text()) if offset_file.exists() else 0
+
+
+def tokens_at(session: Session, job_id: str, step: int) -> int:
+    """Tokens trained up to the job's checkpoint at `step` (where a resumed run counts from)."""
+    row = _checkpoint_at(session, job_id, step)
+    return int(row.metrics.get("trained_tokens", 0)) if row else 0
+
+
+def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int | None:
+    """Ingest the events a stopped run wrote after its worker's last ingest; return the new
+    offset into events.jsonl (to be written once the session commits), or None if none."""
+    events_path = folder / EVENTS_FILE
+    offset = ingested_bytes(folder / OFFSET_FILE)
+    events, end = read_events(events_path, offset)
+    if not events:
+        return None
+    earlier = read_events(events_path, 0, offset)[0]
+    starts = [e for e in earlier + events if e.get("type") == "start"]
+    p = RunProgress(
+        iters=int(starts[-1].get("iters", 0)) if starts else 0,
+        starts=sum(e.get("type") == "start" for e in earlier),
+    )
+    if starts and starts[-1].get("resumed_from"):
+        p.tokens_before = tokens_at(session, job.id, int(starts[-1].get("step", 0)))
+    for event in events:
+        ingest_event(session, job, event, p)
+    return end
+
+
+def ingest_event(
+    session: Session, job: FineTuningJob, event: dict[str, Any], p: RunProgress
+) -> None:
+    kind, step = event.get("type"), int(event.get("step", 0))
+    at = f"Step {step}/{p.iters}"
+    if kind == "start":
+        p.iters, p.starts = int(event.get("iters", p.iters)), p.starts + 1
+        info = {
+            k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")
+        }
+        if event.get("resumed_from"):
+            _checkpoint_row(session, job.id, step, str(event["resumed_from"]))  # if never reported
+            add_event(
+                session,
+                job.id,
+                f"Resumed from checkpoint at step {step} (run {p.starts})",
+                data={"step": step, "total_steps": p.iters, **info},
+            )
+        elif p.starts > 1:
+            add_event(
+                session,
+                job.id,
+                f"Fine-tuning restarted from step 0 (run {p.starts}): "
+                "no checkpoint was saved before the last run stopped",
+                data={"step": 0, "total_steps": p.iters, **info},
+            )
+        else:
+            add_event(
+                session, job.id, "Fine-tuning job started", data={"total_steps": p.iters, **info}
+            )
+    elif kind == "train":
+        p.last_step, p.train_loss = step, float(event["loss"])
+        p.trained_tokens = p.tokens_before + int(event.get("trained_tokens", 0))
+        job.trained_tokens = p.trained_tokens
+        it_per_sec = float(event.get("it_per_sec") or 0)
+        if it_per_sec > 0:
+            job.estimated_finish = now() + math.ceil((p.iters - step) / it_per_sec)
+        add_event(
+            session,
+            job.id,
+            f"{at}: training loss={p.train_loss:.4f}",
+            type="metrics",
+            data={
+                "step": step,
+                "total_steps": p.iters,
+                "train_loss": p.train_loss,
+                "learning_rate": event.get("learning_rate"),
+                "tokens_per_sec": event.get("tokens_per_sec"),
+                "peak_memory_gb": event.get("peak_memory_gb"),
+                "trained_tokens": p.trained_tokens,
+            },
+        )
+    elif kind == "eval":
+        p.valid_loss = float(event["val_loss"])
+        add_event(
+            session,
+            job.id,
+            f"{at}: validation loss={p.valid_loss:.4f}",
+            type="metrics",
+            data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss},
+        )
+    elif kind == "checkpoint":
+        row = _checkpoint_row(session, job.id, step, str(event["path"]))
+        row.metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
+        if p.valid_loss is not None:
+            row.metrics["valid_loss"] = p.valid_loss
+        add_event(session, job.id, f"Checkpoint created at step {step}", data={"step": step})
+    elif kind == "warning":
+        message = str(event.get("message"))
+        if job.validation_file or not message.startswith("no valid.jsonl"):  # else: as asked
+            add_event(session, job.id, message, level="warn")
+    elif kind == "done" and event.get("status") == "succeeded":
+        p.succeeded = True
+        peak = event.get("peak_memory_gb") or 0.0
+        add_event(
+            session,
+            job.id,
+            f"Training finished at step {step}: training loss "
+            f"{p.train_loss or 0:.4f}, peak memory {peak:.2f} GB",
+            data={"step": step, "peak_memory_gb": peak},
+        )
+    elif kind == "error":
+        p.error = {
+            "code": str(event.get("code", "training_failed")),
+            "message": str(event.get("message")),
+        }

@@ -1,0 +1,412 @@
+"""Jobs survive what kills processes: `kill -9` of a real `loraforge serve` mid-training (the job
+resumes from its checkpoint after a restart, and its trainer dies with the server), several
+workers on one database (each job runs exactly once), and a killed standalone worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import func, select
+
+from server.db import Adapter, Database, FineTuningJob, JobEvent, now, upgrade_database
+from server.jobs.queue import MAX_ATTEMPTS, claim_next_job, recover_lost_jobs
+from server.jobs.worker import JobWorker
+from server.settings import Settings
+from tests.server.test_jobs import PROMPT, messages, process_running, wait_for_job, wikisql_file
+from tests.serving import start_model_server, start_server
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loraforge(*args: str, log: Path) -> subprocess.Popen:
+    """`loraforge ARGS` as its own process (output to `log`), importable from this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "server.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+
+
+@contextmanager
+def serve(model: Path, data_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    port = free_port()
+    proc = loraforge(
+        "serve",
+        "--model",
+        str(model),
+        "--served-model-name",
+        "tiny",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        log=data_dir.parent / "serve.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (data_dir.parent / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "loraforge serve was not ready in 60 s"
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(60)
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.1)
+
+
+def test_kill_9_server_mid_job_then_restart_resumes_from_checkpoint(tiny_hf_model, tmp_path):
+    data = tmp_path / "data"
+    db = Database.open(Settings(data_dir=data).database_url)
+    with serve(tiny_hf_model, data) as (server, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        train = client.files.create(file=wikisql_file(tmp_path, "train", 8), purpose="fine-tune")
+        # 8 examples x 3 epochs / batch 2 = 12 steps, a checkpoint every 2.
+        job = client.fine_tuning.jobs.create(
+            model="tiny",
+            training_file=train.id,
+            suffix="crash",
+            hyperparameters={"n_epochs": 3, "batch_size": 2},
+        )
+        wait_until(
+            lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 90, "a first checkpoint"
+        )
+        seen = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
+        trainer = db.run_sync(lambda s: s.get(FineTuningJob, job.id).pid)
+        assert process_running(trainer)
+
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        # The trainer dies with its server: no orphan keeps writing into the job folder.
+        wait_until(lambda: not process_running(trainer), 5, "the orphaned trainer's exit")
+        events = data / "jobs" / job.id / "events.jsonl"
+        size = events.stat().st_size
+        time.sleep(1.5)
+        assert events.stat().st_size == size
+    assert db.run_sync(lambda s: s.get(FineTuningJob, job.id).status) == "running"  # as it died
+
+    with serve(tiny_hf_model, data) as (_server, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        done = wait_for_job(client, job.id, timeout_s=120)
+        assert done.status == "succeeded", done.error
+        log = messages(client, job.id)
+        resumed = [m for m in log if m.startswith("Resumed from checkpoint at step ")]
+        assert len(resumed) == 1, log
+        step = int(resumed[0].split()[5])
+        assert seen <= step < 12  # the newest checkpoint on disk, at least the last one reported
+        assert any("The worker running this job stopped" in m for m in log)
+        assert log.count("Fine-tuning job started") == 1
+        assert log[-1] == "The job has successfully completed"
+        assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [
+            12,
+            10,
+            8,
+            6,
+            4,
+            2,
+        ]
+        assert db.run_sync(lambda s: s.get(FineTuningJob, job.id).attempts) == 2
+        r = client.completions.create(model=done.fine_tuned_model, prompt=PROMPT, max_tokens=4)
+        assert r.model == f"ft:tiny:crash:{job.id}"
+    db.close()
+
+
+def test_two_workers_on_one_database_run_each_job_exactly_once(tiny_hf_model, tmp_path):
+    data = tmp_path / "data"
+    settings = Settings(
+        model=str(tiny_hf_model), served_model_name="tiny", data_dir=data, start_worker=False
+    )
+    with start_server(settings) as url:  # no engine: the API only queues the jobs
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        train = client.files.create(file=wikisql_file(tmp_path, "train", 4), purpose="fine-tune")
+        ids = [
+            client.fine_tuning.jobs.create(
+                model="tiny",
+                training_file=train.id,
+                suffix=f"w{i}",
+                hyperparameters={"n_epochs": 1, "batch_size": 4},
+            ).id
+            for i in range(6)
+        ]
+    workers = [
+        loraforge(
+            "worker",
+            "--model",
+            str(tiny_hf_model),
+            "--served-model-name",
+            "tiny",
+            "--data-dir",
+            str(data),
+            log=tmp_path / f"worker{i}.log",
+        )
+        for i in range(2)
+    ]
+    db = Database.open(settings.database_url)
+    try:
+
+        def all_finished() -> bool:
+            rows = db.run_sync(lambda s: s.scalars(select(FineTuningJob.status)).all())
+            return all(status in ("succeeded", "failed") for status in rows)
+
+        wait_until(all_finished, 150, "all six jobs finishing")
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(30)
+    jobs = db.run_sync(lambda s: s.scalars(select(FineTuningJob)).all())
+    assert {j.status for j in jobs} == {"succeeded"}, [j.error for j in jobs]
+    assert all(j.attempts == 1 for j in jobs)
+    assert len({j.worker_id for j in jobs}) == 2  # both workers took jobs...
+    for job_id in ids:  # ...and no job was started twice
+        assert [e["type"] for e in _events(data, job_id)].count("start") == 1
+    registered = db.run_sync(
+        lambda s: s.execute(
+            select(Adapter.fine_tuning_job_id, func.count()).group_by(Adapter.fine_tuning_job_id)
+        ).all()
+    )
+    assert sorted(registered) == sorted((job_id, 1) for job_id in ids)  # nor registered twice
+    db.close()
+
+    # A server started afterwards serves what the standalone workers registered.
+    with start_model_server(settings) as (url, _engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        model = f"ft:tiny:w0:{ids[0]}"
+        assert client.completions.create(model=model, prompt=PROMPT, max_tokens=4).model == model
+
+
+def _events(data: Path, job_id: str) -> list[dict]:
+    """The trainer's events for the job so far (complete lines only)."""
+    path = data / "jobs" / job_id / "events.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+CLAIMER = """
+import sys, threading
+from server.db import Database
+from server.jobs.queue import MAX_ATTEMPTS, claim_next_job, recover_lost_jobs
+db = Database.open(sys.argv[1])
+claimed = []
+def claim(name):
+    while (job := db.run_sync(lambda s: claim_next_job(s, name, "tiny"))) is not None:
+        claimed.append(job.id)
+threads = [threading.Thread(target=claim, args=(f"{sys.argv[2]}-{i}",)) for i in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("\\n".join(claimed))
+"""
+
+
+def test_claims_under_contention_never_hand_out_a_job_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'loraforge.db'}"
+    upgrade_database(url)
+    db = Database.open(url)
+    jobs = [
+        FineTuningJob(model="tiny", training_file="file-x", hyperparameters={}, lora={}, seed=0)
+        for _ in range(200)
+    ]
+    db.run_sync(lambda s: s.add_all(jobs))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, url, f"p{i}"],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    claimed = [line for p in procs for line in p.communicate(timeout=120)[0].split()]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(claimed) == sorted(j.id for j in jobs)  # every job once, none twice
+    assert db.run_sync(lambda s: claim_next_job(s, "late", "tiny")) is None
+    rows = db.run_sync(lambda s: s.scalars(select(FineTuningJob)).all())
+    assert {(r.status, r.attempts) for r in rows} == {("running", 1)}
+    db.close()
+
+
+def test_standalone_worker_killed_or_stopped_leaves_no_trainer(tiny_hf_model, tmp_path):
+    data = tmp_path / "data"
+    settings = Settings(model=str(tiny_hf_model), served_model_name="tiny", data_dir=data)
+    db = Database.open(settings.database_url)
+    with start_server(settings) as url:  # the API only: the standalone workers train
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        train = client.files.create(file=wikisql_file(tmp_path, "train", 8), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(
+            model="tiny", training_file=train.id, hyperparameters={"n_epochs": 50, "batch_size": 1}
+        )
+
+        def training_in_run(n: int) -> int:
+            """The trainer's pid once run `n` of the job has trained a step."""
+
+            def trained() -> bool:
+                events = _events(data, job.id)
+                return [e["type"] for e in events].count("start") == n and events[-1][
+                    "type"
+                ] == "train"
+
+            wait_until(trained, 60, f"a training step in run {n}")
+            wait_until(lambda: db.run_sync(lambda s: s.get(FineTuningJob, job.id).pid), 5, "pid")
+            return db.run_sync(lambda s: s.get(FineTuningJob, job.id).pid)
+
+        worker_args = (
+            "worker",
+            "--model",
+            str(tiny_hf_model),
+            "--served-model-name",
+            "tiny",
+            "--data-dir",
+            str(data),
+        )
+        workers = [loraforge(*worker_args, log=tmp_path / "worker1.log")]
+        try:
+            # kill -9: the trainer goes with its worker.
+            trainer = training_in_run(1)
+            workers[0].send_signal(signal.SIGKILL)
+            workers[0].wait()
+            wait_until(lambda: not process_running(trainer), 5, "the orphaned trainer's exit")
+
+            # The next worker takes the job over; SIGTERM stops it cleanly and queues the job
+            # again without counting the run as a failure.
+            workers.append(loraforge(*worker_args, log=tmp_path / "worker2.log"))
+            trainer = training_in_run(2)
+            workers[1].send_signal(signal.SIGTERM)
+            assert workers[1].wait(30) == 0
+            assert not process_running(trainer)
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
+                    w.wait()
+        row = db.run_sync(lambda s: s.get(FineTuningJob, job.id))
+        assert (row.status, row.attempts, row.worker_id, row.pid) == ("queued", 1, None, None)
+        log = messages(client, job.id)
+        lost = next(i for i, m in enumerate(log) if "The worker running this job stopped" in m)
+        assert (
+            log.count("Fine-tuning job started") == 1
+            and log.index("Fine-tuning job started") < lost
+        )
+        assert [m for m in log[lost:] if m.startswith("Fine-tuning restarted from step 0 (run 2)")]
+        assert log[-1].startswith("The worker stopped at step ")
+        assert log[-1].endswith("the job is queued again and resumes from its last checkpoint.")
+        client.fine_tuning.jobs.cancel(job.id)
+    db.close()
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_three_runs(tmp_path):
+    url = f"sqlite:///{tmp_path / 'loraforge.db'}"
+    upgrade_database(url)
+    db = Database.open(url)
+    expired = now() - 1
+
+    def running(attempts: int) -> FineTuningJob:  # claimed by a worker on another host, silent
+        return FineTuningJob(
+            model="tiny",
+            training_file="file-x",
+            hyperparameters={},
+            lora={},
+            seed=0,
+            status="running",
+            attempts=attempts,
+            worker_id="elsewhere:1:a",
+            lease_expires_at=expired,
+        )
+
+    second, third, alive = running(2), running(MAX_ATTEMPTS), running(1)
+    alive.lease_expires_at = now() + 60
+    db.run_sync(lambda s: s.add_all([second, third, alive]))
+    assert sorted(db.run_sync(recover_lost_jobs)) == sorted([second.id, third.id])
+    rows = {r.id: r for r in db.run_sync(lambda s: s.scalars(select(FineTuningJob)).all())}
+    assert (rows[second.id].status, rows[alive.id].status) == ("queued", "running")
+    assert rows[third.id].status == "failed" and rows[third.id].error["code"] == "worker_lost"
+    assert "stopped 3 times" in rows[third.id].error["message"]
+    assert "create the job again" in rows[third.id].error["message"]
+    db.close()
+
+
+def test_a_lost_runs_unreported_events_come_before_its_recovery(tiny_hf_model, tmp_path):
+    # The worker died after its trainer wrote these lines and before it ingested them: the
+    # recovering worker ingests them first, so the job's events read in the order they happened.
+    settings = Settings(
+        model=str(tiny_hf_model), served_model_name="tiny", data_dir=tmp_path / "data"
+    )
+    settings.data_dir.mkdir()
+    upgrade_database(settings.database_url)
+    worker = JobWorker(settings)
+    job = FineTuningJob(
+        model="tiny",
+        training_file="file-x",
+        hyperparameters={},
+        lora={},
+        seed=0,
+        status="running",
+        attempts=1,
+        worker_id="elsewhere:1:a",
+        lease_expires_at=now() - 1,
+    )
+    worker.db.run_sync(lambda s: s.add(job))
+    folder = settings.jobs_dir / job.id
+    folder.mkdir(parents=True)
+    lines = [
+        {"type": "start", "iters": 4, "step": 0},
+        {"type": "train", "step": 1, "loss": 2.5, "trained_tokens": 10},
+        {"type": "checkpoint", "step": 2, "path": str(folder / "adapter" / "step-2")},
+    ]
+    events = folder / "events.jsonl"
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"type": "tr')
+
+    assert worker._recover() == [job.id]
+    messages = worker.db.run_sync(
+        lambda s: list(
+            s.scalars(
+                select(JobEvent.message).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
+            )
+        )
+    )
+    assert messages == [
+        "Fine-tuning job started",
+        "Step 1/4: training loss=2.5000",
+        "Checkpoint created at step 2",
+        "The worker running this job stopped (elsewhere:1:a); queued again to "
+        "resume from checkpoint step 2 (1 of 3 runs used).",
+    ]
+    # Ingested up to the last complete line; the torn one is left for whoever reads on.
+    assert int((folder / "events.offset").read_text()) == events.read_text().rfind("\n") + 1
+    assert worker._recover() == []

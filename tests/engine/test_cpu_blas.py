@@ -12,6 +12,8 @@ import pytest
 
 from mlx_core.cpu_blas import OPENBLAS, OPT_OUT
 
+pytestmark = pytest.mark.slow  # starts other processes
+
 PROBE = (
     "from mlx_core.cpu_blas import openblas_loaded, reexec_with_openblas\n"
     "reexec_with_openblas()\n"

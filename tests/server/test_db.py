@@ -54,6 +54,7 @@ def test_upgrade_is_idempotent(url):
     assert schema_diff(url) == []
 
 
+@pytest.mark.slow
 def test_concurrent_upgrades_from_several_processes_do_not_collide(url):
     # The server and workers may start at the same moment on a fresh data dir. The race (on
     # switching the fresh file to WAL) is timing-dependent: this catches it some of the time only.

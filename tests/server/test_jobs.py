@@ -93,6 +93,7 @@ def train_file(client, tmp_path_factory) -> str:
     return client.files.create(file=path, purpose="fine-tune").id
 
 
+@pytest.mark.slow
 def test_fine_tune_then_serve_download_and_delete(server, client, settings, train_file, tmp_path):
     valid = client.files.create(file=wikisql_file(tmp_path, "valid", 4), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
@@ -182,6 +183,7 @@ def test_fine_tune_then_serve_download_and_delete(server, client, settings, trai
     assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == done.fine_tuned_model
 
 
+@pytest.mark.slow
 def test_legacy_fine_tune_is_the_same_job_in_both_apis(server, client, train_file):
     r = httpx.post(
         f"{server}/v1/fine-tunes",
@@ -210,6 +212,7 @@ def test_legacy_fine_tune_is_the_same_job_in_both_apis(server, client, train_fil
     assert httpx.post(f"{server}/v1/fine-tunes/{created['id']}/cancel").status_code == 409
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_trainer_within_seconds(client, db, train_file):
     job = client.fine_tuning.jobs.create(
         model="tiny", training_file=train_file, hyperparameters={"n_epochs": 50, "batch_size": 1}

@@ -27,7 +27,7 @@ from server.settings import Settings
 from tests.server.test_jobs import PROMPT, messages, process_running, wait_for_job, wikisql_file
 from tests.serving import start_model_server, start_server
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # starts servers and workers as processes
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -151,6 +151,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.slow
 def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, name):
     measured, estimate = _measure(tmp_path, **CONFIGS[name])
     assert measured > 100e6  # big enough that fixed overheads do not decide the comparison
@@ -159,6 +160,7 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, name):
     )
 
 
+@pytest.mark.slow
 def test_checkpointing_cuts_the_peak_as_estimated(tmp_path):
     # Long rows, so activations and logits dominate; the same run with and without checkpointing.
     measured_plain, estimate_plain = _measure(tmp_path / "a", **BASE)

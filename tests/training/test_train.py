@@ -219,6 +219,7 @@ def _losses(tiny_hf_model, data, tmp, **kw) -> list[float]:
     return [loss for _, loss in train(tiny_hf_model, data, _config(tmp, **kw)).losses]
 
 
+@pytest.mark.slow
 def test_grad_accumulation_trains_like_the_bigger_batch(tiny_hf_model, short_qa, tmp_path):
     big = _losses(tiny_hf_model, short_qa, tmp_path / "a", batch_size=4)
     accumulated = _losses(
@@ -314,6 +315,7 @@ def test_packed_and_unpacked_rows_give_the_same_loss(tiny_hf_model, short_qa):
     _assert_same_grads(g_packed[1], g_rows[1])
 
 
+@pytest.mark.slow
 def test_the_fine_tune_learns_to_stop(tiny_hf_model, tmp_path):
     """The seed trained without EOS, so its model rambled on after the SQL. Ours stops."""
     examples = [
@@ -415,6 +417,7 @@ def _loraforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_lora_command_runs_the_blogs_commands(tiny_hf_model, wikisql_slice, tmp_path):
     model = _seed_format_model(tiny_hf_model, tmp_path / "mlx_model")
     # python lora.py --model <path_to_model> --train --iters 600  (the blog, with fewer iters)
@@ -487,6 +490,7 @@ def test_lora_command_runs_the_blogs_commands(tiny_hf_model, wikisql_slice, tmp_
     assert after.startswith(prompt) and after[len(prompt) :].strip()
 
 
+@pytest.mark.slow
 def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
     out = tmp_path / "adapter"
     done = _loraforge(
@@ -545,6 +549,7 @@ def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_lora_command_says_what_is_missing(tmp_path, tiny_hf_model):
     missing = _loraforge(
         "lora",

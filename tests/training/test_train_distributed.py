@@ -17,6 +17,8 @@ import pytest
 from mlx_core.lora.formats import load_adapter
 from tests.training.test_train import _data_dir
 
+pytestmark = pytest.mark.slow  # starts other processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 

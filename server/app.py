@@ -26,7 +26,9 @@ from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Guard, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
 
 from server.db import Database, upgrade_database
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
@@ -49,6 +51,9 @@ GRACEFUL_SHUTDOWN_S = 30
 MIN_BODY_LIMIT_BYTES = 10_000_000
 # Paths that need the API key: the API, and the legacy fine-tunes API old clients call without /v1.
 PROTECTED_PREFIXES = ("/v1/", "/fine-tunes")
+# Swagger UI's scripts, styles and icon come from a Python package, not a CDN: the service runs
+# offline, and /docs must work there too.
+DOCS_ASSETS = "/docs/assets"
 
 
 class Service(Protocol):
@@ -201,7 +206,15 @@ def create_app(
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
     return LoraforgeApp(
-        route_handlers=[health, ready, metrics_endpoint, *route_handlers(settings)],
+        route_handlers=[
+            health,
+            ready,
+            metrics_endpoint,
+            create_static_files_router(
+                path=DOCS_ASSETS, directories=[swagger_ui_path], include_in_schema=False
+            ),
+            *route_handlers(settings),
+        ],
         lifespan=[lifespan],
         dependencies={
             "settings": constant(settings),
@@ -220,7 +233,15 @@ def create_app(
             version=_version(),
             summary="OpenAI-compatible serving and LoRA fine-tuning on MLX",
             path="/",  # -> /openapi.json, /openapi.yaml
-            render_plugins=[SwaggerRenderPlugin(path="/docs")],
+            render_plugins=[
+                SwaggerRenderPlugin(
+                    path="/docs",
+                    js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                    css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                    standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+                    favicon=f"<link rel='icon' type='image/png' href='{DOCS_ASSETS}/favicon-32x32.png'>",
+                )
+            ],
             use_handler_docstrings=True,
         ),
         logging_config=None,  # run_server configures logging once, for uvicorn and us

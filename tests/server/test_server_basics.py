@@ -6,6 +6,7 @@ Every check starts the real app under uvicorn and talks to it over HTTP, as a us
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import httpx
@@ -125,6 +126,18 @@ def test_openapi_schema_describes_the_api(base_url):
     assert schema["info"]["title"] == "loraforge"
     assert "/v1/files" in schema["paths"]
     assert "FileObject" in schema["components"]["schemas"]
+
+
+def test_docs_page_loads_everything_from_the_server_itself(keyed_url):
+    # Offline use: no script, style or icon from a CDN; the page and its assets need no key.
+    page = httpx.get(f"{keyed_url}/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    urls = re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", page.text)
+    assert urls and not [u for u in urls if "://" in u or u.startswith("//")], urls
+    for url in urls:
+        asset = httpx.get(f"{keyed_url}{url}")
+        assert asset.status_code == 200, url
+        assert len(asset.content) > 500, url
 
 
 def test_unknown_route_is_404_in_openai_shape(base_url):

@@ -148,8 +148,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from `overrides` (explicit flags; None = not given) > env vars > defaults.
 
-        `env` defaults to os.environ; tests pass a dict. Raises SettingsError for an env value
-        that does not parse, naming the variable and what to write instead.
+        `env` defaults to os.environ; tests pass a dict. An empty env value counts as unset.
+        Raises SettingsError for an env value that does not parse, naming the variable and what
+        to write instead.
         """
         env = os.environ if env is None else env
         hints = typing.get_type_hints(cls)
@@ -161,7 +162,7 @@ class Settings:
         for name in names:
             if overrides.get(name) is not None:
                 values[name] = overrides[name]
-            elif (text := env.get(env_var(name))) is not None:
+            elif text := env.get(env_var(name)):  # empty (`LORAFORGE_X=`) means unset
                 values[name] = _parse(text, hints[name], name)
         return cls(**values)
 

@@ -48,12 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
         "--base-url",
-        default=os.environ.get("LORAFORGE_BASE_URL", DEFAULT_BASE_URL),
+        # An empty LORAFORGE_BASE_URL= (a shell habit) means the default, as unset does.
+        default=os.environ.get("LORAFORGE_BASE_URL") or DEFAULT_BASE_URL,
         help=f"the server [env LORAFORGE_BASE_URL; default {DEFAULT_BASE_URL}]",
     )
     client.add_argument(
         "--api-key",
-        default=os.environ.get("LORAFORGE_API_KEY"),
+        default=os.environ.get("LORAFORGE_API_KEY") or None,
         help="the server's API key [env LORAFORGE_API_KEY]",
     )
     jobs = sub.add_parser("jobs", help="fine-tune jobs on a running server")

@@ -328,3 +328,16 @@ def test_bad_env_value_says_which_variable_and_what_to_do():
     with pytest.raises(SettingsError, match="--max-queue / LORAFORGE_MAX_QUEUE = 0"):
         Settings.from_env({"LORAFORGE_MAX_QUEUE": "0"})
     assert Settings.from_env({"LORAFORGE_MAX_MODEL_LEN": ""}).max_model_len is None
+
+
+def test_empty_env_values_mean_the_default(monkeypatch):
+    # `export LORAFORGE_API_KEY=` in a shell profile must not set an empty key or break commands.
+    settings = Settings.from_env({"LORAFORGE_API_KEY": "", "LORAFORGE_HOST": ""})
+    assert settings.api_key is None and settings.host == Settings().host
+    from server.cli.jobs import DEFAULT_BASE_URL
+    from server.cli.main import build_parser
+
+    monkeypatch.setenv("LORAFORGE_BASE_URL", "")
+    monkeypatch.setenv("LORAFORGE_API_KEY", "")
+    ns = build_parser().parse_args(["jobs", "list"])
+    assert ns.base_url == DEFAULT_BASE_URL and ns.api_key is None

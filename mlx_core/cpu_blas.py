@@ -12,6 +12,9 @@ import ctypes
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 OPENBLAS = Path(f"/usr/lib/{platform.machine()}-linux-gnu/libopenblas.so.0")  # Debian/Ubuntu
@@ -20,9 +23,11 @@ _TRIED = "LORAFORGE_OPENBLAS_PRELOADED"  # marks the re-executed process: never 
 
 
 def openblas_loaded() -> bool:
-    """Whether this process has an OpenBLAS mapped (preloaded or linked)."""
+    """Whether this process has a system OpenBLAS mapped (preloaded or linked)."""
     try:
-        return "openblas" in Path("/proc/self/maps").read_text()
+        # "libopenblas", not "openblas": numpy's wheels map their own libscipy_openblas, which
+        # MLX does not use.
+        return "libopenblas" in Path("/proc/self/maps").read_text()
     except OSError:
         return False
 
@@ -74,3 +79,73 @@ def reexec_with_openblas() -> None:
         os.execve(sys.executable, sys.orig_argv, env)
     except OSError:
         return  # cannot re-execute (odd interpreter path): run as is, slower
+
+
+# -- what this process multiplies fp32 matrices with ------------------------------------------
+# Below this a CPU run is on MLX's reference BLAS (~3 GFLOP/s here); OpenBLAS gives 100-220.
+SLOW_GFLOPS = 20.0
+_PROBE_N = 256  # 2 * 256^3 = 34 MFLOP a matmul: ~10 ms on the reference BLAS, well under 1 ms else
+
+
+@dataclass(frozen=True)
+class BlasReport:
+    """Which library fp32 matmuls use here, and how fast a small probe ran."""
+
+    device: str  # "cpu" or "gpu"
+    library: str  # "OpenBLAS", "MLX's reference BLAS", "Accelerate", or "GPU"
+    gflops: float  # fp32 matmul speed of the probe; 0.0 on a GPU (not probed)
+
+    @property
+    def slow(self) -> bool:
+        return self.device == "cpu" and self.gflops < SLOW_GFLOPS
+
+    def describe(self) -> str:
+        if self.device != "cpu":
+            return "matmuls run on the GPU"
+        return f"fp32 matmuls on the CPU use {self.library}: {self.gflops:.0f} GFLOP/s"
+
+    def fix(self) -> str | None:
+        """What to do about a slow BLAS, or None when it is fast."""
+        if not self.slow:
+            return None
+        if platform.system() == "Linux" and not OPENBLAS.is_file():
+            how = "install Debian's OpenBLAS (apt install libopenblas0-pthread) and restart"
+        elif os.environ.get(OPT_OUT) == "0":
+            how = f"unset {OPT_OUT}=0 and restart"
+        else:
+            how = f"start loraforge with LD_PRELOAD={OPENBLAS}"
+        return f"training and prompt processing run several times slower: {how}"
+
+
+def probe_blas() -> BlasReport:
+    """Time a small fp32 matmul on MLX's default device (a few ms on the CPU)."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return BlasReport("gpu", "GPU", 0.0)
+    if platform.system() == "Darwin":
+        library = "Accelerate"
+    elif openblas_loaded():
+        library = "OpenBLAS"
+    else:
+        library = "MLX's reference BLAS"
+    n = _PROBE_N
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    mx.eval(a @ a)  # warm-up: first-call costs are not the library's speed
+    best = float("inf")
+    for _ in range(3):
+        tic = time.perf_counter()
+        mx.eval(a @ a)
+        best = min(best, time.perf_counter() - tic)
+    return BlasReport("cpu", library, 2 * n**3 / best / 1e9)
+
+
+def report_blas(say: Callable[[str], object], warn: Callable[[str], object]) -> BlasReport:
+    """Probe, then say what fp32 matmuls use (`say`), or warn loudly with the fix (`warn`)."""
+    report = probe_blas()
+    fix = report.fix()
+    if fix is None:
+        say(report.describe())
+    else:
+        warn(f"{report.describe()}; {fix}")
+    return report

@@ -22,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
+from mlx_core.cpu_blas import reexec_with_openblas, report_blas
 from mlx_core.errors import is_user_error
 from mlx_core.train.config import TrainSpec
 from mlx_core.train.loop import train
@@ -64,8 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         "--parent-pid", type=int, default=None, help="exit when this process exits (the worker)"
     )
     ns = parser.parse_args(argv)
+    # A worker started before OpenBLAS was installed still gets fast trainers: each trainer
+    # decides for itself (the re-executed process keeps its pid, so --parent-pid still holds).
+    reexec_with_openblas()
     if ns.parent_pid is not None:
         _die_with_parent(ns.parent_pid)
+    report_blas(
+        lambda line: print(f"mlx_core.train: {line}", file=sys.stderr, flush=True),
+        lambda line: print(f"mlx_core.train: WARNING: {line}", file=sys.stderr, flush=True),
+    )
     try:
         spec = TrainSpec.read(Path(ns.spec))
     except Exception as e:

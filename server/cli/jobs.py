@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "use the same --model/--data-dir as the server",
     )
     Settings.add_arguments(w, WORKER_SETTINGS)
-    w.set_defaults(run=run_worker)
+    w.set_defaults(run=run_worker, reports_blas=True)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(

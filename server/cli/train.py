@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for f in fields(TrainConfig):
         if f.name in _TRAIN_FLAGS:
             _add_field(t, f.name, _TRAIN_FLAGS[f.name])
-    t.set_defaults(run=run_train)
+    t.set_defaults(run=run_train, reports_blas=True)
 
     lo = sub.add_parser("lora", help="mlx-examples lora.py's command line (train, test, generate)")
     lo.add_argument(
@@ -146,7 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--auto-fit", action="store_true", help="pick settings that fit in memory")
     lo.add_argument("--memory-limit-gb", type=float, default=None)
     lo.add_argument("--events-jsonl", default=None)
-    lo.set_defaults(run=run_lora)
+    lo.set_defaults(run=run_lora, reports_blas=True)
 
 
 def _add_field(p: argparse.ArgumentParser, name: str, help_text: str) -> None:

@@ -122,6 +122,7 @@ class Gauge(_Metric):
             return self._values.get(self._key(labels), 0.0)
 
     def render(self) -> list[str]:
+        items: list[tuple[LabelValues, float]]
         if self._function is not None:
             items = [((), float(self._function()))]
         else:

@@ -14,7 +14,7 @@ import anyio
 import anyio.to_thread
 from anyio import AsyncFile
 from litestar import Request
-from multipart import (  # type: ignore[import-untyped]
+from multipart import (
     MultipartSegment,
     ParserError,
     ParserLimitReached,
@@ -72,7 +72,8 @@ class _Body:
     async def chunks(self) -> AsyncIterator[bytes]:
         while not self.ended:
             message = await self._receive()
-            if message["type"] == "http.disconnect":
+            # An HTTP route receives only http.request and http.disconnect.
+            if message["type"] != "http.request":
                 self.ended = True
                 raise BadRequestError("The upload was interrupted: send the file again.")
             self.ended = not message.get("more_body", False)

@@ -229,6 +229,7 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
     )
     if config.chat_stage.steps:
         stage1 = latest_checkpoint(work)
+        assert stage1 is not None  # pretrain() always saves its last step
         log(f"stage 2: {config.chat_fraction:.0%} of the examples as chats, from {stage1}")
         chat_train = _tokenized(train_texts, tokenizer, max_len, config.chat_fraction, config.seed)
         chat_valid = _tokenized(valid_texts, tokenizer, max_len, config.chat_fraction, config.seed)
@@ -289,6 +290,7 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
         metrics[name] = asdict(quality)
         log(f"{name}: {quality.line()} in {time.perf_counter() - t:.0f} s")
 
+    build_seconds = round(time.perf_counter() - started)
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m mlx_core.demo.build " + " ".join(sys.argv[1:]),
@@ -306,12 +308,12 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
             "tokens": result.tokens,
         },
         "metrics": metrics,
-        "build_seconds": round(time.perf_counter() - started),
+        "build_seconds": build_seconds,
         "machine": {
             "platform": platform.platform(),
             "device": str(mx.default_device()),
             "fp32_matmul_gflops": round(gflops, 1),
-            "mlx": mx.__version__,
+            "mlx": mx.__version__,  # type: ignore[attr-defined]  # missing from mlx.core stubs
         },
     }
     (staged / "build.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -319,7 +321,7 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
     if out.resolve() != staged.resolve():
         for name in (*ASSET_FILES, "build.json"):
             shutil.copyfile(staged / name, out / name)
-    log(f"wrote {out} ({size / 2**20:.1f} MB) in {record['build_seconds'] / 60:.0f} min")
+    log(f"wrote {out} ({size / 2**20:.1f} MB) in {build_seconds / 60:.0f} min")
     return record
 
 

@@ -126,9 +126,16 @@ def evaluate_loss(
     total, count = 0.0, 0
     for batch in eval_batches(examples, config.batch_size, max_batches, config.max_seq_len):
         b = AnswerBatch.of(batch)
-        total += answer_loss(model, b.inputs, b.positions, b.targets, b.mask, mx.array(1.0)).item()
+        total += _value(answer_loss(model, b.inputs, b.positions, b.targets, b.mask, mx.array(1.0)))
         count += b.n_targets
     return total / max(count, 1)
+
+
+def _value(scalar: mx.array) -> float:
+    """A real scalar array's value (`mx.array.item()` is typed for every dtype, complex too)."""
+    value = scalar.item()
+    assert not isinstance(value, complex)
+    return float(value)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -178,6 +185,7 @@ def _resume(path: Path, model: Mistral, optimizer: optim.Optimizer, identity: di
         )
     model.load_weights(str(path / "model.safetensors"))
     tensors = mx.load(str(path / "optimizer.safetensors"))
+    assert isinstance(tensors, dict)  # a .safetensors file loads as a dict of named arrays
     restore_optimizer_state(optimizer, model.trainable_parameters(), tensors, str(path))
     mx.eval(model.parameters(), optimizer.state)
     return int(state["step"])
@@ -272,7 +280,9 @@ def pretrain(
         log(f"resumed from {ckpt} at step {start}")
     elif resume:
         log(f"no checkpoint under {work / CHECKPOINTS}: starting from step 0")
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    flat = tree_flatten(model.parameters())
+    assert isinstance(flat, list)  # annotated list | dict; without `destination` it is a list
+    n_params = sum(v.size for _, v in flat)
     log(
         f"model: {n_params / 1e6:.2f}M parameters; {len(train_set)} training examples; "
         f"steps {start}..{config.steps} of batch {config.batch_size}"
@@ -335,7 +345,7 @@ def pretrain(
         batch = AnswerBatch.of(next(batches))
         loss, norm = step(batch)
         mx.eval(state, loss, norm)
-        losses.append(loss.item())
+        losses.append(_value(loss))
         tokens += batch.n_tokens
         interval_tokens += batch.n_tokens
         done = s + 1

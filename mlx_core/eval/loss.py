@@ -58,12 +58,14 @@ def test_loss(
             f"no example fits --max-seq-len {max_seq_len} ({report.n_dropped} dropped): raise --max-seq-len"
         )
     n_batches = -(-len(tokenized) // batch_size)
-    if max_batches not in (-1, None):
+    if max_batches is not None and max_batches != -1:
         n_batches = min(n_batches, max_batches)
     counted = _Counted(eval_batches(tokenized, batch_size, n_batches, max_seq_len))
     slot = 0
     if adapter is not None:
-        slot = adapter.slots.acquire(adapter.adapter_id)
+        acquired = adapter.slots.acquire(adapter.adapter_id)
+        assert acquired is not None  # attach_adapter's one slot is free: nothing else pins it
+        slot = acquired
         # eval_batches pads every batch to batch_size rows, so one activation serves them all.
         adapter.slots.activate([slot] * batch_size)
     try:

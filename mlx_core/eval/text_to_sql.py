@@ -79,6 +79,7 @@ class SqlCase:
     """One text-to-SQL question as the model is asked it."""
 
     example: SqlExample  # table, columns, question; `answer` is the gold SQL
+    gold: str  # example.answer, known to be present and to parse
     prompt: str  # the text prompt ending in "A:", or the last user message of a chat
     prompt_ids: tuple[int, ...]
     chat: bool  # the prompt is a chat template: the reply starts a new turn
@@ -128,7 +129,7 @@ def _sql_case(ex: Example, tokenizer: Tokenizer) -> SqlCase:
     if example.answer is None:
         raise ExampleFormatError("no gold SQL after the question")
     parse_query(example.answer, example.columns, example.table)  # fail now, not after generating
-    return SqlCase(example, prompt, tuple(ids), chat)
+    return SqlCase(example, example.answer, prompt, tuple(ids), chat)
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def score_sql(
     exact = execution = exact_raw = execution_raw = valid = 0
     samples: list[SqlSample] = []
     for case, gen in zip(cases, generations):
-        ex, gold = case.example, case.example.answer
+        ex, gold = case.example, case.gold
         predicted, raw = first_line(gen.text), gen.text.strip()
         hit = exact_match(predicted, gold)
         runs = execution_match(ex, predicted, gold)

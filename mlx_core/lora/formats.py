@@ -218,11 +218,16 @@ def _read_tensors(path: Path) -> dict[str, mx.array]:
             f"{path} is missing: copy the adapter's weights file beside its config"
         )
     try:
-        return mx.load(str(path))
+        tensors = mx.load(str(path))
     except Exception as e:
         raise AdapterFormatError(
             f"{path}: not a readable weights file ({e}); re-save or re-download it"
         ) from e
+    if not isinstance(tensors, dict):  # a .npy file: one unnamed array
+        raise AdapterFormatError(
+            f"{path}: holds one unnamed array, not named LoRA tensors; re-save the adapter"
+        )
+    return tensors
 
 
 def _pairs(
@@ -351,8 +356,8 @@ def _load_peft(folder: Path, cfg: dict) -> Adapter:
     patterns = cfg.get("alpha_pattern") or {}
     for (layer, target), (a, b) in weights.items():
         module = f"model.layers.{layer}.{_OWNER[target]}.{target}"
-        key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
-        own = scale_of(a.shape[1], float(patterns[key]) if key else alpha)
+        matched = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+        own = scale_of(a.shape[1], float(patterns[matched]) if matched else alpha)
         if own != scale:
             weights[(layer, target)] = (a, b * (own / scale))
     return _assemble(

@@ -77,6 +77,7 @@ def dequantize_model(model: Mistral) -> None:
     """Replace every quantized linear/embedding with its dense equivalent; args say unquantized."""
     dense = []
     for name, m in model.named_modules():
+        d: nn.Linear | nn.Embedding
         if isinstance(m, nn.QuantizedLinear):
             w = _dequantized_weight(m)
             d = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)

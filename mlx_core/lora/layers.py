@@ -248,7 +248,9 @@ def load_adapter_into(model: Mistral, adapter: Adapter) -> None:
 def trainable_parameters_count(model: Mistral) -> int:
     from mlx.utils import tree_flatten
 
-    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    flat = tree_flatten(model.trainable_parameters())
+    assert isinstance(flat, list)  # annotated list | dict; without `destination` it is a list
+    return sum(v.size for _, v in flat)
 
 
 # -- serving: many adapters in one batch ----------------------------------------------------------

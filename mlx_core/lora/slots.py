@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_core.lora.layers import (
     Adapter,
     AdapterError,
+    Part,
     block_rows,
     module_out_dims,
     projection_parts,
@@ -37,6 +38,7 @@ class SlotContext:
 
     def mask(self, width: int, dtype: mx.Dtype) -> mx.array:
         """(B, 1, S*width): 1 over the columns of each row's own slot, 0 elsewhere."""
+        assert self.ids is not None, "mask() is only asked for while some row uses an adapter"
         key = (width, dtype)
         if key not in self._masks:
             cols = mx.arange(self.n_slots * width) // width
@@ -67,24 +69,25 @@ class MultiLoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        if self._ctx.ids is None or self._a is None:
+        if self._ctx.ids is None or self._a is None or self._b is None:
             return y
         z = (x @ self._a) * self._ctx.mask(self._width, x.dtype)
         return y + z @ self._b
 
-    def set_slot(self, slot: int, a: mx.array | None, b: mx.array | None, dtype: mx.Dtype) -> None:
+    def set_slot(self, slot: int, ab: tuple[mx.array, mx.array] | None, dtype: mx.Dtype) -> None:
         """Write one slot's A (in, r) and B (r, out) (None clears the slot)."""
-        if a is None and self._a is None:
+        if ab is None and self._a is None:
             return
-        r = 0 if a is None else a.shape[1]
+        r = 0 if ab is None else ab[0].shape[1]
         if r > self._width:
             self._grow(-(-r // 16) * 16, dtype)
+        assert self._a is not None and self._b is not None, "a rank-0 adapter has no slot columns"
         R = self._width
         block_a = mx.zeros((self.in_dims, R), dtype=dtype)
         block_b = mx.zeros((R, self.out_dims), dtype=dtype)
-        if a is not None:
-            block_a[:, :r] = a.astype(dtype)
-            block_b[:r, :] = b.astype(dtype)
+        if ab is not None:
+            block_a[:, :r] = ab[0].astype(dtype)
+            block_b[:r, :] = ab[1].astype(dtype)
         self._a[:, slot * R : (slot + 1) * R] = block_a
         self._b[slot * R : (slot + 1) * R, :] = block_b
 
@@ -92,7 +95,7 @@ class MultiLoRALinear(nn.Module):
         S, old = self.n_slots, self._width
         a = mx.zeros((self.in_dims, S, width), dtype=dtype)
         b = mx.zeros((S, width, self.out_dims), dtype=dtype)
-        if self._a is not None:
+        if self._a is not None and self._b is not None:
             a[:, :, :old] = self._a.reshape(self.in_dims, S, old)
             b[:, :old, :] = self._b.reshape(S, old, self.out_dims)
         self._a, self._b = a.reshape(self.in_dims, S * width), b.reshape(S * width, self.out_dims)
@@ -193,22 +196,27 @@ class AdapterSlots:
         outs = module_out_dims(self.model.args)
         for i, layer in enumerate(self.model.model.layers):
             for module in outs:
-                wrapper = _resolve_module(layer, module)
                 ps = [p for p in parts.values() if p.module == module]
-                held = [
-                    (p, adapter.weights[(i, p.target)])
-                    for p in ps
-                    if adapter is not None and (i, p.target) in adapter.weights
-                ]
-                if not held:
-                    wrapper.set_slot(slot, None, None, self.dtype)
-                    continue
-                a = mx.concatenate([w[0] for _, w in held], axis=1)
-                b = block_rows(
-                    [p for p, _ in held], [w[1] * adapter.scale for _, w in held], outs[module]
-                )
-                wrapper.set_slot(slot, a, b, self.dtype)
+                ab = None if adapter is None else _slot_block(adapter, i, ps, outs[module])
+                _resolve_module(layer, module).set_slot(slot, ab, self.dtype)
         mx.eval([w for layer in self.model.model.layers for w in _slot_arrays(layer)])
+
+
+def _slot_block(
+    adapter: Adapter, layer: int, parts: Sequence[Part], out_dims: int
+) -> tuple[mx.array, mx.array] | None:
+    """A (in, r) side by side and B (r, out) with the scale folded in, for the adapter's targets
+    among one projection's `parts` in `layer`; None when it targets none of them."""
+    held = [
+        (p, adapter.weights[(layer, p.target)])
+        for p in parts
+        if (layer, p.target) in adapter.weights
+    ]
+    if not held:
+        return None
+    a = mx.concatenate([w[0] for _, w in held], axis=1)
+    b = block_rows([p for p, _ in held], [w[1] * adapter.scale for _, w in held], out_dims)
+    return a, b
 
 
 def _resolve_module(layer: nn.Module, module: str) -> MultiLoRALinear:
@@ -220,6 +228,6 @@ def _slot_arrays(layer: nn.Module) -> list[mx.array]:
     out = []
     for owner in (layer.self_attn, layer.mlp):
         for m in owner.children().values():
-            if isinstance(m, MultiLoRALinear) and m._a is not None:
+            if isinstance(m, MultiLoRALinear) and m._a is not None and m._b is not None:
                 out += [m._a, m._b]
     return out

@@ -23,7 +23,6 @@ class Healing:
 
     prompt: list[int]  # the prompt without the backed-off tokens
     prefix: bytes  # their bytes (b"" when nothing was backed off); valid UTF-8
-
     backed_off: int = 0  # how many prompt tokens were backed off
 
     @property

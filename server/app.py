@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
 import uvicorn
-from litestar import Litestar, Response, get
+from litestar import Litestar, Response, Router, get
+from litestar._openapi.plugin import handle_schema_path_not_found
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
@@ -32,7 +33,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from server.db import Database, upgrade_database
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
-from server.metrics import Metrics
+from server.metrics import Metrics, method_label
 from server.routes import Injected, route_handlers
 from server.schemas.common import HealthStatus
 from server.settings import Settings
@@ -70,6 +71,19 @@ class EngineService(Service, Protocol):
         ...
 
 
+class _SchemaRouter(Router):
+    """Litestar's router for /openapi.json and /docs, without its catch-all HTML 404.
+
+    Mounted at "/" (so the schema stays at /openapi.json), that catch-all would answer every
+    unknown one-segment path (GET /foo) with an HTML page instead of our OpenAI error object.
+    """
+
+    def register(self, value: Any) -> list[Any]:
+        if getattr(value, "fn", None) is handle_schema_path_not_found:
+            return []
+        return super().register(value)
+
+
 class LoraforgeApp(Litestar):
     """Litestar plus one access-log line and request metrics for every HTTP request.
 
@@ -101,13 +115,15 @@ class LoraforgeApp(Litestar):
             await super().__call__(scope, receive, send_and_note_status)
         finally:
             seconds = time.perf_counter() - start
-            method = scope["method"]
+            method = method_label(scope["method"])
             # The route template ("/v1/files/{file_id}"), not the path, keeps the label set small.
             route = scope.get("path_template") or "unmatched"
             code = str(status or 500)  # no response started: the connection broke first
             self.metrics.http_requests.inc(method=method, route=route, status=code)
             self.metrics.http_request_duration.observe(seconds, method=method, route=route)
-            access_log.info("%s %s %s %.1fms", method, scope["path"], code, seconds * 1000)
+            access_log.info(
+                "%s %s %s %.1fms", scope["method"][:16], scope["path"], code, seconds * 1000
+            )
 
 
 def api_key_guard(api_key: str | None) -> Guard:
@@ -233,6 +249,7 @@ def create_app(
             version=_version(),
             summary="OpenAI-compatible serving and LoRA fine-tuning on MLX",
             path="/",  # -> /openapi.json, /openapi.yaml
+            openapi_router=_SchemaRouter("/", route_handlers=[], include_in_schema=False),
             render_plugins=[
                 SwaggerRenderPlugin(
                     path="/docs",

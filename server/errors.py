@@ -253,6 +253,14 @@ def handle_http_exception(
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    if isinstance(exc, RecursionError):  # msgspec decoding a body nested thousands deep
+        return error_response(
+            BadRequestError(
+                "The JSON body is nested too deeply to decode: flatten it (OpenAI requests nest "
+                "a few levels at most).",
+                code="invalid_json",
+            )
+        )
     # The traceback is for the operator's log only: it can name files, settings and data.
     log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(

@@ -20,6 +20,14 @@ M = TypeVar("M", bound="_Metric")
 
 # Seconds; covers a CPU-backend test model (slow) to a GPU prefix-cache hit (fast).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Label values come from closed sets: anyone can send `FOO /x`, and a label set per made-up
+# method would grow /metrics without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The `method` label of an HTTP request: its method if standard, else "other"."""
+    return method if method in HTTP_METHODS else "other"
 
 
 def _number(value: float) -> str:

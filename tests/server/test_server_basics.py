@@ -119,6 +119,24 @@ def test_metrics_count_requests_by_route_and_status(base_url):
     assert "loraforge_num_requests_running 0" in text
 
 
+def test_made_up_methods_do_not_grow_the_metrics(base_url):
+    before = len(httpx.get(f"{base_url}/metrics").text)
+    for i in range(300):
+        httpx.request(f"M{i}X", f"{base_url}/v1/models")
+    text = httpx.get(f"{base_url}/metrics").text
+    assert "M7X" not in text and 'method="other"' in text
+    assert len(text) < before + 4000  # one new label set for "other", not 300
+
+
+def test_json_nested_thousands_deep_is_400(base_url):
+    body = b"[" * 10_000 + b"]" * 10_000
+    r = httpx.post(
+        f"{base_url}/v1/completions", content=body, headers={"content-type": "application/json"}
+    )
+    error = assert_openai_error(r, 400)
+    assert "nested too deeply" in error["message"]
+
+
 def test_openapi_schema_describes_the_api(base_url):
     r = httpx.get(f"{base_url}/openapi.json")
     assert r.status_code == 200
@@ -144,6 +162,9 @@ def test_unknown_route_is_404_in_openai_shape(base_url):
     error = assert_openai_error(httpx.get(f"{base_url}/v1/nothing-here"), 404)
     assert error["type"] == "invalid_request_error"
     assert "GET /v1/nothing-here" in error["message"]
+    for path in ("/foo", "/foo/bar", "/openapi.txt"):  # outside /v1 too: JSON, never HTML
+        error = assert_openai_error(httpx.get(f"{base_url}{path}"), 404)
+        assert f"GET {path}" in error["message"]
 
 
 def test_wrong_method_is_405_in_openai_shape(base_url):

@@ -7,7 +7,7 @@ checked against the base model's shapes and stored once, in our format, under
 completion request is never read.
 
 The registry reaches the base model through a `BaseModelHost`: the server's `EngineClient`
-(MLX work on the engine thread, residency in its slots), or in a standalone job worker a
+(MLX work on the engine thread, eviction from its slots), or in a standalone job worker a
 `ConfigOnlyHost` that knows the model's id and shapes from its config.json alone.
 """
 

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from mlx_core.config import ModelArgs
+
 Mask = mx.array | str | None
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int) -> int:
+    """Bytes the keys and values of one token take in the cache, all layers together."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype_bytes
 
 
 class KVCache:

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -83,19 +84,18 @@ class _Prefill:
     pos: int = 0
 
 
-class AdapterSlots:
-    """What the engine needs from the multi-LoRA layers (implemented in lora.py)."""
+class SlotProvider(Protocol):
+    """What the engine needs from the multi-LoRA layers (`mlx_core.lora.slots.AdapterSlots`)."""
 
-    def acquire(
-        self, adapter: str
-    ) -> int | None:  # slot index, loading if needed; None: all pinned
-        raise NotImplementedError
+    def acquire(self, adapter_id: str) -> int | None:
+        """The adapter's slot index, loading it if needed; None while every slot is pinned."""
+        ...
 
-    def release(self, slot: int) -> None:
-        raise NotImplementedError
+    def release(self, slot: int) -> None: ...
 
-    def activate(self, slots: Sequence[int]) -> None:  # slot per batch row for the next forward
-        raise NotImplementedError
+    def activate(self, slots: Sequence[int]) -> None:
+        """The slot of each batch row for the next forward."""
+        ...
 
 
 class Engine:
@@ -110,7 +110,7 @@ class Engine:
         prefill_budget: int = 4096,
         kv_budget_tokens: int | None = None,
         prefix_cache_tokens: int = 32768,
-        adapter_slots: AdapterSlots | None = None,
+        adapter_slots: SlotProvider | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs = max_num_seqs
@@ -159,7 +159,7 @@ class Engine:
         try:
             req.params.validate(self.model.args.vocab_size)
         except ValueError as e:
-            raise EngineError(str(e)) from e
+            raise EngineError(str(e), kind="invalid_request") from e
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_core.cache import kv_bytes_per_token
 from mlx_core.config import ModelArgs, Quantization, load_config
 from mlx_core.errors import LoraforgeError
 from mlx_core.model import Mistral
@@ -60,6 +61,13 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+    def kv_tokens_in(self, budget_bytes: int) -> int:
+        """How many tokens' keys and values fit in `budget_bytes` of KV cache (rounded down)."""
+        # The cache holds activations, in the norms' dtype: quantized linears still compute in
+        # float, so the projection weights' dtype would say nothing about it.
+        dtype_bytes = self.model.model.norm.weight.dtype.size
+        return budget_bytes // kv_bytes_per_token(self.args, dtype_bytes)
 
 
 # -- the one layout -----------------------------------------------------------------------------

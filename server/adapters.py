@@ -5,6 +5,10 @@ way it is read with `mlx_core.lora.formats.load_adapter` (ours, mlx-lm, PEFT, th
 checked against the base model's shapes and stored once, in our format, under
 `<data_dir>/adapters/<id>/`. Requests name adapters only by registered name: a path in a
 completion request is never read.
+
+The registry reaches the base model through a `BaseModelHost`: the server's `EngineClient`
+(MLX work on the engine thread, eviction from its slots), or in a standalone job worker a
+`ConfigOnlyHost` that knows the model's id and shapes from its config.json alone.
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mlx_core.config import load_config
 from mlx_core.lora.formats import load_adapter, save_adapter
 from mlx_core.lora.layers import Adapter, AdapterError
 from server import db as dbm
 from server.db import Database
+from server.engine_client import ModelInfo
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.settings import Settings
 
@@ -35,6 +41,52 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Archives may not unpack to more than this many times their own size, nor hold too many files.
 MAX_EXPANSION = 20
 MAX_MEMBERS = 1000
+
+T = TypeVar("T")
+
+
+class BaseModelHost(Protocol):
+    """What the registry needs of the base model: its id and shapes (to check adapters against),
+    a place to run MLX work, and a way to evict an adapter from the engine, if there is one."""
+
+    @property
+    def ready(self) -> bool:
+        """True once `model` is known and adapters can be registered."""
+        ...
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The base model's id and shapes; None until it is loaded."""
+        ...
+
+    async def run_mlx(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (MLX work) where the model's MLX work runs and return its result."""
+        ...
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """Drop the adapter from the engine's slots (a no-op without an engine)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ConfigOnlyHost:
+    """The base model as a standalone job worker knows it, from its config.json alone: it has
+    no engine, yet registers fine-tunes validated against the same shapes as the server."""
+
+    model: ModelInfo
+    ready: bool = True
+
+    @classmethod
+    def read(cls, model_id: str, path: Path) -> ConfigOnlyHost:
+        """The host for the model folder at `path` (raises if its config.json is missing)."""
+        args = load_config(path)
+        return cls(ModelInfo(model_id, args, args.max_context))
+
+    async def run_mlx(self, fn: Callable[[], T]) -> T:
+        return fn()  # no engine thread to share MLX with: run it here
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        return None  # nothing is ever resident without an engine
 
 
 @dataclass(frozen=True)
@@ -71,9 +123,14 @@ class AdapterInfo:
 
 
 class AdapterRegistry:
-    def __init__(self, settings: Settings, db: Database) -> None:
+    """Registered adapters: validated against `host`'s base model, stored in our format.
+
+    `host` may be set after construction: the server's EngineClient needs the registry's
+    `load_for_engine` before it exists. Without a host nothing can be registered."""
+
+    def __init__(self, settings: Settings, db: Database, host: BaseModelHost | None = None) -> None:
         self.settings, self.db = settings, db
-        self.engine_service = None  # set by the app once the service exists
+        self.host = host
 
     # -- lookups ----------------------------------------------------------------------------------
     def path_of(self, adapter_id: str) -> Path:
@@ -136,20 +193,21 @@ class AdapterRegistry:
                 param="name",
                 code="adapter_exists",
             )
-        service = self.engine_service
-        if service is None or service.loaded is None:
+        host = self.host
+        model = host.model if host is not None else None
+        if host is None or model is None:
             raise BadRequestError("the base model is not loaded yet: retry shortly")
         adapter_id = dbm.new_id("lora")
         dest = self.settings.adapters_dir / adapter_id
         # MLX work (reading, checking, writing the weights) runs where the model's other MLX
         # work runs: on the engine thread, when this process has one.
-        adapter = await _on_engine(service, lambda: self._store(src, dest, service))
+        adapter = await host.run_mlx(lambda: self._store(src, dest, model))
         row = dbm.Adapter(
             id=adapter_id,
             name=name,
             path=str(dest),
             source_format=adapter.source_format or "loraforge",
-            base_model=service.model_id,
+            base_model=model.id,
             rank=adapter.rank,
             targets=list(adapter.targets),
             alpha=float(
@@ -176,8 +234,8 @@ class AdapterRegistry:
             await self._forget(old)
         return AdapterInfo.of(row)
 
-    def _store(self, src: Path, dest: Path, service) -> Adapter:
-        args = service.loaded.args
+    def _store(self, src: Path, dest: Path, model: ModelInfo) -> Adapter:
+        args = model.args
         try:
             adapter = load_adapter(src, args)
             adapter.check_fits(args)
@@ -192,7 +250,7 @@ class AdapterRegistry:
                 param="lora_path",
                 code="invalid_adapter",
             )
-        save_adapter(dest, adapter, base_model=service.model_id)
+        save_adapter(dest, adapter, base_model=model.id)
         return adapter
 
     async def unregister(self, name: str) -> AdapterInfo:
@@ -207,10 +265,9 @@ class AdapterRegistry:
         return AdapterInfo.of(row)
 
     async def _forget(self, row: dbm.Adapter) -> None:
-        service = self.engine_service
-        if service is not None and getattr(service, "slots", None) is not None:
+        if self.host is not None:
             # Requests in flight keep the resident copy until they finish.
-            await service.run_on_engine(lambda: _unload(service, row.id))
+            await self.host.unload_adapter(row.id)
         shutil.rmtree(row.path, ignore_errors=True)
 
     def _inside_data_dir(self, path: str) -> Path:
@@ -229,18 +286,6 @@ class AdapterRegistry:
                 f"{path} does not exist under {data}", param="lora_path", code="path_not_found"
             )
         return candidate
-
-
-async def _on_engine(service, fn):
-    run = getattr(service, "run_on_engine", None)
-    return (
-        await run(fn) if run is not None and getattr(service, "engine", None) is not None else fn()
-    )
-
-
-def _unload(service, adapter_id: str) -> None:
-    service.slots.unload(adapter_id)
-    service.engine.prefix_cache.clear(adapter_id)
 
 
 def _by_name(s: Session, name: str) -> dbm.Adapter | None:
@@ -280,7 +325,7 @@ class _Member:
     name: str
     size: int
     kind: str  # "file" | "dir" | "other" (links, devices: refused)
-    open: Callable[[], BinaryIO]
+    open: Callable[[], IO[bytes]]
 
 
 def _members(archive: Path, stack: ExitStack) -> list[_Member]:
@@ -292,18 +337,27 @@ def _members(archive: Path, stack: ExitStack) -> list[_Member]:
                 return "other"  # a symlink stored in the zip
             return "dir" if m.is_dir() else "file"
 
-        return [
-            _Member(m.filename, m.file_size, zip_kind(m), lambda m=m: z.open(m))
-            for m in z.infolist()
-        ]
+        def zip_opener(m: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
+            return lambda: z.open(m)
+
+        return [_Member(m.filename, m.file_size, zip_kind(m), zip_opener(m)) for m in z.infolist()]
     if tarfile.is_tarfile(archive):
         t = stack.enter_context(tarfile.open(archive))
+
+        def tar_opener(m: tarfile.TarInfo) -> Callable[[], IO[bytes]]:
+            def open_member() -> IO[bytes]:
+                f = t.extractfile(m)
+                assert f is not None  # only regular files ("file") are ever opened
+                return f
+
+            return open_member
+
         return [
             _Member(
                 m.name,
                 m.size,
                 "file" if m.isfile() else "dir" if m.isdir() else "other",
-                lambda m=m: t.extractfile(m),
+                tar_opener(m),
             )
             for m in t.getmembers()
         ]

@@ -1,9 +1,9 @@
 """The Litestar app: `create_app(settings)` builds it, `run_server(settings)` serves it.
 
 Startup (lifespan): create the data folders, apply database migrations, then start the engine
-service and any other services (e.g. the job worker) in order; shutdown stops them in reverse.
-Routes get `settings`, `db` (server.db.Database), `metrics` and `engine_service` injected, never
-from globals. `/v1/*` and the legacy unversioned `/fine-tunes*` require the API key when one is
+client and any other services (e.g. the job worker) in order; shutdown stops them in reverse.
+Routes get `settings`, `db` (server.db.Database), `metrics` and `engine` (the EngineClient)
+injected, never from globals. `/v1/*` and the legacy unversioned `/fine-tunes*` require the API key when one is
 set; `/health`, `/ready`, `/metrics` and the API description (`/openapi.json`, `/docs`) are
 public: they hold no user data.
 """
@@ -28,10 +28,11 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
-from litestar.types import ASGIApp, Guard, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Guard, HTTPScope, Message, Receive, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from server.db import Database, upgrade_database
+from server.engine_client import EngineClient
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
 from server.metrics import Metrics, method_label
 from server.routes import Injected, route_handlers
@@ -39,7 +40,7 @@ from server.schemas.common import HealthStatus
 from server.settings import Settings
 from server.uploads import MULTIPART_SLACK_BYTES
 
-if TYPE_CHECKING:  # the registry imports the engine side; the app only passes it through
+if TYPE_CHECKING:  # the app only passes the registry through to the routes
     from server.adapters import AdapterRegistry
 
 log = logging.getLogger("loraforge.app")
@@ -62,13 +63,6 @@ class Service(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-
-
-class EngineService(Service, Protocol):
-    @property
-    def ready(self) -> bool:
-        """True once the model is loaded and requests can be served."""
-        ...
 
 
 class _SchemaRouter(Router):
@@ -101,7 +95,7 @@ class LoraforgeApp(Litestar):
             return
         await self._logged(scope, receive, send)
 
-    async def _logged(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _logged(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 0
 
@@ -159,15 +153,15 @@ def health() -> HealthStatus:
 
 
 @get("/ready", tags=["service"])
-async def ready(engine_service: Injected[EngineService | None]) -> HealthStatus:
+async def ready(engine: Injected[EngineClient | None]) -> HealthStatus:
     """200 once the model is loaded and requests can be served, else 503 (readiness)."""
-    if engine_service is None:
+    if engine is None:
         raise ServiceUnavailableError(
             "This server runs without a model engine, so it cannot serve completions. Start it "
             "with `loraforge serve` (optionally --model PATH).",
             code="engine_not_started",
         )
-    engine_service.require_ready()  # the same 503 (failed, or still loading) requests get
+    engine.require_ready()  # the same 503 (failed, or still loading) requests get
     return HealthStatus("ready")
 
 
@@ -187,12 +181,12 @@ def _version() -> str:
 def create_app(
     settings: Settings,
     *,
-    engine_service: EngineService | None = None,
+    engine: EngineClient | None = None,
     services: Sequence[Service] = (),
     metrics: Metrics | None = None,
     adapter_registry: AdapterRegistry | None = None,
 ) -> Litestar:
-    """The app for `settings`. `engine_service` (None: no model, /ready says 503) and
+    """The app for `settings`. `engine` (None: no model, /ready says 503) and
     `services` are started in order after migrations and stopped in reverse on shutdown;
     pass `metrics` to share one Metrics object with them. `adapter_registry` is injected into
     routes as is (the adapter and model routes need it)."""
@@ -205,7 +199,7 @@ def create_app(
         await anyio.to_thread.run_sync(upgrade_database, settings.database_url)
         started: list[Service] = []
         try:
-            for service in [engine_service, *services]:
+            for service in [engine, *services]:
                 if service is not None:
                     await service.start()
                     started.append(service)
@@ -236,7 +230,7 @@ def create_app(
             "settings": constant(settings),
             "db": constant(db),
             "metrics": constant(metrics),
-            "engine_service": constant(engine_service),
+            "engine": constant(engine),
             "adapter_registry": constant(adapter_registry),
         },
         guards=[api_key_guard(settings.api_key)],
@@ -307,7 +301,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicor
 def run_server(
     settings: Settings,
     *,
-    engine_service: EngineService | None = None,
+    engine: EngineClient | None = None,
     services: Sequence[Service] = (),
     metrics: Metrics | None = None,
     adapter_registry: AdapterRegistry | None = None,
@@ -315,7 +309,7 @@ def run_server(
     """Serve until SIGINT/SIGTERM; in-flight requests get GRACEFUL_SHUTDOWN_S to finish."""
     app = create_app(
         settings,
-        engine_service=engine_service,
+        engine=engine,
         services=services,
         metrics=metrics,
         adapter_registry=adapter_registry,

@@ -1,9 +1,12 @@
-"""The bridge between async HTTP handlers and the one engine thread that owns the model.
+"""The server's one way to the engine: `EngineClient`, in the spirit of vLLM's.
 
-Handlers call `EngineService.generate(requests)` and iterate the outputs as they come; the engine
-thread runs `Engine.step()` in a loop and hands each step's outputs to the right request's asyncio
-queue. A handler that stops iterating (the client went away) aborts its requests, which frees
-their batch slots at the next step.
+It loads the model at startup and runs `Engine.step()` in a loop on the one engine thread that
+owns all MLX state; handlers call `generate(requests)` and iterate the outputs as they come, each
+step's outputs handed to the right request's asyncio queue. A handler that stops iterating (the
+client went away) aborts its requests, which frees their batch slots at the next step. Scoring a
+prompt and adapter work (storing, unloading) run on the engine thread too, between two steps.
+Nothing else in the server touches the engine, its cache or the model's tensors; engine refusals
+come back as the HTTP errors their `EngineError.kind` calls for.
 """
 
 from __future__ import annotations
@@ -15,20 +18,37 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio.to_thread
 
-from mlx_core.engine import Engine, EngineError, GenerationOutput, GenerationRequest
+from mlx_core.config import ModelArgs
+from mlx_core.demo import resolve_model_path
+from mlx_core.engine import Engine, EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 from mlx_core.lora.layers import Adapter
 from mlx_core.lora.slots import AdapterSlots
+from mlx_core.tokenizer import Tokenizer
 from mlx_core.weights import LoadedModel, load_model
-from server.errors import BadRequestError, RateLimitError, ServiceUnavailableError
+from server.errors import APIError, BadRequestError, RateLimitError, ServiceUnavailableError
 from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("loraforge.scheduler")
 
+T = TypeVar("T")
+
 _IDLE_WAIT_S = 0.5
+# A positive --prefix-cache-mb smaller than one prefix block still caches one block (16 tokens).
+_PREFIX_BLOCK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served base model as routes and the adapter registry see it: id and shapes."""
+
+    id: str  # what clients send as `model`
+    args: ModelArgs  # shapes adapters are checked against
+    max_model_len: int  # prompt + completion tokens one request may use
 
 
 @dataclass
@@ -40,8 +60,9 @@ class _Stream:
     first_token: float | None = None
 
 
-class EngineService:
-    """Loads the model at startup and serves generation requests from a dedicated thread."""
+class EngineClient:
+    """Loads the model at startup and serves generation, scoring and adapter work from the
+    engine thread; everything the server asks of the engine goes through these methods."""
 
     def __init__(
         self,
@@ -49,96 +70,98 @@ class EngineService:
         metrics: Metrics,
         adapter_loader: Callable[[str], Adapter] | None = None,
     ) -> None:
-        self.settings, self.metrics = settings, metrics
-        self.adapter_loader = adapter_loader
-        self.loaded: LoadedModel | None = None
-        self.engine: Engine | None = None
-        self.slots: AdapterSlots | None = None
-        self.model_id = settings.served_model_name or ""
+        self._settings, self._metrics = settings, metrics
+        self._adapter_loader = adapter_loader
+        self._loaded: LoadedModel | None = None
+        self._engine: Engine | None = None
+        self._slots: AdapterSlots | None = None
+        self._model: ModelInfo | None = None
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        self._loaded = threading.Event()
-        self.load_error: Exception | None = None
-        self.started_at = int(time.time())
+        self._load_done = threading.Event()
+        self._load_error: Exception | None = None
+        self._started_at = int(time.time())
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self._stopping
+        """True once the model is loaded and requests can be served (False again on shutdown)."""
+        return self._engine is not None and not self._stopping
+
+    @property
+    def load_error(self) -> Exception | None:
+        """Why the model failed to load; None while loading or once loaded."""
+        return self._load_error
 
     async def start(self) -> None:
         """Load the model and start the engine thread in the background: /health answers at
         once, /ready and completions wait for `ready`. `wait_ready()` waits for it."""
-        self.started_at = int(time.time())
+        self._started_at = int(time.time())
         self._thread = threading.Thread(
             target=self._load_and_run, name="loraforge-engine", daemon=True
         )
         self._thread.start()
-        metrics = self.metrics
-        metrics.running_requests.set_function(lambda: self.engine.num_running if self.engine else 0)
+        metrics = self._metrics
+        metrics.running_requests.set_function(
+            lambda: self._engine.num_running if self._engine else 0
+        )
         metrics.waiting_requests.set_function(self._waiting)
 
     def _load_and_run(self) -> None:
         try:
             self._load()
         except Exception as e:
-            self.load_error = e
+            self._load_error = e
             log.error("cannot load the model: %s", e)
-            self._loaded.set()
+            self._load_done.set()
             return
-        self._loaded.set()
+        self._load_done.set()
         self._run()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the model is loaded; raise its load error if loading failed."""
-        await anyio.to_thread.run_sync(self._loaded.wait, timeout)
-        if self.load_error is not None:
-            raise self.load_error
+        await anyio.to_thread.run_sync(self._load_done.wait, timeout)
+        if self._load_error is not None:
+            raise self._load_error
 
     def _load(self) -> None:
-        from server.cli.model import resolve_model_path
-
-        path = resolve_model_path(self.settings.model)
-        self.loaded = load_model(path)
-        self.model_id = self.settings.base_model_id()
-        s = self.settings
-        if self.adapter_loader is not None:
-            self.slots = AdapterSlots(
-                self.loaded.model, s.max_loaded_adapters, s.max_lora_rank, self.adapter_loader
+        s = self._settings
+        path = resolve_model_path(s.model)
+        loaded = load_model(path)
+        if self._adapter_loader is not None:
+            self._slots = AdapterSlots(
+                loaded.model, s.max_loaded_adapters, s.max_lora_rank, self._adapter_loader
             )
-        args = self.loaded.args
         kv_tokens = None
         if s.kv_cache_memory_gb:
-            per_token = (
-                2 * args.n_layers * args.n_kv_heads * args.head_dim * _dtype_bytes(self.loaded)
-            )
-            kv_tokens = int(s.kv_cache_memory_gb * 1e9 / per_token)
-        block = 16
+            kv_tokens = loaded.kv_tokens_in(int(s.kv_cache_memory_gb * 1e9))
         prefix_tokens = 0
         if s.prefix_cache_mb:
-            per_token = (
-                2 * args.n_layers * args.n_kv_heads * args.head_dim * _dtype_bytes(self.loaded)
+            prefix_tokens = max(
+                _PREFIX_BLOCK_TOKENS, loaded.kv_tokens_in(int(s.prefix_cache_mb * 2**20))
             )
-            prefix_tokens = max(block, int(s.prefix_cache_mb * 2**20 / per_token))
-        self.engine = Engine(
-            self.loaded.model,
-            self.loaded.tokenizer,
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
             max_num_seqs=s.max_num_seqs,
             max_model_len=s.max_model_len,
             kv_budget_tokens=kv_tokens,
             prefix_cache_tokens=prefix_tokens,
-            adapter_slots=self.slots,
+            adapter_slots=self._slots,
         )
+        self._loaded = loaded
+        self._model = ModelInfo(self.model_id, loaded.args, engine.max_model_len)
+        self._engine = engine  # last: `ready` turns True with everything above in place
         log.info(
             "serving %s from %s (%s, max context %d)",
             self.model_id,
             path,
-            self.loaded.source_format,
-            self.engine.max_model_len,
+            loaded.source_format,
+            engine.max_model_len,
         )
 
     async def stop(self) -> None:
@@ -150,11 +173,12 @@ class EngineService:
     def _waiting(self) -> float:
         with self._lock:
             n = len(self._streams)
-        return max(0, n - (self.engine.num_running if self.engine else 0))
+        return max(0, n - (self._engine.num_running if self._engine else 0))
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        engine = self.engine
+        engine = self._engine
+        assert engine is not None  # _load set it before the loop starts
         while not (self._stopping and not self._streams):
             if not engine.has_work():
                 self._wake.wait(_IDLE_WAIT_S)
@@ -164,7 +188,7 @@ class EngineService:
                 outs = engine.step()
             except Exception as e:  # a bug must not take the service down: fail what was running
                 log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(e)
+                self._fail_all(engine, e)
                 continue
             self._deliver(outs)
 
@@ -177,35 +201,75 @@ class EngineService:
                 continue
             if stream.first_token is None and out.tokens:
                 stream.first_token = now
-                self.metrics.time_to_first_token.observe(now - stream.submitted)
-            self.metrics.generation_tokens.inc(len(out.tokens), model=self.model_id)
+                self._metrics.time_to_first_token.observe(now - stream.submitted)
+            self._metrics.generation_tokens.inc(len(out.tokens), model=self.model_id)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, engine: Engine, error: Exception) -> None:
         with self._lock:
             streams = list(self._streams.values())
-        self.engine.reset()
+        engine.reset()
         for s in streams:
             s.loop.call_soon_threadsafe(s.queue.put_nowait, error)
 
-    # -- called from request handlers --------------------------------------------------------------
-    def new_request_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}-{time.monotonic_ns():x}"
+    async def _run_on_engine(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between two steps and wait for its result."""
+        engine = self._require_engine()
+        fut = engine.call(fn)
+        self._wake.set()
+        return await asyncio.wrap_future(fut)  # type: ignore[return-value]  # Future is untyped
 
-    def require_ready(self) -> None:
-        """Raise the 503 that explains why requests cannot be served yet (or at all)."""
+    def _require_engine(self) -> Engine:
+        self.require_ready()
+        assert self._engine is not None  # require_ready raised otherwise
+        return self._engine
+
+    # -- the model ---------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        """The id the base model is served as, known before it loads."""
+        return self._settings.base_model_id()
+
+    @property
+    def started_at(self) -> int:
+        """Unix time the server started (the base model's `created` in /v1/models)."""
+        return self._started_at
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The served model's id, shapes and context limit; None until it is loaded."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (encode, decode, chat template); the 503 of `require_ready()`
+        until the model is loaded."""
+        if self._loaded is None:
+            self.require_ready()
+        assert self._loaded is not None  # require_ready raised otherwise
+        return self._loaded.tokenizer
+
+    def require_ready(self) -> ModelInfo:
+        """The served model; raises the 503 that explains why requests cannot be served yet (or
+        at all)."""
         if self.load_error is not None:
             raise ServiceUnavailableError(
                 f"the model failed to load ({self.load_error}): restart the "
                 "server with a working --model",
                 code="model_load_failed",
             )
-        if not self.ready:
+        model = self.model
+        if not self.ready or model is None:
             raise ServiceUnavailableError(
                 "the model is not loaded yet (or the server is shutting down): retry shortly",
                 retry_after_s=5,
                 code="model_loading",
             )
+        return model
+
+    # -- generation --------------------------------------------------------------------------------
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}-{time.monotonic_ns():x}"
 
     def generate(
         self, requests: Sequence[GenerationRequest]
@@ -213,18 +277,13 @@ class EngineService:
         """Submit requests together (errors raise here, before any response is started) and
         return an async iterator of (index in `requests`, output) until all finish. Closing the
         iterator early aborts what is still running."""
-        self.require_ready()
-        s = self.settings
+        engine = self._require_engine()
+        s = self._settings
         for r in requests:
             try:
-                self.engine.check_request(r)
+                engine.check_request(r)
             except EngineError as e:
-                too_long = "context length" in str(e)
-                raise BadRequestError(
-                    str(e),
-                    param="max_tokens" if too_long else "prompt",
-                    code="context_length_exceeded" if too_long else None,
-                ) from e
+                raise _api_error(e) from e
         capacity = s.max_num_seqs + s.max_queue
         if len(requests) > capacity:
             raise BadRequestError(
@@ -233,7 +292,7 @@ class EngineService:
                 "fewer prompts per request",
                 param="n",
             )
-        budget = self.engine.kv_budget_tokens
+        budget = engine.kv_budget_tokens
         need = sum(len(r.prompt) + r.params.max_tokens for r in requests)
         if budget and need > budget:
             raise BadRequestError(
@@ -253,13 +312,15 @@ class EngineService:
                 )
             for i, r in enumerate(requests):
                 self._streams[r.request_id] = _Stream(loop, queue, i, now)
-        self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests), model=self.model_id)
+        self._metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests), model=self.model_id)
         for r in requests:
-            self.engine.add_request(r)
+            engine.add_request(r)
         self._wake.set()
-        return self._outputs(requests, queue)
+        return self._outputs(engine, requests, queue)
 
-    async def _outputs(self, requests: Sequence[GenerationRequest], queue: asyncio.Queue):
+    async def _outputs(
+        self, engine: Engine, requests: Sequence[GenerationRequest], queue: asyncio.Queue
+    ) -> AsyncIterator[tuple[int, GenerationOutput]]:
         index = {r.request_id: i for i, r in enumerate(requests)}
         pending = set(index)
         try:
@@ -274,18 +335,63 @@ class EngineService:
                 yield index[out.request_id], out
         finally:
             for rid in pending:  # the client left early: free the slots now
-                self.engine.abort(rid)
+                engine.abort(rid)
             self._wake.set()
             with self._lock:
                 for r in requests:
                     self._streams.pop(r.request_id, None)
 
-    async def run_on_engine(self, fn: Callable[[], object]) -> object:
-        """Run `fn` on the engine thread (adapter loading, prompt scoring) and wait for it."""
-        fut = self.engine.call(fn)
-        self._wake.set()
-        return await asyncio.wrap_future(fut)
+    def abort(self, request_id: str) -> None:
+        """End a request at the next step (its stream gets finish_reason "abort")."""
+        if self._engine is not None:
+            self._engine.abort(request_id)
+            self._wake.set()
+
+    async def score_prompt(
+        self, tokens: list[int], top: int, adapter: str | None = None
+    ) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the ones before it (None for the first) and its
+        `top` alternatives, under `adapter` (an id resident-able in the slots) or the base."""
+        engine = self._require_engine()
+        try:
+            return await self._run_on_engine(lambda: engine.score_prompt(tokens, top, adapter))
+        except EngineError as e:
+            raise _api_error(e) from e
+
+    # -- adapters ----------------------------------------------------------------------------------
+    async def run_mlx(self, fn: Callable[[], T]) -> T:
+        """Run MLX work (reading, checking, writing adapter weights) on the engine thread, where
+        all the model's other MLX work runs, and wait for its result."""
+        return await self._run_on_engine(fn)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """Drop the adapter from its slot and its prompts from the prefix cache; requests in
+        flight keep the resident copy until they finish. Nothing to do before the model loads."""
+        slots, engine = self._slots, self._engine
+        if slots is None or engine is None:
+            return
+
+        def unload() -> None:
+            slots.unload(adapter_id)
+            engine.prefix_cache.clear(adapter_id)
+
+        await self._run_on_engine(unload)
+
+    def is_resident(self, adapter_id: str) -> bool:
+        """True while the adapter's weights sit in one of the engine's slots."""
+        return adapter_id in self.resident_adapters()
+
+    def resident_adapters(self) -> list[str]:
+        """Ids of the adapters loaded in the engine's slots."""
+        return self._slots.resident() if self._slots is not None else []
 
 
-def _dtype_bytes(loaded: LoadedModel) -> int:
-    return loaded.model.model.norm.weight.dtype.size
+def _api_error(e: EngineError) -> APIError:
+    """The HTTP error for a request the engine refused, chosen by its kind (not its message)."""
+    if e.kind == "busy":
+        return RateLimitError(str(e), retry_after_s=1)
+    if e.kind == "context_length":
+        return BadRequestError(
+            str(e), param=e.param or "max_tokens", code="context_length_exceeded"
+        )
+    return BadRequestError(str(e), param=e.param)

@@ -4,7 +4,7 @@ A small own implementation (counters, gauges, histograms with labels) instead of
 prometheus-client: it is all this service needs, and one `Metrics` object per app keeps two apps
 in one process (tests) from sharing counts through a global registry. The app creates it (or
 takes the one given to `create_app`) and routes receive it by dependency injection as `metrics`;
-the engine service can be handed the same object to report batch size, queue depth and time to
+the engine client can be handed the same object to report batch size, queue depth and time to
 first token. Updates are thread-safe: the engine thread may record while the loop renders.
 """
 

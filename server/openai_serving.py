@@ -6,7 +6,7 @@ The routes stay thin: they call `complete()` / `chat()` here with the decoded re
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -17,7 +17,7 @@ from mlx_core.sampling import SamplingParams
 from mlx_core.tokenizer import ChatMessage as EngineChatMessage
 from mlx_core.tokenizer import Tokenizer
 from server.adapters import AdapterRegistry
-from server.engine_client import EngineService
+from server.engine_client import EngineClient
 from server.errors import BadRequestError
 from server.schemas.chat import (
     ChatChoice,
@@ -159,9 +159,10 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], st
     return out
 
 
-async def complete(req: CompletionRequest, service: EngineService, registry: AdapterRegistry):
+async def complete(req: CompletionRequest, engine: EngineClient, registry: AdapterRegistry):
     reject_unsupported(req)
-    tok = service.loaded.tokenizer
+    model = engine.require_ready()
+    tok = engine.tokenizer
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise BadRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
     stops, bias = _check_common(
@@ -174,12 +175,12 @@ async def complete(req: CompletionRequest, service: EngineService, registry: Ada
         req.logit_bias,
         tok.vocab_size,
     )
-    adapter = await registry.resolve(req.model, service.model_id)
+    adapter = await registry.resolve(req.model, model.id)
     adapter_id = adapter.id if adapter else None
     prompts = _prompts(req, tok)
-    limit = service.engine.max_model_len
+    limit = model.max_model_len
     requests, echoes = [], []
-    rid = service.new_request_id("cmpl")
+    rid = engine.new_request_id("cmpl")
     for i, (ids, text) in enumerate(prompts):
         for j in range(req.n):
             params = SamplingParams(
@@ -199,13 +200,8 @@ async def complete(req: CompletionRequest, service: EngineService, registry: Ada
     prompt_scores: dict[int, tuple[list[int], list[TokenLogprob | None]]] = {}
     if req.echo and req.logprobs is not None:
         for i, (ids, _) in enumerate(prompts):
-            prompt_scores[i] = (
-                ids,
-                await service.run_on_engine(
-                    lambda ids=ids: service.engine.score_prompt(ids, req.logprobs, adapter_id)
-                ),
-            )
-    outputs = service.generate(requests)
+            prompt_scores[i] = (ids, await engine.score_prompt(ids, req.logprobs, adapter_id))
+    outputs = engine.generate(requests)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -284,7 +280,7 @@ async def _completion_chunks(
     prompt_scores,
     include_usage: bool,
     n_prompts: int,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     choices = [_Choice() for _ in echoes]
     started = [False] * len(echoes)
     async for idx, out in outputs:
@@ -346,9 +342,10 @@ def _chat_messages(req: ChatCompletionRequest) -> list[EngineChatMessage]:
     return out
 
 
-async def chat(req: ChatCompletionRequest, service: EngineService, registry: AdapterRegistry):
+async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: AdapterRegistry):
     reject_unsupported(req)
-    tok = service.loaded.tokenizer
+    model = engine.require_ready()
+    tok = engine.tokenizer
     top = None
     if req.logprobs:
         top = req.top_logprobs or 0
@@ -374,14 +371,14 @@ async def chat(req: ChatCompletionRequest, service: EngineService, registry: Ada
         ids = tok.encode_chat(_chat_messages(req))
     except ValueError as e:
         raise BadRequestError(str(e), param="messages") from e
-    adapter = await registry.resolve(req.model, service.model_id)
+    adapter = await registry.resolve(req.model, model.id)
     adapter_id = adapter.id if adapter else None
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = _max_tokens(requested, len(ids), service.engine.max_model_len, param)
-    rid = service.new_request_id("chatcmpl")
+    max_tokens = _max_tokens(requested, len(ids), model.max_model_len, param)
+    rid = engine.new_request_id("chatcmpl")
     requests = [
         GenerationRequest(
             f"{rid}-{j}",
@@ -402,7 +399,7 @@ async def chat(req: ChatCompletionRequest, service: EngineService, registry: Ada
         )
         for j in range(req.n)
     ]
-    outputs = service.generate(requests)
+    outputs = engine.generate(requests)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -446,7 +443,7 @@ async def _chat_chunks(
     req: ChatCompletionRequest,
     tok: Tokenizer,
     include_usage: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     n = req.n
     for j in range(n):  # OpenAI opens every choice with the role
         yield _event(
@@ -487,7 +484,7 @@ def _event(obj) -> bytes:
     return b"data: " + _encoder.encode(obj) + b"\n\n"
 
 
-def _sse(chunks: AsyncIterator[bytes]) -> Stream:
+def _sse(chunks: AsyncGenerator[bytes, None]) -> Stream:
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:

@@ -19,7 +19,8 @@ from typing import Any
 import uvicorn
 from litestar.types import ASGIApp
 
-from server.app import EngineService, Service, create_app, uvicorn_config
+from server.app import Service, create_app, uvicorn_config
+from server.engine_client import EngineClient
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -27,7 +28,7 @@ from server.settings import Settings
 @contextmanager
 def start_server(
     settings: Settings,
-    engine_service: EngineService | None = None,
+    engine: EngineClient | None = None,
     *,
     services: Sequence[Service] = (),
     metrics: Metrics | None = None,
@@ -37,7 +38,7 @@ def start_server(
     """Serve `create_app(settings, ...)` and yield its base URL, e.g. http://127.0.0.1:40123."""
     app = create_app(
         settings,
-        engine_service=engine_service,
+        engine=engine,
         services=services,
         metrics=metrics,
         adapter_registry=adapter_registry,
@@ -82,7 +83,7 @@ def start_model_server(
     settings: Settings, ready_timeout_s: float = 120.0
 ) -> Iterator[tuple[str, Any]]:
     """`loraforge serve` in-process: engine, adapter registry and worker as the CLI wires them.
-    Yields (base URL, the EngineService) once the model is loaded."""
+    Yields (base URL, the EngineClient) once the model is loaded."""
     import anyio
 
     from server.cli.serve import build_services

@@ -36,3 +36,11 @@ def default_model_path() -> Path:
             "`python -m mlx_core.demo.build`, or pass --model PATH to another model folder"
         )
     return folder
+
+
+def resolve_model_path(path: str | None) -> str:
+    """The model folder to load: `path` when given, else the embedded demo model's folder (which
+    raises DemoModelMissingError when its files are missing)."""
+    if path:
+        return path
+    return str(default_model_path())

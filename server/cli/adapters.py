@@ -50,8 +50,8 @@ def default_adapter_path() -> str:
 
 
 def run_fuse(ns: argparse.Namespace) -> int:
+    from mlx_core.demo import resolve_model_path
     from mlx_core.lora.fuse import fuse
-    from server.cli.model import resolve_model_path
 
     out = fuse(
         resolve_model_path(ns.model),

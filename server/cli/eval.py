@@ -176,7 +176,7 @@ def run_eval(ns: argparse.Namespace) -> int:
 
 
 def _model_path(path: str | None) -> str:
-    from server.cli.model import resolve_model_path
+    from mlx_core.demo import resolve_model_path
 
     try:
         return resolve_model_path(path)

@@ -39,16 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(run=run_convert)
 
 
-def resolve_model_path(path: str | None) -> str:
-    """The model folder to load: the given path, else the embedded demo model."""
-    if path:
-        return path
-    from mlx_core.demo import default_model_path
-
-    return str(default_model_path())
-
-
 def run_generate(ns: argparse.Namespace) -> int:
+    from mlx_core.demo import resolve_model_path
     from mlx_core.engine import Engine, timed_generate
     from mlx_core.sampling import SamplingParams
     from mlx_core.tokenizer import ChatMessage

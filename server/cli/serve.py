@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from server.settings import Settings
+
+if TYPE_CHECKING:  # the engine side is imported only when a server is built
+    from server.adapters import AdapterRegistry
+    from server.app import Service
+    from server.engine_client import EngineClient
+    from server.metrics import Metrics
 
 SERVE_SETTINGS = None  # every setting is a serve flag
 
@@ -21,32 +28,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.set_defaults(run=run_db_upgrade, needs_mlx=False)
 
 
-def build_services(settings: Settings):
-    """The engine service, adapter registry and (optionally) the job worker for one server."""
+def build_services(
+    settings: Settings,
+) -> tuple[Metrics, AdapterRegistry, EngineClient, list[Service]]:
+    """The engine client, adapter registry and (optionally) the job worker for one server."""
     from server.adapters import AdapterRegistry
     from server.db import Database
-    from server.engine_client import EngineService
+    from server.engine_client import EngineClient
     from server.metrics import Metrics
 
     metrics = Metrics()
     registry = AdapterRegistry(settings, Database.open(settings.database_url))
-    engine = EngineService(settings, metrics, adapter_loader=registry.load_for_engine)
-    registry.engine_service = engine
-    services = []
+    # The engine loads adapters through the registry, and the registry validates them against
+    # the engine's model: construct one, then point the other at it.
+    engine = EngineClient(settings, metrics, adapter_loader=registry.load_for_engine)
+    registry.host = engine
+    services: list[Service] = []
     if settings.start_worker and settings.max_concurrent_jobs > 0:
-        try:
-            from server.jobs.worker import JobWorker
-        except ImportError:
-            JobWorker = None
-        if JobWorker is not None:
-            services.append(JobWorker(settings, registry=registry))
+        from server.jobs.worker import JobWorker
+
+        services.append(JobWorker(settings, registry=registry))
     return metrics, registry, engine, services
 
 
 def run_serve(ns: argparse.Namespace) -> int:
+    from mlx_core.demo import resolve_model_path
     from mlx_core.weights import check_model_folder
     from server.app import run_server
-    from server.cli.model import resolve_model_path
 
     settings = Settings.from_args(ns)
     # Fail now, in one line, rather than serve 503s for a model that can never load.
@@ -54,7 +62,7 @@ def run_serve(ns: argparse.Namespace) -> int:
     metrics, registry, engine, services = build_services(settings)
     run_server(
         settings,
-        engine_service=engine,
+        engine=engine,
         services=services,
         metrics=metrics,
         adapter_registry=registry,

@@ -176,8 +176,8 @@ def _config_from(ns: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(ns: argparse.Namespace) -> int:
+    from mlx_core.demo import resolve_model_path
     from mlx_core.train.loop import train
-    from server.cli.model import resolve_model_path
 
     config = _config_from(ns)
     result = train(resolve_model_path(ns.model), ns.data, config)
@@ -203,11 +203,11 @@ def _report_test(loaded, data: str, config: TrainConfig, test_batches: int) -> N
 
 
 def run_lora(ns: argparse.Namespace) -> int:
+    from mlx_core.demo import resolve_model_path
     from mlx_core.lora.formats import load_adapter
     from mlx_core.lora.layers import apply_lora, load_adapter_into
     from mlx_core.train.loop import train
     from mlx_core.weights import load_model
-    from server.cli.model import resolve_model_path
 
     adapter_file = Path(ns.adapter_file)
     config = TrainConfig(

@@ -29,7 +29,6 @@ import sys
 import tarfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,7 +61,6 @@ from server.jobs.queue import (
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine side, loaded only by the worker
-    from mlx_core.config import ModelArgs
     from server.adapters import AdapterRegistry
 
 log = logging.getLogger("loraforge.jobs")
@@ -77,28 +75,12 @@ STOP_GRACE_S = 5  # SIGTERM, then SIGKILL after this long
 
 
 def _model_path(settings: Settings) -> str:
-    from server.cli.model import resolve_model_path
+    from mlx_core.demo import resolve_model_path
 
     return resolve_model_path(settings.model)
 
 
 # -- the worker ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _ConfigOnlyModel:
-    args: ModelArgs
-
-
-@dataclass
-class BaseModelConfig:
-    """What AdapterRegistry needs of the base model, read from its config.json alone: a standalone
-    worker has no engine, yet registers fine-tunes validated against the same shapes."""
-
-    model_id: str
-    loaded: _ConfigOnlyModel
-    slots: None = None  # no engine: nothing resident to unload
-    ready: bool = True
-
-
 class JobWorker:
     """Trains queued jobs, up to `settings.max_concurrent_jobs` at once, each in a child process.
 
@@ -110,16 +92,16 @@ class JobWorker:
     def __init__(
         self, settings: Settings, registry: AdapterRegistry | None = None, *, poll_s: float = POLL_S
     ) -> None:
-        from mlx_core.config import load_config
-        from server.adapters import AdapterRegistry
+        from server.adapters import AdapterRegistry, ConfigOnlyHost
 
         self.settings, self.poll_s = settings, poll_s
         self.db = Database.open(settings.database_url)
         self.base_model = settings.base_model_id()
         if registry is None:
-            registry = AdapterRegistry(settings, self.db)
-            args = load_config(Path(_model_path(settings)))  # fails now if the model is missing
-            registry.engine_service = BaseModelConfig(self.base_model, _ConfigOnlyModel(args))
+            # Fails now if the model is missing: a worker that cannot register its results
+            # should not claim jobs.
+            host = ConfigOnlyHost.read(self.base_model, Path(_model_path(settings)))
+            registry = AdapterRegistry(settings, self.db, host)
         self.registry = registry
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.stopping = threading.Event()
@@ -148,9 +130,8 @@ class JobWorker:
         )
         # In the server, wait for the model: a job finishing meanwhile could not be registered
         # (and its lease would lapse while it waited).
-        while not getattr(self.registry.engine_service, "ready", True) and not self.stopping.wait(
-            self.poll_s
-        ):
+        host = self.registry.host
+        while host is not None and not host.ready and not self.stopping.wait(self.poll_s):
             pass
         next_recovery = 0.0
         while not self.stopping.is_set():

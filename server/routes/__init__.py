@@ -2,7 +2,7 @@
 
 Route functions receive what the app provides by name, marked with `Injected[...]`:
 `settings: Injected[Settings]`, `db: Injected[Database]`, `metrics: Injected[Metrics]`,
-`engine_service: Injected[...]` (None when the server runs without a model).
+`engine: Injected[EngineClient | None]` (None when the server runs without a model).
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@ POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
 
 from __future__ import annotations
 
+import secrets
+
 from litestar import Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
 from server.adapters import AdapterInfo, AdapterRegistry
-from server.engine_client import EngineService
+from server.engine_client import EngineClient
 from server.errors import BadRequestError, decode_body
 from server.routes import Injected
 from server.schemas.adapters import (
@@ -22,8 +24,8 @@ from server.settings import Settings
 from server.uploads import receive_upload
 
 
-def adapter_object(info: AdapterInfo, service: EngineService | None) -> AdapterObject:
-    loaded = bool(service and service.slots and info.id in service.slots.resident())
+def adapter_object(info: AdapterInfo, engine: EngineClient | None) -> AdapterObject:
+    loaded = engine is not None and engine.is_resident(info.id)
     return AdapterObject(
         id=info.name,
         created_at=info.created_at,
@@ -42,9 +44,9 @@ def adapter_object(info: AdapterInfo, service: EngineService | None) -> AdapterO
 
 @get("/v1/adapters", tags=["adapters"])
 async def list_adapters(
-    adapter_registry: Injected[AdapterRegistry], engine_service: Injected[EngineService]
+    adapter_registry: Injected[AdapterRegistry], engine: Injected[EngineClient | None]
 ) -> AdapterList:
-    return AdapterList([adapter_object(a, engine_service) for a in await adapter_registry.list()])
+    return AdapterList([adapter_object(a, engine) for a in await adapter_registry.list()])
 
 
 @post("/v1/adapters", status_code=201, tags=["adapters"])
@@ -52,13 +54,13 @@ async def register_adapter(
     request: Request,
     settings: Injected[Settings],
     adapter_registry: Injected[AdapterRegistry],
-    engine_service: Injected[EngineService],
+    engine: Injected[EngineClient | None],
 ) -> AdapterObject:
     """Register an adapter: JSON `{"name", "path"}` (a folder inside the data dir) or a
     multipart upload with fields `name` and `file` (a .tar.gz or .zip of the adapter folder)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        part = settings.adapters_dir / f".upload-{engine_service.new_request_id('a')}.part"
+        part = settings.adapters_dir / f".upload-{secrets.token_hex(8)}.part"
         try:
             upload = await receive_upload(
                 request, part, settings.max_upload_bytes, settings, text_fields=("name",)
@@ -78,7 +80,7 @@ async def register_adapter(
     else:
         body = decode_body(await request.body(), RegisterAdapterRequest)
         info = await adapter_registry.register_path(body.name, body.path)
-    return adapter_object(info, engine_service)
+    return adapter_object(info, engine)
 
 
 @delete("/v1/adapters/{name:str}", status_code=200, tags=["adapters"])

@@ -6,51 +6,52 @@ from litestar import delete, get
 from litestar.params import FromPath
 
 from server.adapters import AdapterInfo, AdapterRegistry
-from server.engine_client import EngineService
+from server.engine_client import EngineClient
 from server.errors import BadRequestError, NotFoundError
 from server.routes import Injected
 from server.schemas.files import DeletedObject
 from server.schemas.models import ModelCard, ModelList
 
 
-def _base_card(service: EngineService) -> ModelCard:
+def _base_card(engine: EngineClient) -> ModelCard:
+    model = engine.model  # None while loading: the id is known, the context length not yet
     return ModelCard(
-        id=service.model_id,
-        created=service.started_at,
-        root=service.model_id,
-        max_model_len=service.engine.max_model_len if service.engine else None,
+        id=engine.model_id,
+        created=engine.started_at,
+        root=engine.model_id,
+        max_model_len=model.max_model_len if model else None,
     )
 
 
-def _adapter_card(info: AdapterInfo, service: EngineService) -> ModelCard:
+def _adapter_card(info: AdapterInfo, engine: EngineClient) -> ModelCard:
     return ModelCard(
         id=info.name,
         created=info.created_at,
-        root=service.model_id,
-        parent=service.model_id,
+        root=engine.model_id,
+        parent=engine.model_id,
         owned_by="loraforge",
     )
 
 
 @get("/v1/models", tags=["models"])
 async def list_models(
-    engine_service: Injected[EngineService], adapter_registry: Injected[AdapterRegistry]
+    engine: Injected[EngineClient], adapter_registry: Injected[AdapterRegistry]
 ) -> ModelList:
     """The base model and every registered adapter (fine-tunes included)."""
-    cards = [_base_card(engine_service)]
-    cards += [_adapter_card(a, engine_service) for a in await adapter_registry.list()]
+    cards = [_base_card(engine)]
+    cards += [_adapter_card(a, engine) for a in await adapter_registry.list()]
     return ModelList(cards)
 
 
 @get("/v1/models/{model_id:path}", tags=["models"])
 async def retrieve_model(
     model_id: FromPath[str],
-    engine_service: Injected[EngineService],
+    engine: Injected[EngineClient],
     adapter_registry: Injected[AdapterRegistry],
 ) -> ModelCard:
     model_id = model_id.lstrip("/")
-    if model_id == engine_service.model_id:
-        return _base_card(engine_service)
+    if model_id == engine.model_id:
+        return _base_card(engine)
     info = await adapter_registry.get(model_id)
     if info is None:
         raise NotFoundError(
@@ -58,18 +59,18 @@ async def retrieve_model(
             param="model",
             code="model_not_found",
         )
-    return _adapter_card(info, engine_service)
+    return _adapter_card(info, engine)
 
 
 @delete("/v1/models/{model_id:path}", status_code=200, tags=["models"])
 async def delete_model(
     model_id: FromPath[str],
-    engine_service: Injected[EngineService],
+    engine: Injected[EngineClient],
     adapter_registry: Injected[AdapterRegistry],
 ) -> DeletedObject:
     """Delete a fine-tuned model (its adapter); the base model cannot be deleted."""
     model_id = model_id.lstrip("/")
-    if model_id == engine_service.model_id:
+    if model_id == engine.model_id:
         raise BadRequestError("the base model cannot be deleted", param="model")
     info = await adapter_registry.unregister(model_id)
     return DeletedObject(id=info.name, object="model", deleted=True)

@@ -55,7 +55,7 @@ def server(tiny_hf_model, tmp_path_factory, adapters):
         max_loaded_adapters=2,
         max_num_seqs=8,
     )
-    with start_model_server(settings) as (url, engine):
+    with start_model_server(settings) as (url, _engine):
         r = httpx.post(f"{url}/v1/adapters", json={"name": "qv", "path": "incoming/qv"})
         assert r.status_code == 201, r.text
         r = httpx.post(
@@ -72,7 +72,7 @@ def server(tiny_hf_model, tmp_path_factory, adapters):
             files={"file": ("kvo.tar.gz", buf.getvalue(), "application/gzip")},
         )
         assert r.status_code == 201, r.text
-        yield url, engine
+        yield url, data
 
 
 def reference(model_dir, adapters, model: str, prompt: str, max_tokens: int) -> list[int]:
@@ -131,7 +131,7 @@ def test_concurrent_mixed_adapters_match_each_alone(server, tiny_hf_model, adapt
 
 
 def test_unload_while_streaming(server):
-    url, engine = server
+    url, _ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     stream = client.completions.create(
         model="qv", prompt="Hello", max_tokens=40, temperature=0, stream=True
@@ -193,7 +193,7 @@ def test_adapter_for_another_model_is_refused(server, tmp_path):
     from mlx_core.config import ModelArgs
 
     other = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=32000)
-    data = server[1].settings.data_dir
+    data = server[1]
     save_adapter(data / "incoming" / "other", random_adapter(other, ("q_proj",), (0,)))
     r = httpx.post(f"{server[0]}/v1/adapters", json={"name": "other", "path": "incoming/other"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter"
@@ -212,7 +212,7 @@ def test_prefix_cache_reuses_a_shared_header(server):
 
 
 def test_disconnect_frees_the_slot(server):
-    url, engine = server
+    url, _ = server
     with httpx.stream(
         "POST",
         f"{url}/v1/completions",
@@ -221,9 +221,17 @@ def test_disconnect_frees_the_slot(server):
         for _ in r.iter_lines():
             break
     deadline = time.monotonic() + 10
-    while engine.engine.num_running and time.monotonic() < deadline:
+    while running_requests(url) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.engine.num_running == 0
+    assert running_requests(url) == 0
+
+
+def running_requests(url: str) -> float:
+    """The server's own count of requests in the running batch, from GET /metrics."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("loraforge_num_requests_running "):
+            return float(line.split()[1])
+    raise AssertionError("GET /metrics has no loraforge_num_requests_running")
 
 
 def test_queue_full_is_429(tiny_hf_model, tmp_path):
@@ -281,8 +289,7 @@ def test_more_sequences_than_the_server_holds_is_400(tiny_hf_model, tmp_path):
 
 
 def test_load_inplace_replaces_only_after_the_new_adapter_validates(server):
-    url, engine = server
-    data = engine.settings.data_dir
+    url, data = server
     r = httpx.post(
         f"{url}/v1/load_lora_adapter",
         json={"lora_name": "mlp", "lora_path": "incoming/none", "load_inplace": True},

@@ -159,6 +159,18 @@ def test_bad_requests_are_4xx_openai_errors(client, kwargs, param):
     assert body["param"] == param and body["message"]
 
 
+def test_a_request_past_the_context_length_says_so(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=100000)
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "max_tokens")
+    assert "maximum context length is 512 tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_completion_tokens=600
+        )
+    assert e.value.code == "context_length_exceeded"
+
+
 def test_unsupported_chat_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(

@@ -15,7 +15,8 @@ import pytest
 from litestar import Litestar, get, post
 from litestar.params import JSONBody
 
-from server.engine_client import EngineService
+from mlx_core.config import ModelArgs
+from server.engine_client import EngineClient, ModelInfo
 from server.errors import APIError, RateLimitError, decode_body, exception_handlers
 from server.schemas.completions import CompletionRequest
 from server.settings import Settings, SettingsError
@@ -61,14 +62,20 @@ def test_ready_is_503_without_an_engine(base_url):
 
 
 class FakeLoadingEngine:
-    """Stands in for the engine service only to exercise /ready's two states."""
+    """Stands in for the engine client only to exercise /ready's two states."""
 
-    require_ready = EngineService.require_ready  # the real readiness rule, on this fake's state
+    require_ready = EngineClient.require_ready  # the real readiness rule, on this fake's state
 
     def __init__(self) -> None:
         self.ready = False
+        self.model: ModelInfo | None = None
         self.load_error = None
         self.started = self.stopped = False
+
+    def finish_loading(self) -> None:
+        args = ModelArgs(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=8, vocab_size=8)
+        self.model = ModelInfo("fake", args, max_model_len=8)
+        self.ready = True
 
     async def start(self) -> None:
         self.started = True
@@ -84,7 +91,7 @@ def test_ready_follows_the_engine_and_lifespan_starts_and_stops_it(tmp_path):
         r = httpx.get(f"{url}/ready")
         assert_openai_error(r, 503)
         assert r.headers["retry-after"] == "5"
-        engine.ready = True
+        engine.finish_loading()
         assert httpx.get(f"{url}/ready").json() == {"status": "ready"}
     assert engine.stopped
 

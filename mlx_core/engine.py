@@ -19,8 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import KVCache
-from .decode import CompiledDecode
-from .kernels import cuda_available, use_fast_kernels
+from .kernels import use_fast_kernels
 from .model import Mistral
 from .prefix_cache import PrefixCache
 from .sampling import RowSampler, SampleResult, SamplingParams, StopMatcher, sample
@@ -115,7 +114,6 @@ class Engine:
         kv_budget_tokens: int | None = None,
         prefix_cache_tokens: int = 32768,
         adapter_slots: AdapterSlots | None = None,
-        compiled_decode: bool | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs = max_num_seqs
@@ -125,11 +123,6 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.adapter_slots = adapter_slots
         use_fast_kernels(model)
-        # One compiled graph per decode step where the host, not the GPU, bounds decode (CUDA);
-        # the multi-LoRA layers keep per-step slot state, so adapters keep the eager step.
-        if compiled_decode is None:
-            compiled_decode = cuda_available() and adapter_slots is None
-        self._decode = CompiledDecode(model) if compiled_decode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[_Sequence] = deque()
         self.prefilling: list[_Prefill] = []
@@ -286,10 +279,7 @@ class Engine:
     def _launch_decode(self) -> tuple[SampleResult, list[_Sequence]]:
         inputs = mx.concatenate([r.tokens for r, _ in self._pending])[:, None]
         self._activate(self.running)
-        if self._decode is not None:
-            logits = self._decode(inputs, self.cache)
-        else:
-            logits = self.model(inputs, cache=self.cache)[:, -1, :]
+        logits = self.model(inputs, cache=self.cache)[:, -1, :]
         result = sample(logits, [s.sampler for s in self.running])
         mx.async_eval(_arrays(result))
         return result, list(self.running)

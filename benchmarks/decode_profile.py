@@ -1,6 +1,6 @@
 """Where a batch-1 token's time goes: host (building the step in Python, encoding it) against the
-GPU, for our model (eager and compiled step, with and without the 4-bit kernel) and mlx-lm's, on
-the same weights in one process. Also a cold 512-token prefill of each. Prints JSON.
+GPU, for our model (with and without the 4-bit kernel) and mlx-lm's, on the same weights in one
+process. Also a cold 512-token prefill of each. Prints JSON.
 
     python -m benchmarks.decode_profile --model /root/random-7b-bf16-q4
 """
@@ -79,7 +79,6 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model as load_mlx_lm
 
-    from mlx_core.decode import CompiledDecode
     from mlx_core.kernels import FastQuantizedLinear, use_fast_kernels
     from mlx_core.weights import load_model
 
@@ -120,11 +119,6 @@ def main() -> None:
     def eager(y):
         return mx.argmax(ours(y.reshape(1, 1), cache=state["cache"])[:, -1, :], axis=-1)
 
-    compiled = CompiledDecode(ours)
-
-    def comp(y):
-        return mx.argmax(compiled(y.reshape(1, 1), state["cache"]), axis=-1)
-
     def mlx_lm_step(y):
         return mx.argmax(theirs(y.reshape(1, 1), cache=state["pc"])[:, -1, :], axis=-1)
 
@@ -136,8 +130,7 @@ def main() -> None:
             elif not fast and type(m) is FastQuantizedLinear:
                 m.__class__ = nn.QuantizedLinear
         tag = "_qmv4" if fast else ""
-        for name, fn in (("eager", eager), ("compiled", comp)):
-            results[f"loraforge_{name}{tag}"] = profile(fn, prime_ours, ns.tokens)
+        results[f"loraforge{tag}"] = profile(eager, prime_ours, ns.tokens)
         if fast:
             use_fast_kernels(ours)
     results["mlx_lm"] = profile(mlx_lm_step, prime_theirs, ns.tokens)

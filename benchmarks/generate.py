@@ -4,7 +4,11 @@
     python -m benchmarks.generate --model PATH
 
 Prints JSON: prompt tokens/s (prefill) and generation tokens/s (decode) for each, and the ratio.
-Greedy, EOS ignored on both sides (random weights would stop at random).
+Greedy, EOS ignored on both sides (random weights would stop at random). Every run has a prompt of
+its own (the same list for both engines), so no run reuses the one before: our engine's prefix
+cache would otherwise serve the whole prompt but its last block. The prefix-cache hit is timed
+apart: `prompt_tps_first_prefix_hit` (the last prompt sent again: on CUDA this includes building
+kernels and attention plans for the new shapes) and `prompt_tps_prefix_hit` (sent a third time).
 """
 
 from __future__ import annotations
@@ -18,39 +22,50 @@ import mlx.core as mx
 from benchmarks.common import Timer, add_model_arguments, free_memory, prepare_model, report
 
 
-def prompt_ids(n: int, vocab: int) -> list[int]:
-    mx.random.seed(1)
+def prompt_ids(n: int, vocab: int, seed: int = 1) -> list[int]:
+    mx.random.seed(seed)
     return [1] + mx.random.randint(3, vocab, (n - 1,)).tolist()
 
 
-def bench_ours(path, prompt: list[int], gen: int, runs: int) -> dict:
+def bench_ours(path, prompts: list[list[int]], gen: int, qmv4: bool = True) -> dict:
+    import mlx_core.engine
     from mlx_core.engine import Engine
     from mlx_core.sampling import SamplingParams
     from mlx_core.weights import load_model
 
     with Timer() as load:
         loaded = load_model(path)
+    if not qmv4:  # the engine switches quantized linears to the kernel: make that a no-op
+        mlx_core.engine.use_fast_kernels = lambda model: None
     engine = Engine(loaded.model, loaded.tokenizer, prefill_chunk=2048, prefill_budget=8192)
     params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
-    results = []
-    for i in range(runs + 1):  # the first run warms up
+
+    def once(engine: Engine, prompt: list[int], request_id: str) -> tuple[float, float, int]:
         start = time.perf_counter()
         first = None
         n = 0
-        for out in engine.generate(prompt, params, request_id=f"r{i}"):
+        for out in engine.generate(prompt, params, request_id=request_id):
             if first is None and out.tokens:
                 first = time.perf_counter()
             n += len(out.tokens)
         end = time.perf_counter()
-        if i:
-            results.append((len(prompt) / (first - start), (n - 1) / (end - first), n))
+        return len(prompt) / (first - start), (n - 1) / (end - first), n
+
+    # The first run warms up; every run has its own prompt, so none is a prefix-cache hit.
+    results = [once(engine, prompt, f"r{i}") for i, prompt in enumerate(prompts)][1:]
+    hit = once(engine, prompts[-1], "hit")[0]  # the first hit also pays for new shapes
+    hit_again = once(engine, prompts[-1], "hit2")[0]
     peak = mx.get_peak_memory() / 1e9
     del engine, loaded
     free_memory()
-    return _summary(results, load.seconds, peak)
+    summary = _summary(results, load.seconds, peak)
+    summary["prompt_tps_prefix_hit"] = round(hit_again, 1)
+    summary["prompt_tps_first_prefix_hit"] = round(hit, 1)
+    summary["qmv4"] = qmv4
+    return summary
 
 
-def bench_mlx_lm(path, prompt: list[int], gen: int, runs: int) -> dict:
+def bench_mlx_lm(path, prompts: list[list[int]], gen: int) -> dict:
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
@@ -61,7 +76,7 @@ def bench_mlx_lm(path, prompt: list[int], gen: int, runs: int) -> dict:
     # with ignore_eos.
     results = []
     mx.reset_peak_memory()
-    for i in range(runs + 1):
+    for i, prompt in enumerate(prompts):
         start = time.perf_counter()
         first = None
         n = 0
@@ -98,17 +113,20 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--skip-mlx-lm", action="store_true")
+    p.add_argument(
+        "--no-qmv4", action="store_true", help="ours without the 4-bit kernel (mlx_core/kernels.py)"
+    )
     ns = p.parse_args()
     path, tmp = prepare_model(ns)
     from mlx_core.config import load_config
 
     vocab = load_config(path).vocab_size
-    prompt = prompt_ids(ns.prompt_tokens, vocab)
+    prompts = [prompt_ids(ns.prompt_tokens, vocab, seed=1 + i) for i in range(ns.runs + 1)]
     mx.reset_peak_memory()
-    results = {"loraforge": bench_ours(path, prompt, ns.gen_tokens, ns.runs)}
+    results = {"loraforge": bench_ours(path, prompts, ns.gen_tokens, not ns.no_qmv4)}
     if not ns.skip_mlx_lm:
         mx.reset_peak_memory()
-        results["mlx_lm"] = bench_mlx_lm(path, prompt, ns.gen_tokens, ns.runs)
+        results["mlx_lm"] = bench_mlx_lm(path, prompts, ns.gen_tokens)
         for key in ("prompt_tps", "generation_tps"):
             results[f"{key}_ratio"] = round(results["loraforge"][key] / results["mlx_lm"][key], 3)
     report(

@@ -35,7 +35,8 @@ from server.db import Database, upgrade_database
 from server.engine_client import EngineClient
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
 from server.metrics import Metrics, method_label
-from server.routes import Injected, route_handlers
+from server.routes import route_handlers
+from server.routes.dependencies import Injected
 from server.schemas.common import HealthStatus
 from server.settings import Settings
 from server.uploads import MULTIPART_SLACK_BYTES

@@ -11,7 +11,7 @@ from litestar.params import FromPath, JSONBody
 from server.adapters import AdapterInfo, AdapterRegistry
 from server.engine_client import EngineClient
 from server.errors import BadRequestError, decode_body
-from server.routes import Injected
+from server.routes.dependencies import Injected
 from server.schemas.adapters import (
     AdapterList,
     AdapterObject,

@@ -10,7 +10,7 @@ from litestar.params import JSONBody
 from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
 from server.openai_serving import chat, complete
-from server.routes import Injected
+from server.routes.dependencies import Injected
 from server.schemas.chat import ChatCompletionRequest, ChatCompletionResponse
 from server.schemas.completions import CompletionRequest, CompletionResponse
 

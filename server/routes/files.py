@@ -37,7 +37,7 @@ from server.errors import (
     NotFoundError,
     ServerError,
 )
-from server.routes import Injected
+from server.routes.dependencies import Injected
 from server.schemas.files import DeletedObject, FileList, FileObject
 from server.settings import Settings
 from server.uploads import receive_upload

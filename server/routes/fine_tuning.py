@@ -22,7 +22,7 @@ from server.db import Database, FineTuningJob, JobCheckpoint, JobEvent, Uploaded
 from server.errors import BadRequestError
 from server.jobs import queue as jobs
 from server.openai_serving import reject_unsupported
-from server.routes import Injected
+from server.routes.dependencies import Injected
 from server.routes.files import file_object
 from server.schemas.fine_tuning import (
     CheckpointMetrics,

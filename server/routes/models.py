@@ -8,7 +8,7 @@ from litestar.params import FromPath
 from server.adapters import AdapterInfo, AdapterRegistry
 from server.engine_client import EngineClient
 from server.errors import BadRequestError, NotFoundError
-from server.routes import Injected
+from server.routes.dependencies import Injected
 from server.schemas.files import DeletedObject
 from server.schemas.models import ModelCard, ModelList
 

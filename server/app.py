@@ -37,7 +37,7 @@ from server.errors import AuthenticationError, ServiceUnavailableError, exceptio
 from server.metrics import Metrics, method_label
 from server.routes import route_handlers
 from server.routes.dependencies import Injected
-from server.schemas.common import HealthStatus
+from server.schemas.common import BlasStatus, HealthStatus
 from server.settings import Settings
 from server.uploads import MULTIPART_SLACK_BYTES
 
@@ -163,7 +163,11 @@ async def ready(engine: Injected[EngineClient | None]) -> HealthStatus:
             code="engine_not_started",
         )
     engine.require_ready()  # the same 503 (failed, or still loading) requests get
-    return HealthStatus("ready")
+    if (blas := engine.blas) is None:
+        return HealthStatus("ready")
+    return HealthStatus(
+        "ready", BlasStatus(blas.device, blas.library, round(blas.gflops, 1), blas.slow)
+    )
 
 
 @get("/metrics", sync_to_thread=False, tags=["service"], include_in_schema=False)

@@ -23,6 +23,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from mlx_core.config import ModelArgs
+from mlx_core.cpu_blas import BlasReport, probe_blas
 from mlx_core.demo import resolve_model_path
 from mlx_core.engine import Engine, EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 from mlx_core.lora.layers import Adapter
@@ -85,6 +86,7 @@ class EngineClient:
         self._load_done = threading.Event()
         self._load_error: Exception | None = None
         self._started_at = int(time.time())
+        self._blas: BlasReport | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -153,6 +155,7 @@ class EngineClient:
             prefix_cache_tokens=prefix_tokens,
             adapter_slots=self._slots,
         )
+        self._blas = probe_blas()  # here: MLX work belongs on the engine thread
         self._loaded = loaded
         self._model = ModelInfo(self.model_id, loaded.args, engine.max_model_len)
         self._engine = engine  # last: `ready` turns True with everything above in place
@@ -163,6 +166,15 @@ class EngineClient:
             loaded.source_format,
             engine.max_model_len,
         )
+        if (fix := self._blas.fix()) is None:
+            log.info("%s", self._blas.describe())
+        else:
+            log.warning("%s; %s", self._blas.describe(), fix)
+
+    @property
+    def blas(self) -> BlasReport | None:
+        """What fp32 matmuls run on, measured once the model loaded (None before)."""
+        return self._blas
 
     async def stop(self) -> None:
         self._stopping = True

@@ -19,7 +19,7 @@ SERVE_SETTINGS = None  # every setting is a serve flag
 def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (and the job worker)")
     Settings.add_arguments(serve)
-    serve.set_defaults(run=run_serve, reports_blas=True)
+    serve.set_defaults(run=run_serve)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION")

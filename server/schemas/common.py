@@ -55,8 +55,18 @@ class StreamOptions(RequestBody):
     accepted_and_ignored = ("include_obfuscation",)
 
 
-class HealthStatus(Struct):
+class BlasStatus(Struct):
+    """What fp32 matmuls run on; `slow`: MLX's reference BLAS (a CPU run several times slower)."""
+
+    device: str  # "cpu" or "gpu"
+    library: str  # "OpenBLAS", "MLX's reference BLAS", "Accelerate" or "GPU"
+    gflops: float  # measured by a small fp32 matmul at startup; 0 on a GPU
+    slow: bool
+
+
+class HealthStatus(Struct, omit_defaults=True):
     status: str
+    blas: BlasStatus | None = None  # /ready: measured when the model loaded
 
 
 # -- /v1/completions ----------------------------------------------------------------------------

@@ -50,12 +50,12 @@ def test_an_existing_preload_is_kept() -> None:
     assert _probe(LD_PRELOAD="libm.so.6") == str(mx.default_device() == mx.cpu)
 
 
-def _serve_stderr(**env: str) -> str:
-    # `serve` reports the BLAS before anything else, then stops at the missing model folder.
+def _train_stderr(**env: str) -> str:
+    # `train` reports the BLAS before anything else, then stops at the missing model folder.
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", OPT_OUT)}
     clean = {k: v for k, v in clean.items() if not k.startswith("LORAFORGE_OPENBLAS")}
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", "/nonexistent-model"],
+        [sys.executable, "-m", "server.cli", "train", "--model", "/nonexistent", "--data", "/x"],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -67,9 +67,9 @@ def _serve_stderr(**env: str) -> str:
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the probe reports CPU BLAS only")
 def test_long_running_commands_say_which_blas_and_warn_with_the_fix_when_slow() -> None:
-    slow = _serve_stderr(**{OPT_OUT: "0"})
+    slow = _train_stderr(**{OPT_OUT: "0"})
     assert "WARNING: fp32 matmuls on the CPU use MLX's reference BLAS" in slow, slow
     assert f"unset {OPT_OUT}=0" in slow
     if platform.system() == "Linux" and OPENBLAS.is_file():
-        fast = _serve_stderr()
+        fast = _train_stderr()
         assert "fp32 matmuls on the CPU use OpenBLAS" in fast and "WARNING" not in fast, fast

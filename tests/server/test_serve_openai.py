@@ -191,3 +191,12 @@ def test_broken_json_and_wrong_types(server):
         f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": "many"}
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_ready_reports_what_fp32_matmuls_run_on(server):
+    body = httpx.get(f"{server[0]}/ready").json()
+    assert body["status"] == "ready"
+    blas = body["blas"]
+    assert blas["device"] in ("cpu", "gpu") and isinstance(blas["slow"], bool)
+    if blas["device"] == "cpu":  # measured, so it is a real speed
+        assert blas["gflops"] > 0 and blas["library"]

@@ -70,6 +70,7 @@ class FakeLoadingEngine:
         self.ready = False
         self.model: ModelInfo | None = None
         self.load_error = None
+        self.blas = None  # not measured: /ready then says only "ready"
         self.started = self.stopped = False
 
     def finish_loading(self) -> None:

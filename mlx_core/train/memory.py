@@ -424,6 +424,7 @@ def plan_training_memory(
                 )
             log.warning(
                 0,
+                "auto_fit_changed",
                 f"--auto-fit: {' '.join(changed)} (estimate {est.describe()}, "
                 f"{available / GB:.1f} GB free)",
             )

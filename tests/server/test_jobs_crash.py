@@ -20,6 +20,14 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
+from mlx_core.train.config import TrainConfig
+from mlx_core.train.events import (
+    CheckpointEvent,
+    StartEvent,
+    TrainerEvent,
+    TrainEvent,
+    encode_event,
+)
 from server.db import Adapter, Database, FineTuningJob, JobEvent, now, upgrade_database
 from server.jobs.queue import MAX_ATTEMPTS, claim_next_job, recover_lost_jobs
 from server.jobs.worker import JobWorker
@@ -384,13 +392,31 @@ def test_a_lost_runs_unreported_events_come_before_its_recovery(tiny_hf_model, t
     worker.db.run_sync(lambda s: s.add(job))
     folder = settings.jobs_dir / job.id
     folder.mkdir(parents=True)
-    lines = [
-        {"type": "start", "iters": 4, "step": 0},
-        {"type": "train", "step": 1, "loss": 2.5, "trained_tokens": 10},
-        {"type": "checkpoint", "step": 2, "path": str(folder / "adapter" / "step-2")},
+    lines: list[TrainerEvent] = [
+        StartEvent(
+            step=0,
+            iters=4,
+            trainable_parameters=64,
+            world_size=1,
+            train_examples=8,
+            valid_examples=0,
+            resumed_from=None,
+            config=TrainConfig(iters=4),
+        ),
+        TrainEvent(
+            step=1,
+            loss=2.5,
+            learning_rate=1e-4,
+            it_per_sec=2.0,
+            tokens_per_sec=20.0,
+            target_tokens_per_sec=10.0,
+            peak_memory_gb=0.1,
+            trained_tokens=10,
+        ),
+        CheckpointEvent(step=2, path=str(folder / "adapter" / "step-2")),
     ]
     events = folder / "events.jsonl"
-    events.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"type": "tr')
+    events.write_text("".join(encode_event(e) + "\n" for e in lines) + '{"type": "tr')
 
     assert worker._recover() == [job.id]
     messages = worker.db.run_sync(

@@ -86,8 +86,10 @@ def random_model(shapes: str, dtype: str, out: Path) -> Path:
     mx.random.seed(0)
     model = Mistral(args)
     cast = DTYPES[dtype]
+    # mlx annotates tree_flatten as list | dict; without `destination` it is the list.
+    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     # One tensor at a time: a 7B model never exists in fp32.
-    for name, w in tree_flatten(model.parameters()):
+    for name, w in params:
         w = (
             (mx.random.normal(w.shape) * 0.02).astype(cast)
             if "norm" not in name

@@ -126,10 +126,10 @@ def encode_event(event: TrainerEvent) -> str:
 
 
 def decode_event(line: bytes | str) -> TrainerEvent | None:
-    """The event on one line of events.jsonl; None for a torn line, an event kind this version
-    does not know, or one missing its fields (readers skip those, as they always did)."""
+    """The event on one line of events.jsonl; None for a torn line or anything that is not an
+    event this version knows (readers skip those lines)."""
     try:
-        return msgspec.convert(json.loads(line), TrainerEvent)  # type: ignore[arg-type]
+        return msgspec.convert(json.loads(line), TrainerEvent)
     except (ValueError, msgspec.ValidationError):
         return None
 

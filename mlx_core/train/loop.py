@@ -173,7 +173,9 @@ def train(
         if config.grad_checkpoint:
             enable_grad_checkpoint(net, layers)
         n_trainable = trainable_parameters_count(net)
-        n_total = sum(v.size for _, v in tree_flatten(net.parameters()))
+        # mlx annotates tree_flatten as list | dict; without `destination` it is the list.
+        flat: list[tuple[str, mx.array]] = tree_flatten(net.parameters())  # type: ignore[assignment]
+        n_total = sum(v.size for _, v in flat)
         log.say(f"Total parameters {_logical_params(args, n_total) / 1e6:.3f}M")
         log.say(f"Trainable parameters {n_trainable / 1e6:.3f}M")
 
@@ -470,6 +472,7 @@ def _load_init_adapter(
 ) -> None:
     from mlx_core.lora.formats import load_adapter
 
+    assert config.init_adapter is not None  # only called for a run that starts from one
     adapter = load_adapter(config.init_adapter, args)
     adapter.check_fits(args)
     if adapter.rank != config.lora_rank:
@@ -477,9 +480,9 @@ def _load_init_adapter(
             f"{config.init_adapter} has rank {adapter.rank}, this run trains rank "
             f"{config.lora_rank}: pass --lora-rank {adapter.rank}"
         )
-    outside = sorted({t for _, t in adapter.weights} - set(config.targets)) or sorted(
-        {i for i, _ in adapter.weights} - set(layers)
-    )
+    outside: list[str] | list[int] = sorted(
+        {t for _, t in adapter.weights} - set(config.targets)
+    ) or sorted({i for i, _ in adapter.weights} - set(layers))
     if outside:
         raise TrainingConfigError(
             f"{config.init_adapter} adapts {outside} outside this run's --targets/--lora-layers: "

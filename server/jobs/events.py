@@ -1,9 +1,10 @@
 """The trainer's JSON-lines events (jobs/<id>/events.jsonl) turned into job events and checkpoints.
 
-The worker reads new complete lines every tick (`read_events`), turns each into `job_events` rows
-and `job_checkpoints` rows (`ingest_event`), and writes how many bytes it has ingested to
-events.offset after the commit, so a crash replays a few events rather than losing any. A run
-whose worker died is read by `ingest_dead_run` when its job is recovered.
+The worker reads new complete lines every tick (`read_events`: each decoded into one of the
+`mlx_core.train.events` Structs), turns each event into `job_events` rows and `job_checkpoints`
+rows (`ingest_event`), and writes how many bytes it has ingested to events.offset after the
+commit, so a crash replays a few events rather than losing any. A run whose worker died is read
+by `ingest_dead_run` when its job is recovered.
 """
 
 from __future__ import annotations

@@ -379,7 +379,11 @@ class _JobRun(threading.Thread):
         return ingested_bytes(self.offset_file)
 
     def _note_lost(self) -> None:
-        status = self.db.run_sync(lambda s: s.get(FineTuningJob, self.job.id).status)
+        def read_status(session: Session) -> str | None:
+            job = session.get(FineTuningJob, self.job.id)
+            return job.status if job else None  # None: the job was deleted
+
+        status = self.db.run_sync(read_status)
         if status == "cancelled":
             self.db.run_sync(lambda s: add_event(s, self.job.id, "Trainer stopped"))
             log.info("job %s: cancelled, trainer stopped", self.job.id)

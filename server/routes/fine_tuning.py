@@ -96,11 +96,11 @@ def _event_object(row: JobEvent) -> FineTuningJobEvent:
     return FineTuningJobEvent(
         id=f"{EVENT_PREFIX}{row.id}",
         created_at=row.created_at,
-        level=row.level,
+        level=row.level,  # type: ignore[arg-type]  # the column's CHECK allows only these
         message=row.message,
-        data=row.data,  # type: ignore[arg-type]
-        type=row.type,
-    )  # type: ignore[arg-type]
+        data=row.data,
+        type=row.type,  # type: ignore[arg-type]  # "message" | "metrics", as add_event writes
+    )
 
 
 def _checkpoint_object(row: JobCheckpoint, job: FineTuningJob) -> FineTuningJobCheckpoint:

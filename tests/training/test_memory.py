@@ -88,9 +88,9 @@ def _probe(spec_json: str) -> None:
         progress="none",
         adapter_path=c["out"],
     )
-    result = train(
-        LoadedModel(model, args, None, Path("random"), "random"), TrainData(rows), config
-    )
+    # Pre-tokenized rows: the trainer never asks this model for its tokenizer.
+    loaded = LoadedModel(model, args, None, Path("random"), "random")  # type: ignore[arg-type]
+    result = train(loaded, TrainData(rows), config)
     estimate = estimate_training_memory(
         args, dtype.size, quant, B, L, c["lora_layers"], 8, c["targets"], c["ckpt"]
     )

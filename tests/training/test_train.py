@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -72,7 +73,7 @@ def short_qa(tmp_path_factory) -> Path:
 
 
 def _config(tmp: Path, **kw) -> TrainConfig:
-    base = dict(
+    base: dict[str, Any] = dict(
         iters=3,
         batch_size=2,
         learning_rate=1e-3,
@@ -362,7 +363,7 @@ def test_the_fine_tune_learns_to_stop(tiny_hf_model, tmp_path):
 
 
 def test_settings_that_cannot_work_are_refused(tiny_hf_model, wikisql_slice, tmp_path):
-    bad = [
+    bad: list[dict[str, Any]] = [
         dict(weight_decay=0.1),
         dict(optimizer="sgd"),
         dict(warmup_steps=5, iters=5),

@@ -86,8 +86,10 @@ def random_model(shapes: str, dtype: str, out: Path) -> Path:
     mx.random.seed(0)
     model = Mistral(args)
     cast = DTYPES[dtype]
+    # mlx annotates tree_flatten as list | dict; without `destination` it is the list.
+    params: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
     # One tensor at a time: a 7B model never exists in fp32.
-    for name, w in tree_flatten(model.parameters()):
+    for name, w in params:
         w = (
             (mx.random.normal(w.shape) * 0.02).astype(cast)
             if "norm" not in name
@@ -143,6 +145,7 @@ def run_loraforge(spec: dict) -> dict:
     from mlx_core.config import Quantization
     from mlx_core.data.batches import TokenizedExample
     from mlx_core.train.config import TrainConfig, TrainData
+    from mlx_core.train.events import TrainerEvent, TrainEvent
     from mlx_core.train.loop import train
     from mlx_core.weights import load_model
 
@@ -152,7 +155,7 @@ def run_loraforge(spec: dict) -> dict:
         folder, quantize=Quantization(64, spec["quantize"]) if spec["quantize"] else None
     )
     rows = [TokenizedExample(tuple(t), (False,) + (True,) * (len(t) - 1)) for t in spec["rows"]]
-    steps: list[dict] = []
+    steps: list[TrainEvent] = []
     config = TrainConfig(
         iters=spec["iters"],
         batch_size=spec["batch_size"],
@@ -169,19 +172,19 @@ def run_loraforge(spec: dict) -> dict:
         adapter_path=spec["out"],
         progress="none",
     )
-    train(
-        loaded,
-        TrainData(rows),
-        config,
-        on_event=lambda e: steps.append(e) if e["type"] == "train" else None,
-    )
+
+    def on_event(event: TrainerEvent) -> None:
+        if isinstance(event, TrainEvent):
+            steps.append(event)
+
+    train(loaded, TrainData(rows), config, on_event=on_event)
     timed = steps[spec["skip"] :] or steps
     return {
-        "it_per_sec": statistics.median(e["it_per_sec"] for e in timed),
-        "tokens_per_sec": statistics.median(e["tokens_per_sec"] for e in timed),
-        "target_tokens_per_sec": statistics.median(e["target_tokens_per_sec"] for e in timed),
-        "peak_memory_gb": max(e["peak_memory_gb"] for e in steps),
-        "losses": [round(e["loss"], 4) for e in steps],
+        "it_per_sec": statistics.median(e.it_per_sec for e in timed),
+        "tokens_per_sec": statistics.median(e.tokens_per_sec for e in timed),
+        "target_tokens_per_sec": statistics.median(e.target_tokens_per_sec for e in timed),
+        "peak_memory_gb": max(e.peak_memory_gb for e in steps),
+        "losses": [round(e.loss, 4) for e in steps],
     }
 
 

@@ -13,7 +13,6 @@ the worker turns into the job's `error`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from mlx_core.cpu_blas import reexec_with_openblas, report_blas
 from mlx_core.errors import is_user_error
 from mlx_core.train.config import TrainSpec
+from mlx_core.train.events import ErrorEvent, append_event
 from mlx_core.train.loop import train
 from mlx_core.train.memory import MemoryPreflightError
 
@@ -85,23 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if is_user_error(e):
             memory = isinstance(e, MemoryPreflightError)
-            error = {
-                "code": "insufficient_memory" if memory else "training_failed",
-                "message": str(e) + (_MEMORY_HINT if memory else ""),
-            }
+            error = ErrorEvent(
+                step=0,
+                code="insufficient_memory" if memory else "training_failed",
+                message=str(e) + (_MEMORY_HINT if memory else ""),
+            )
             print(f"mlx_core.train: {e}", file=sys.stderr)
             code = 2
         else:
             traceback.print_exc()
-            error = {
-                "code": "training_failed",
-                "message": f"The trainer crashed: {type(e).__name__}: {e}. "
+            error = ErrorEvent(
+                step=0,
+                code="training_failed",
+                message=f"The trainer crashed: {type(e).__name__}: {e}. "
                 f"{Path(ns.spec).parent / 'train.log'} has the traceback.",
-            }
+            )
             code = 1
     if spec.config.events_jsonl:
-        with open(spec.config.events_jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"type": "error", "step": 0, "time": time.time(), **error}) + "\n")
+        append_event(spec.config.events_jsonl, error)
     return code
 
 

@@ -12,14 +12,17 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlx_core.data.batches import TokenizedExample, tokenize_examples
 from mlx_core.data.formats import TextExample, find_split_files, read_jsonl
 from mlx_core.errors import LoraforgeError
 from mlx_core.lora.layers import DEFAULT_TARGETS, TARGETS
 from mlx_core.tokenizer import Tokenizer
-from mlx_core.train.events import TrainLog
 from mlx_core.train.optim import OPTIMIZERS, SCHEDULES
+
+if TYPE_CHECKING:  # events import TrainConfig (a start event carries the run's settings)
+    from mlx_core.train.events import TrainLog
 
 
 class TrainingConfigError(LoraforgeError, ValueError):
@@ -204,7 +207,11 @@ def load_train_data(
                     f"{Path(folder) / 'train.jsonl'}"
                 )
             if log is not None and split == "valid":
-                log.warning(0, f"no valid.jsonl in {folder}: training without a validation loss")
+                log.warning(
+                    0,
+                    "no_validation_data",
+                    f"no valid.jsonl in {folder}: training without a validation loss",
+                )
             continue
         examples = read_jsonl(files[split])
         if (
@@ -221,7 +228,7 @@ def load_train_data(
             examples, tokenizer, config.max_seq_len, config.mask_prompt, config.completion_after
         )
         if (warning := report.warning()) and log is not None:
-            log.warning(0, f"{split}.jsonl: {warning}")
+            log.warning(0, "examples_too_long", f"{split}.jsonl: {warning}")
         setattr(out, split, tokenized)
     return out
 

@@ -52,7 +52,13 @@ from mlx_core.train.config import (
     data_fingerprint,
     load_train_data,
 )
-from mlx_core.train.events import EventHandler, TrainLog
+from mlx_core.train.events import (
+    DoneEvent,
+    EventHandler,
+    StartEvent,
+    TrainEvent,
+    TrainLog,
+)
 from mlx_core.train.optim import build_optimizer, optimizer_state_tensors, restore_optimizer_state
 from mlx_core.train.step import TrainStep, enable_grad_checkpoint, evaluate_loss
 from mlx_core.weights import LoadedModel, load_model, quantize_model
@@ -91,8 +97,9 @@ def train(
 
     `model` is a model folder (loaded after the memory preflight) or an already loaded model,
     which is changed in place (LoRA layers stay applied). `data` is a folder with train.jsonl
-    (+ valid.jsonl) or pre-tokenized `TrainData`. Events go to `config.events_jsonl` and
-    `on_event`; the console gets a progress bar or plain lines.
+    (+ valid.jsonl) or pre-tokenized `TrainData`. Events (`mlx_core.train.events.TrainerEvent`
+    Structs) go to `config.events_jsonl` and `on_event`; the console gets a progress bar or plain
+    lines.
     """
     from mlx_core.train.memory import MemoryPreflightError, plan_training_memory
 
@@ -124,7 +131,7 @@ def train(
         try:
             config = plan_training_memory(model, args, data.train, config, world, log)
         except MemoryPreflightError:
-            log.event("done", 0, status="failed", reason="memory preflight")
+            log.event(DoneEvent(step=0, status="failed", reason="memory preflight"))
             raise
 
         # 3. model + LoRA
@@ -138,6 +145,7 @@ def train(
             if config.dtype:
                 log.warning(
                     0,
+                    "dtype_ignored",
                     "--dtype applies when the model is loaded from a path; "
                     "the already loaded model keeps its dtype",
                 )
@@ -154,6 +162,7 @@ def train(
         if config.lora_layers > args.n_layers:
             log.warning(
                 0,
+                "lora_layers_clamped",
                 f"--lora-layers {config.lora_layers} is more than the model's "
                 f"{args.n_layers} layers: training all of them",
             )
@@ -164,7 +173,9 @@ def train(
         if config.grad_checkpoint:
             enable_grad_checkpoint(net, layers)
         n_trainable = trainable_parameters_count(net)
-        n_total = sum(v.size for _, v in tree_flatten(net.parameters()))
+        # mlx annotates tree_flatten as list | dict; without `destination` it is the list.
+        flat: list[tuple[str, mx.array]] = tree_flatten(net.parameters())  # type: ignore[assignment]
+        n_total = sum(v.size for _, v in flat)
         log.say(f"Total parameters {_logical_params(args, n_total) / 1e6:.3f}M")
         log.say(f"Trainable parameters {n_trainable / 1e6:.3f}M")
 
@@ -233,14 +244,16 @@ def _run(
         start_step=start,
     )
     log.start(
-        start,
-        config.iters,
-        trainable_parameters=n_trainable,
-        world_size=world,
-        train_examples=len(data.train),
-        valid_examples=len(data.valid),
-        resumed_from=str(resumed_from) if resumed_from else None,
-        config=config.to_dict(),
+        StartEvent(
+            step=start,
+            iters=config.iters,
+            trainable_parameters=n_trainable,
+            world_size=world,
+            train_examples=len(data.train),
+            valid_examples=len(data.valid),
+            resumed_from=str(resumed_from) if resumed_from else None,
+            config=config,
+        )
     )
     log.say("Training")
 
@@ -295,21 +308,23 @@ def _run(
         losses.append((step, loss_value))
         log.progress(step, loss_value)
         if not math.isfinite(loss_value):
-            log.event("done", step, status="failed", reason="loss is not finite")
+            log.event(DoneEvent(step=step, status="failed", reason="loss is not finite"))
             raise TrainingConfigError(
                 f"step {step}: the loss is {loss_value}: lower --learning-rate, or set --grad-clip 1.0"
             )
 
         if step % config.steps_per_report == 0 or step == config.iters:
             log.train_report(
-                step,
-                window.loss,
-                _current_lr(optimizer),
-                window.it_per_sec,
-                window.tokens_per_sec,
-                window.targets_per_sec,
-                mx.get_peak_memory() / 1e9,
-                trained_tokens,
+                TrainEvent(
+                    step=step,
+                    loss=window.loss,
+                    learning_rate=_current_lr(optimizer),
+                    it_per_sec=window.it_per_sec,
+                    tokens_per_sec=window.tokens_per_sec,
+                    target_tokens_per_sec=window.targets_per_sec,
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    trained_tokens=trained_tokens,
+                )
             )
             window = _Window()
         if (config.steps_per_eval and step % config.steps_per_eval == 0) or step == config.iters:
@@ -328,14 +343,15 @@ def _run(
             log.say(f"Saved final adapter to {config.adapter_file}")
     peak = mx.get_peak_memory() / 1e9
     log.event(
-        "done",
-        config.iters,
-        status="succeeded",
-        adapter_path=str(adapter_path),
-        train_loss=losses[-1][1],
-        val_loss=val_losses[-1][1] if val_losses else None,
-        peak_memory_gb=peak,
-        trained_tokens=trained_tokens,
+        DoneEvent(
+            step=config.iters,
+            status="succeeded",
+            adapter_path=str(adapter_path),
+            train_loss=losses[-1][1],
+            val_loss=val_losses[-1][1] if val_losses else None,
+            peak_memory_gb=peak,
+            trained_tokens=trained_tokens,
+        )
     )
     return TrainResult(
         adapter_path,
@@ -443,6 +459,7 @@ def _resume_dir(config: TrainConfig, adapter_path: Path, log: TrainLog) -> Path 
         if found is None:
             log.warning(
                 0,
+                "no_checkpoint_to_resume",
                 f"--resume: no checkpoint under {adapter_path / 'checkpoints'}; "
                 "starting from step 0",
             )
@@ -455,6 +472,7 @@ def _load_init_adapter(
 ) -> None:
     from mlx_core.lora.formats import load_adapter
 
+    assert config.init_adapter is not None  # only called for a run that starts from one
     adapter = load_adapter(config.init_adapter, args)
     adapter.check_fits(args)
     if adapter.rank != config.lora_rank:
@@ -462,9 +480,9 @@ def _load_init_adapter(
             f"{config.init_adapter} has rank {adapter.rank}, this run trains rank "
             f"{config.lora_rank}: pass --lora-rank {adapter.rank}"
         )
-    outside = sorted({t for _, t in adapter.weights} - set(config.targets)) or sorted(
-        {i for i, _ in adapter.weights} - set(layers)
-    )
+    outside: list[str] | list[int] = sorted(
+        {t for _, t in adapter.weights} - set(config.targets)
+    ) or sorted({i for i, _ in adapter.weights} - set(layers))
     if outside:
         raise TrainingConfigError(
             f"{config.init_adapter} adapts {outside} outside this run's --targets/--lora-layers: "

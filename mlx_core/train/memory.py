@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -33,6 +34,11 @@ from mlx_core.config import ModelArgs, Quantization
 from mlx_core.data.batches import PAD_MULTIPLE, TokenizedExample
 from mlx_core.errors import LoraforgeError
 from mlx_core.lora.layers import projection_parts
+
+if TYPE_CHECKING:
+    from mlx_core.train.config import TrainConfig
+    from mlx_core.train.events import TrainLog
+    from mlx_core.weights import LoadedModel
 
 GB = 1e9
 _DTYPE_BYTES = {
@@ -213,8 +219,9 @@ def available_memory() -> int:
             "total_memory",
             "memory_size",
         ):
-            if isinstance(info.get(key), int) and info[key] > 0:
-                return int(info[key])
+            value = info.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
     return _system_available()
 
 
@@ -381,14 +388,19 @@ def _suggestions(
 
 
 def plan_training_memory(
-    model: object, args: ModelArgs, examples: Sequence[TokenizedExample], config, world: int, log
-) -> object:
+    model: str | Path | LoadedModel,
+    args: ModelArgs,
+    examples: Sequence[TokenizedExample],
+    config: TrainConfig,
+    world: int,
+    log: TrainLog,
+) -> TrainConfig:
     """The trainer's preflight: returns `config` (changed by --auto-fit) or raises
     MemoryPreflightError. Runs before the model is loaded when `model` is a path."""
     from mlx_core.weights import LoadedModel
 
     loaded = isinstance(model, LoadedModel)
-    if loaded:
+    if isinstance(model, LoadedModel):
         dtype_bytes = model.model.model.norm.weight.dtype.size
     else:
         dtype_bytes = (
@@ -424,6 +436,7 @@ def plan_training_memory(
                 )
             log.warning(
                 0,
+                "auto_fit_changed",
                 f"--auto-fit: {' '.join(changed)} (estimate {est.describe()}, "
                 f"{available / GB:.1f} GB free)",
             )

@@ -1,22 +1,32 @@
 """The trainer's JSON-lines events (jobs/<id>/events.jsonl) turned into job events and checkpoints.
 
-The worker reads new complete lines every tick (`read_events`), turns each into `job_events` rows
-and `job_checkpoints` rows (`ingest_event`), and writes how many bytes it has ingested to
-events.offset after the commit, so a crash replays a few events rather than losing any. A run
-whose worker died is read by `ingest_dead_run` when its job is recovered.
+The worker reads new complete lines every tick (`read_events`: each decoded into one of the
+`mlx_core.train.events` Structs), turns each event into `job_events` rows and `job_checkpoints`
+rows (`ingest_event`), and writes how many bytes it has ingested to events.offset after the
+commit, so a crash replays a few events rather than losing any. A run whose worker died is read
+by `ingest_dead_run` when its job is recovered.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mlx_core.train.events import (
+    CheckpointEvent,
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    StartEvent,
+    TrainerEvent,
+    TrainEvent,
+    WarningEvent,
+    decode_event,
+)
 from server.db import FineTuningJob, JobCheckpoint, new_id, now
 from server.jobs.queue import add_event
 
@@ -34,7 +44,7 @@ class RunProgress:
     train_loss: float | None = None
     valid_loss: float | None = None
     succeeded: bool = False
-    error: dict[str, Any] | None = None
+    error: ErrorEvent | None = None  # the trainer's last word, if it failed
     last_step: int = 0
     starts: int = 0  # trainer runs of this job that reached training, as far as ingested
 
@@ -58,25 +68,18 @@ def _checkpoint_row(session: Session, job_id: str, step: int, path: str) -> JobC
     return row
 
 
-def _parse(line: str) -> dict[str, Any] | None:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def read_events(path: Path, offset: int, end: int = -1) -> tuple[list[dict[str, Any]], int]:
-    """Complete lines from byte `offset` (to `end`) and the offset after the last of them (a
-    line still being written waits for the next tick)."""
+def read_events(path: Path, offset: int, end: int = -1) -> tuple[list[TrainerEvent], int]:
+    """The events on complete lines from byte `offset` (to `end`) and the offset after the last
+    of them (a line still being written waits for the next tick; lines that are not events this
+    version knows are skipped)."""
     if not path.exists():
         return [], offset
     with path.open("rb") as f:
         f.seek(offset)
         chunk = f.read(end - offset if end >= 0 else -1)
     end = chunk.rfind(b"\n") + 1
-    lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
-    return [e for e in map(_parse, lines) if e is not None], offset + end
+    events = (decode_event(line) for line in chunk[:end].splitlines() if line.strip())
+    return [e for e in events if e is not None], offset + end
 
 
 def ingested_bytes(offset_file: Path) -> int:
@@ -99,30 +102,30 @@ def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int |
     if not events:
         return None
     earlier = read_events(events_path, 0, offset)[0]
-    starts = [e for e in earlier + events if e.get("type") == "start"]
+    starts = [e for e in earlier + events if isinstance(e, StartEvent)]
     p = RunProgress(
-        iters=int(starts[-1].get("iters", 0)) if starts else 0,
-        starts=sum(e.get("type") == "start" for e in earlier),
+        iters=starts[-1].iters if starts else 0,
+        starts=sum(isinstance(e, StartEvent) for e in earlier),
     )
-    if starts and starts[-1].get("resumed_from"):
-        p.tokens_before = tokens_at(session, job.id, int(starts[-1].get("step", 0)))
+    if starts and starts[-1].resumed_from:
+        p.tokens_before = tokens_at(session, job.id, starts[-1].step)
     for event in events:
         ingest_event(session, job, event, p)
     return end
 
 
-def ingest_event(
-    session: Session, job: FineTuningJob, event: dict[str, Any], p: RunProgress
-) -> None:
-    kind, step = event.get("type"), int(event.get("step", 0))
+def ingest_event(session: Session, job: FineTuningJob, event: TrainerEvent, p: RunProgress) -> None:
+    step = event.step
     at = f"Step {step}/{p.iters}"
-    if kind == "start":
-        p.iters, p.starts = int(event.get("iters", p.iters)), p.starts + 1
+    if isinstance(event, StartEvent):
+        p.iters, p.starts = event.iters, p.starts + 1
         info = {
-            k: event.get(k) for k in ("train_examples", "valid_examples", "trainable_parameters")
+            "train_examples": event.train_examples,
+            "valid_examples": event.valid_examples,
+            "trainable_parameters": event.trainable_parameters,
         }
-        if event.get("resumed_from"):
-            _checkpoint_row(session, job.id, step, str(event["resumed_from"]))  # if never reported
+        if event.resumed_from:
+            _checkpoint_row(session, job.id, step, event.resumed_from)  # if never reported
             add_event(
                 session,
                 job.id,
@@ -141,13 +144,12 @@ def ingest_event(
             add_event(
                 session, job.id, "Fine-tuning job started", data={"total_steps": p.iters, **info}
             )
-    elif kind == "train":
-        p.last_step, p.train_loss = step, float(event["loss"])
-        p.trained_tokens = p.tokens_before + int(event.get("trained_tokens", 0))
+    elif isinstance(event, TrainEvent):
+        p.last_step, p.train_loss = step, event.loss
+        p.trained_tokens = p.tokens_before + event.trained_tokens
         job.trained_tokens = p.trained_tokens
-        it_per_sec = float(event.get("it_per_sec") or 0)
-        if it_per_sec > 0:
-            job.estimated_finish = now() + math.ceil((p.iters - step) / it_per_sec)
+        if event.it_per_sec > 0:
+            job.estimated_finish = now() + math.ceil((p.iters - step) / event.it_per_sec)
         add_event(
             session,
             job.id,
@@ -157,14 +159,14 @@ def ingest_event(
                 "step": step,
                 "total_steps": p.iters,
                 "train_loss": p.train_loss,
-                "learning_rate": event.get("learning_rate"),
-                "tokens_per_sec": event.get("tokens_per_sec"),
-                "peak_memory_gb": event.get("peak_memory_gb"),
+                "learning_rate": event.learning_rate,
+                "tokens_per_sec": event.tokens_per_sec,
+                "peak_memory_gb": event.peak_memory_gb,
                 "trained_tokens": p.trained_tokens,
             },
         )
-    elif kind == "eval":
-        p.valid_loss = float(event["val_loss"])
+    elif isinstance(event, EvalEvent):
+        p.valid_loss = event.val_loss
         add_event(
             session,
             job.id,
@@ -172,19 +174,19 @@ def ingest_event(
             type="metrics",
             data={"step": step, "total_steps": p.iters, "valid_loss": p.valid_loss},
         )
-    elif kind == "checkpoint":
-        row = _checkpoint_row(session, job.id, step, str(event["path"]))
+    elif isinstance(event, CheckpointEvent):
+        row = _checkpoint_row(session, job.id, step, event.path)
         row.metrics = {"step": step, "train_loss": p.train_loss, "trained_tokens": p.trained_tokens}
         if p.valid_loss is not None:
             row.metrics["valid_loss"] = p.valid_loss
         add_event(session, job.id, f"Checkpoint created at step {step}", data={"step": step})
-    elif kind == "warning":
-        message = str(event.get("message"))
-        if job.validation_file or not message.startswith("no valid.jsonl"):  # else: as asked
-            add_event(session, job.id, message, level="warn")
-    elif kind == "done" and event.get("status") == "succeeded":
+    elif isinstance(event, WarningEvent):
+        # A job without a validation file asked for no validation loss: nothing to warn about.
+        if job.validation_file or event.code != "no_validation_data":
+            add_event(session, job.id, event.message, level="warn")
+    elif isinstance(event, DoneEvent) and event.status == "succeeded":
         p.succeeded = True
-        peak = event.get("peak_memory_gb") or 0.0
+        peak = event.peak_memory_gb or 0.0
         add_event(
             session,
             job.id,
@@ -192,8 +194,5 @@ def ingest_event(
             f"{p.train_loss or 0:.4f}, peak memory {peak:.2f} GB",
             data={"step": step, "peak_memory_gb": peak},
         )
-    elif kind == "error":
-        p.error = {
-            "code": str(event.get("code", "training_failed")),
-            "message": str(event.get("message")),
-        }
+    elif isinstance(event, ErrorEvent):
+        p.error = event

@@ -2,12 +2,12 @@
 
 - **Create** (`create_job`, called by both APIs' routes): every input is checked before the row is
   written, in the caller's one transaction, so a refused request leaves nothing behind. "auto"
-  hyperparameters are resolved at once from the training file's example count and stored, so the
-  job object shows the numbers that will be used.
+  hyperparameters are resolved at once and stored (`server.jobs.spec`, which also turns a job
+  into the trainer's `TrainConfig`), so the job object shows the numbers that will be used.
 - **Claim** (`claim_next_job`): one `UPDATE ... WHERE id = (oldest queued) AND status = 'queued'
   RETURNING id`. Two workers can never both win: the second UPDATE finds the row no longer queued.
 - **Run**: `server.jobs.worker.JobWorker` trains each claimed job in a child process and renews
-  its lease while it trains (re-exported here: `from server.jobs import JobWorker`).
+  its lease while it trains.
 - **Cancel** (`cancel_job`): the row is marked cancelled at once; the worker sees it at its next
   heartbeat and stops the trainer.
 - **Recover** (`recover_lost_jobs`): `running` jobs whose lease expired, or whose worker process
@@ -21,13 +21,11 @@ lookup accepts either (`job_id_from`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +34,22 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from server.db import FineTuningJob, JobCheckpoint, JobEvent, UploadedFile, new_id, now
-from server.errors import BadRequestError, ConflictError, NotFoundError
-from server.schemas.fine_tuning import LoraOptions
+from server.errors import ConflictError, NotFoundError
+from server.jobs.spec import (
+    JobRequest,
+    check_trainer_accepts,
+    invalid_value,
+    resolve_hyperparameters,
+    resolve_lora,
+    training_steps,
+)
 from server.settings import DEMO_MODEL_ID, Settings
 
 FINISHED = ("succeeded", "failed", "cancelled")
 RESULTS_PURPOSE = "fine-tune-results"
 
-# Hyperparameters ("auto" rules and bounds).
-BASE_LEARNING_RATE = 1e-5  # learning rate = BASE_LEARNING_RATE x learning_rate_multiplier
-# "auto" multiplier 10 -> 1e-4, a usual LoRA rate: 1e-5 (a full fine-tune's habit) barely moves
-# a freshly initialised rank-8 adapter in a few hundred steps.
-AUTO_LR_MULTIPLIER = 10.0
-MAX_EPOCHS, MAX_BATCH_SIZE, MAX_SUFFIX, MAX_SEED = 50, 256, 64, 2**31 - 1
+MAX_SUFFIX, MAX_SEED = 64, 2**31 - 1
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")  # ":" separates the parts of ft:<base>:<suffix>:<id>
-CHECKPOINTS_PER_JOB = 10  # resume points (and checkpoint rows) per job
 
 # Leases (the worker's own clock is in server.jobs.worker).
 LEASE_S = 30  # a running job whose lease is this stale has lost its worker
@@ -73,42 +72,6 @@ def fine_tuned_model_name(job: FineTuningJob) -> str:
 
 
 # -- creating a job -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JobRequest:
-    """A create request from either API in one shape (the routes build it from their Struct)."""
-
-    model: str | None  # None: the served base model (the legacy API's default)
-    training_file: str
-    validation_file: str | None
-    n_epochs: int | str  # a number or "auto"
-    batch_size: int | str
-    learning_rate_multiplier: float | str
-    lora: LoraOptions
-    suffix: str | None
-    seed: int | None
-    api: str = "fine_tuning"  # or "fine-tunes"
-    prompt_loss_weight: float | None = None  # legacy only
-
-
-def auto_epochs(n_examples: int) -> int:
-    """OpenAI's rule: 3 epochs, more for small files (until ~100 examples are seen, at most 25),
-    fewer for big ones (about 25,000 examples seen, at least 1)."""
-    if n_examples * 3 < 100:
-        return min(25, math.ceil(100 / n_examples))
-    if n_examples * 3 > 25_000:
-        return max(1, 25_000 // n_examples)
-    return 3
-
-
-def auto_batch_size(n_examples: int) -> int:
-    """One example per 100, between 1 and 8 (LoRA on one machine: small batches, more steps)."""
-    return min(8, max(1, round(n_examples / 100)))
-
-
-def _bad(message: str, param: str, code: str = "invalid_value") -> BadRequestError:
-    return BadRequestError(message, param=param, code=code)
-
-
 def _check_model(model: str | None, settings: Settings) -> str:
     base = settings.base_model_id()
     names = {base, DEMO_MODEL_ID if not settings.model else Path(settings.model).resolve().name}
@@ -125,14 +88,14 @@ def _check_model(model: str | None, settings: Settings) -> str:
 def _check_file(session: Session, file_id: str, param: str) -> UploadedFile:
     row = session.get(UploadedFile, file_id)
     if row is None:
-        raise _bad(
+        raise invalid_value(
             f"No such File object: {file_id} ({param}). Upload the data with POST /v1/files "
             "(purpose=fine-tune) and pass the id it returns.",
             param,
             f"invalid_{param}",
         )
     if row.purpose != "fine-tune":
-        raise _bad(
+        raise invalid_value(
             f"{file_id} was uploaded with purpose '{row.purpose}', not 'fine-tune': upload "
             "the training data again with purpose=fine-tune.",
             param,
@@ -150,60 +113,6 @@ def _is_text_format(path: Path) -> bool:
     return False
 
 
-def _resolve(value: Any, auto: Any, kind: type, low: float, high: float, name: str) -> Any:
-    param = f"hyperparameters.{name}"
-    if value == "auto":
-        return auto
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise _bad(f'{name} must be a whole number or "auto", got {value!r}.', param)
-    if not low <= value <= high:
-        raise _bad(
-            f'{name} must be between {low:g} and {high:g} (or "auto"), got {value!r}.', param
-        )
-    return kind(value)
-
-
-def _check_lora(lora: LoraOptions, settings: Settings, text_examples: bool) -> None:
-    from mlx_core.lora.layers import TARGETS
-
-    if not 1 <= lora.rank <= settings.max_lora_rank:
-        raise _bad(
-            f"lora.rank {lora.rank} is outside 1..{settings.max_lora_rank} (this server's "
-            "--max-lora-rank, the largest it can serve): pick a rank in that range.",
-            "lora.rank",
-        )
-    if lora.alpha <= 0:
-        raise _bad(
-            f"lora.alpha {lora.alpha} must be positive (scale = alpha / rank), e.g. 16.",
-            "lora.alpha",
-        )
-    if not 0 <= lora.dropout < 1:
-        raise _bad(f"lora.dropout {lora.dropout} must be in [0, 1), e.g. 0.05.", "lora.dropout")
-    unknown = [t for t in lora.targets or () if t not in TARGETS]
-    if unknown or lora.targets == []:
-        raise _bad(
-            f"lora.targets {lora.targets}: choose from {', '.join(TARGETS)}.", "lora.targets"
-        )
-    if lora.num_layers is not None and lora.num_layers < 1:
-        raise _bad(
-            f"lora.num_layers {lora.num_layers}: use 1 or more, or leave it out for all layers.",
-            "lora.num_layers",
-        )
-    if lora.max_seq_len < 3:
-        raise _bad(
-            f"lora.max_seq_len {lora.max_seq_len}: an example needs room for BOS, a token "
-            "and EOS; use e.g. 2048.",
-            "lora.max_seq_len",
-        )
-    if lora.mask_prompt and text_examples and not lora.completion_after:
-        raise _bad(
-            'lora.mask_prompt with {"text": ...} examples needs lora.completion_after '
-            '(the marker where the answer starts, e.g. "A:"), or use prompt/completion '
-            "or chat examples.",
-            "lora.completion_after",
-        )
-
-
 def create_job(session: Session, settings: Settings, request: JobRequest) -> FineTuningJob:
     """Validate `request` and add a queued job (with its first events) to `session`.
 
@@ -216,60 +125,28 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
         _check_file(session, request.validation_file, "validation_file")
     n = train.n_examples or 0
     if n < 1:
-        raise _bad(
+        raise invalid_value(
             f"{train.id} has no training examples: upload a file with at least one.",
             "training_file",
             "invalid_training_file",
         )
-    n_epochs = _resolve(request.n_epochs, auto_epochs(n), int, 1, MAX_EPOCHS, "n_epochs")
-    batch_size = _resolve(
-        request.batch_size, auto_batch_size(n), int, 1, MAX_BATCH_SIZE, "batch_size"
-    )
-    if batch_size > n:
-        raise _bad(
-            f"batch_size {batch_size} is larger than the {n} examples in {train.id}: use "
-            f'{n} or fewer, or "auto".',
-            "hyperparameters.batch_size",
-        )
-    multiplier = request.learning_rate_multiplier
-    if multiplier != "auto" and (isinstance(multiplier, bool) or not multiplier > 0):
-        raise _bad(
-            f'learning_rate_multiplier must be a number above 0 (or "auto"), got {multiplier!r}.',
-            "hyperparameters.learning_rate_multiplier",
-        )
-    multiplier = AUTO_LR_MULTIPLIER if multiplier == "auto" else float(multiplier)
+    hyperparameters = resolve_hyperparameters(request, n)
     suffix = request.suffix or None
     if suffix is not None and (len(suffix) > MAX_SUFFIX or not SUFFIX_RE.match(suffix)):
-        raise _bad(
+        raise invalid_value(
             f"suffix {suffix!r} is not allowed: use up to {MAX_SUFFIX} characters from "
             "A-Z a-z 0-9 . _ - (it becomes part of the model name ft:<base>:<suffix>:<id>).",
             "suffix",
         )
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-        raise _bad(f"seed {request.seed} must be between 0 and {MAX_SEED}.", "seed")
-    lora = request.lora
-    if lora.targets is None:  # stored resolved, so the job shows what is trained
-        from mlx_core.lora.layers import DEFAULT_TARGETS
-
-        lora = msgspec.structs.replace(lora, targets=list(DEFAULT_TARGETS))
-    text_examples = _is_text_format(Path(train.path))
-    if request.prompt_loss_weight is not None and not text_examples:
-        # The legacy weight scaled the prompt's loss; the trainer learns the prompt fully or not
-        # at all, so the nearer of the two is used (the legacy default 0.01 masks it).
-        lora = msgspec.structs.replace(lora, mask_prompt=request.prompt_loss_weight < 0.5)
-    _check_lora(lora, settings, text_examples)
-
-    hyperparameters = {
-        "n_epochs": n_epochs,
-        "batch_size": batch_size,
-        "learning_rate_multiplier": multiplier,
-    }
+        raise invalid_value(f"seed {request.seed} must be between 0 and {MAX_SEED}.", "seed")
+    lora = resolve_lora(request, settings, _is_text_format(Path(train.path)))
     job = FineTuningJob(
         id=new_id("ftjob"),
         model=model,
         training_file=train.id,
         validation_file=request.validation_file,
-        hyperparameters=hyperparameters,
+        hyperparameters=msgspec.to_builtins(hyperparameters),
         lora=msgspec.to_builtins(lora),
         suffix=suffix,
         api=request.api,
@@ -280,7 +157,7 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
         attempts=0,
         cancel_requested=False,
     )
-    _check_trainer_accepts(job, n)
+    check_trainer_accepts(job, n)
     session.add(job)
     add_event(session, job.id, f"Validating training file: {train.id}")
     if job.validation_file:
@@ -290,25 +167,11 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
         session,
         job.id,
         f"Files validated, moving job to queued state ({iters} steps: {n} "
-        f"examples x {n_epochs} epochs / batch {batch_size})",
+        f"examples x {hyperparameters.n_epochs} epochs / batch {hyperparameters.batch_size})",
         data={"total_steps": iters},
     )
     session.flush()
     return job
-
-
-def _check_trainer_accepts(job: FineTuningJob, n_examples: int) -> None:
-    # The trainer's own validation, on the exact config the job will run with: nothing it would
-    # refuse at start-up gets queued.
-    from mlx_core.train.config import TrainConfig, TrainingConfigError
-
-    try:
-        TrainConfig.from_dict(train_config(job, n_examples, Path("."), None, None)).validate()
-    except TrainingConfigError as e:
-        raise _bad(
-            f"These settings cannot train: {e}. Change the job's hyperparameters or lora settings.",
-            "lora",
-        ) from None
 
 
 def add_event(
@@ -354,49 +217,6 @@ def cancel_job(session: Session, any_id: str) -> FineTuningJob:
     job.finished_at, job.estimated_finish, job.lease_expires_at = now(), None, None
     add_event(session, job.id, "Job cancelled")
     return job
-
-
-# -- the training run a job asks for ------------------------------------------------------------
-def training_steps(job: FineTuningJob, n_examples: int) -> int:
-    hp = job.hyperparameters
-    return max(1, math.ceil(n_examples * hp["n_epochs"] / hp["batch_size"]))
-
-
-def train_config(
-    job: FineTuningJob,
-    n_examples: int,
-    job_dir: Path,
-    resume: Path | None,
-    memory_limit_gb: float | None,
-) -> dict[str, Any]:
-    """The TrainConfig fields (`mlx_core.train.config`) of one run of `job`."""
-    iters = training_steps(job, n_examples)
-    save_every = max(1, math.ceil(iters / CHECKPOINTS_PER_JOB))
-    lora = job.lora
-    return {
-        "iters": iters,
-        "batch_size": job.hyperparameters["batch_size"],
-        "learning_rate": BASE_LEARNING_RATE * job.hyperparameters["learning_rate_multiplier"],
-        "seed": job.seed,
-        "max_seq_len": lora["max_seq_len"],
-        "mask_prompt": lora["mask_prompt"],
-        "completion_after": lora["completion_after"],
-        "lora_rank": lora["rank"],
-        "lora_alpha": lora["alpha"],
-        "lora_dropout": lora["dropout"],
-        "lora_layers": lora["num_layers"] or -1,
-        "targets": lora["targets"],
-        "quantize": lora["quantize"],
-        "steps_per_report": 1,
-        # With validation data every checkpoint gets a validation loss.
-        "steps_per_eval": save_every if job.validation_file else 0,
-        "save_every": save_every,
-        "adapter_path": str(job_dir / "adapter"),
-        "events_jsonl": str(job_dir / "events.jsonl"),
-        "resume": str(resume) if resume else False,
-        "memory_limit_gb": memory_limit_gb,
-        "progress": "lines",
-    }
 
 
 # -- claiming and recovering --------------------------------------------------------------------
@@ -472,16 +292,13 @@ def recover_lost_jobs(
         job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
         if job.attempts >= MAX_ATTEMPTS:
             job.status, job.finished_at = "failed", t
-            job.error = {
-                "code": "worker_lost",
-                "param": None,
-                "message": (
-                    f"The worker training this job stopped {job.attempts} times (last seen "
-                    f"{job.worker_id}); giving up. Check the worker's log and "
-                    f"{job.id}/train.log in the jobs folder, then create the job again."
-                ),
-            }
-            add_event(session, job.id, job.error["message"], level="error")
+            message = (
+                f"The worker training this job stopped {job.attempts} times (last seen "
+                f"{job.worker_id}); giving up. Check the worker's log and "
+                f"{job.id}/train.log in the jobs folder, then create the job again."
+            )
+            job.error = {"code": "worker_lost", "param": None, "message": message}
+            add_event(session, job.id, message, level="error")
         else:
             job.status = "queued"
             add_event(

@@ -1,11 +1,13 @@
 """Trains claimed fine-tune jobs: `JobWorker`, and a thread per running job.
 
 - **Run** (`JobWorker`): claims jobs with `server.jobs.queue.claim_next_job`; each claimed job gets a
-  thread that writes `jobs/<id>/spec.json` and starts the trainer as a child process
+  thread that writes `jobs/<id>/spec.json` (a `TrainSpec` whose config is
+  `server.jobs.spec.train_config`) and starts the trainer as a child process
   (`python -m mlx_core.train`), which dies with its parent.
-- **Follow**: every TICK_S the thread ingests the trainer's new events (`server.jobs.events`),
-  renews the job's lease, and learns of a cancel or of losing the job (the heartbeat finds the
-  row no longer running under this worker) -> SIGTERM, then SIGKILL.
+- **Follow**: every TICK_S the thread ingests the trainer's new events (`mlx_core.train.events`
+  Structs, read by `server.jobs.events`), renews the job's lease, and learns of a cancel or of
+  losing the job (the heartbeat finds the row no longer running under this worker) -> SIGTERM,
+  then SIGKILL.
 - **Finish**: the adapter is registered as `ft:<base>:<suffix>:<job id>` through the server's
   AdapterRegistry, or, in a standalone `loraforge worker` (no engine), through a registry that
   validates against the base model's config.json alone; either way it is a row in `adapters`, and
@@ -17,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -36,6 +37,8 @@ import anyio.to_thread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mlx_core.train.config import TrainSpec
+from mlx_core.train.events import DoneEvent, StartEvent
 from server.db import Database, FineTuningJob, UploadedFile, new_id, now
 from server.errors import APIError
 from server.jobs.events import (
@@ -55,9 +58,8 @@ from server.jobs.queue import (
     claim_next_job,
     fine_tuned_model_name,
     recover_lost_jobs,
-    train_config,
-    training_steps,
 )
+from server.jobs.spec import train_config, training_steps
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine side, loaded only by the worker
@@ -226,9 +228,9 @@ class _JobRun(threading.Thread):
         # Earlier runs' starts, as far as ingested (lines past the offset are a dead run's that
         # were never ingested: they are ingested first, and count their own start).
         ingested = read_events(self.events, 0, self._offset())[0]
-        progress.starts = sum(e.get("type") == "start" for e in ingested)
-        done = [e for e in read_events(self.events, 0)[0] if e.get("type") == "done"]
-        if done and done[-1].get("status") == "succeeded":
+        progress.starts = sum(isinstance(e, StartEvent) for e in ingested)
+        done = [e for e in read_events(self.events, 0)[0] if isinstance(e, DoneEvent)]
+        if done and done[-1].status == "succeeded":
             self._finish(progress)  # trained before the worker stopped; only registration is left
             return
         checkpoint = latest_checkpoint(adapter)
@@ -242,8 +244,8 @@ class _JobRun(threading.Thread):
         if checkpoint:
             progress.tokens_before = self.db.run_sync(lambda s: tokens_at(s, job.id, step))
         config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
-        spec = {"model": _model_path(settings), "data": str(self.dir / "data"), "config": config}
-        (self.dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        spec = TrainSpec(_model_path(settings), str(self.dir / "data"), config)
+        spec.write(self.dir / "spec.json")
         returncode = self._train(progress)
         if returncode is None:
             return  # cancelled, taken over, or the worker is stopping
@@ -255,14 +257,14 @@ class _JobRun(threading.Thread):
             how = f"was killed by signal {-returncode}" + (
                 " (often the system running out of memory)" if returncode == -signal.SIGKILL else ""
             )
-        error = progress.error or {
-            "code": "training_failed",
-            "message": (
-                f"The trainer {how} before finishing. See {self.dir / 'train.log'}, then create the "
-                "job again."
-            ),
-        }
-        self._fail(error["code"], error["message"])
+        if progress.error is not None:
+            self._fail(progress.error.code, progress.error.message)
+            return
+        self._fail(
+            "training_failed",
+            f"The trainer {how} before finishing. See {self.dir / 'train.log'}, then create the "
+            "job again.",
+        )
 
     def _prepare_data(self) -> int:
         data = self.dir / "data"
@@ -358,7 +360,11 @@ class _JobRun(threading.Thread):
         return ingested_bytes(self.offset_file)
 
     def _note_lost(self) -> None:
-        status = self.db.run_sync(lambda s: s.get(FineTuningJob, self.job.id).status)
+        def read_status(session: Session) -> str | None:
+            job = session.get(FineTuningJob, self.job.id)
+            return job.status if job else None  # None: the job was deleted
+
+        status = self.db.run_sync(read_status)
         if status == "cancelled":
             self.db.run_sync(lambda s: add_event(s, self.job.id, "Trainer stopped"))
             log.info("job %s: cancelled, trainer stopped", self.job.id)

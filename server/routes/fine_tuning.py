@@ -3,8 +3,8 @@
 Both speak about the same rows: a job created either way is visible both ways. The new API shows
 a job as `ftjob-<hex>`, the legacy one as `ft-<hex>` (same hex); either id works in every route.
 Legacy statuses: validating_files and queued read as `pending`.
-The work itself is in server.jobs.queue (validation, queue) and server.jobs.worker (training); these
-handlers only translate.
+The work itself is in server.jobs.queue (validation, queue), server.jobs.spec (settings) and
+server.jobs.worker (training); these handlers only translate.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from server.db import Database, FineTuningJob, JobCheckpoint, JobEvent, UploadedFile
 from server.errors import BadRequestError
 from server.jobs import queue as jobs
+from server.jobs.spec import JobRequest, job_hyperparameters, job_lora
 from server.openai_serving import reject_unsupported
 from server.routes.dependencies import Injected
 from server.routes.files import file_object
@@ -60,11 +61,11 @@ JobId = FromPath[str]
 
 # -- row -> API object --------------------------------------------------------------------------
 def _hyperparameters(job: FineTuningJob) -> Hyperparameters:
-    hp = job.hyperparameters
+    hp = job_hyperparameters(job)
     return Hyperparameters(
-        n_epochs=hp["n_epochs"],
-        batch_size=hp["batch_size"],
-        learning_rate_multiplier=hp["learning_rate_multiplier"],
+        n_epochs=hp.n_epochs,
+        batch_size=hp.batch_size,
+        learning_rate_multiplier=hp.learning_rate_multiplier,
     )
 
 
@@ -87,7 +88,7 @@ def job_object(job: FineTuningJob) -> FineTuningJobObject:
         estimated_finish=job.estimated_finish,
         method=FineTuneMethod(type="supervised", supervised=SupervisedMethod(hyperparameters=hp)),
         suffix=job.suffix,
-        lora=msgspec.convert(job.lora, LoraOptions),
+        lora=job_lora(job),
     )
 
 
@@ -95,11 +96,11 @@ def _event_object(row: JobEvent) -> FineTuningJobEvent:
     return FineTuningJobEvent(
         id=f"{EVENT_PREFIX}{row.id}",
         created_at=row.created_at,
-        level=row.level,
+        level=row.level,  # type: ignore[arg-type]  # the column's CHECK allows only these
         message=row.message,
-        data=row.data,  # type: ignore[arg-type]
-        type=row.type,
-    )  # type: ignore[arg-type]
+        data=row.data,
+        type=row.type,  # type: ignore[arg-type]  # "message" | "metrics", as add_event writes
+    )
 
 
 def _checkpoint_object(row: JobCheckpoint, job: FineTuningJob) -> FineTuningJobCheckpoint:
@@ -129,7 +130,7 @@ def _legacy_object(job: FineTuningJob, session: Session) -> FineTune:
         .where(JobEvent.job_id == job.id, JobEvent.type == "message")
         .order_by(JobEvent.id)
     ).all()
-    hp = job.hyperparameters
+    hp = job_hyperparameters(job)
     return FineTune(
         id=jobs.legacy_id(job.id),
         model=job.model,
@@ -142,10 +143,10 @@ def _legacy_object(job: FineTuningJob, session: Session) -> FineTune:
         ],
         # The trainer learns the prompt fully or not at all: the weight that is in effect.
         hyperparams=FineTuneHyperparams(
-            n_epochs=hp["n_epochs"],
-            batch_size=hp["batch_size"],
-            learning_rate_multiplier=hp["learning_rate_multiplier"],
-            prompt_loss_weight=0.0 if job.lora.get("mask_prompt") else 1.0,
+            n_epochs=hp.n_epochs,
+            batch_size=hp.batch_size,
+            learning_rate_multiplier=hp.learning_rate_multiplier,
+            prompt_loss_weight=0.0 if job_lora(job).mask_prompt else 1.0,
         ),
         training_files=[files[i] for i in [job.training_file] if i in files],
         validation_files=[files[i] for i in [job.validation_file] if i in files],
@@ -193,7 +194,7 @@ async def create_job(
                 )
             hp = data.method.supervised.hyperparameters
     hp = hp or Hyperparameters()
-    request = jobs.JobRequest(
+    request = JobRequest(
         model=data.model,
         training_file=data.training_file,
         validation_file=data.validation_file,
@@ -299,7 +300,7 @@ async def legacy_create(
 ) -> FineTune:
     """Create a fine-tune (legacy API; the job also appears in /v1/fine_tuning/jobs)."""
     reject_unsupported(data)
-    request = jobs.JobRequest(
+    request = JobRequest(
         model=data.model,
         training_file=data.training_file,
         validation_file=data.validation_file,

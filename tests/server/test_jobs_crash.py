@@ -20,6 +20,14 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
+from mlx_core.train.config import TrainConfig
+from mlx_core.train.events import (
+    CheckpointEvent,
+    StartEvent,
+    TrainerEvent,
+    TrainEvent,
+    encode_event,
+)
 from server.db import Adapter, Database, FineTuningJob, JobEvent, now, upgrade_database
 from server.jobs.queue import MAX_ATTEMPTS, claim_next_job, recover_lost_jobs
 from server.jobs.worker import JobWorker
@@ -84,6 +92,18 @@ def serve(model: Path, data_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]
         proc.wait(60)
 
 
+def job_row(db: Database, job_id: str) -> FineTuningJob:
+    job = db.run_sync(lambda s: s.get(FineTuningJob, job_id))
+    assert job is not None, job_id
+    return job
+
+
+def trainer_pid(db: Database, job_id: str) -> int:
+    pid = job_row(db, job_id).pid
+    assert pid is not None, f"{job_id} has no trainer"
+    return pid
+
+
 def wait_until(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -108,7 +128,7 @@ def test_kill_9_server_mid_job_then_restart_resumes_from_checkpoint(tiny_hf_mode
             lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 90, "a first checkpoint"
         )
         seen = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
-        trainer = db.run_sync(lambda s: s.get(FineTuningJob, job.id).pid)
+        trainer = trainer_pid(db, job.id)
         assert process_running(trainer)
 
         server.send_signal(signal.SIGKILL)
@@ -119,7 +139,7 @@ def test_kill_9_server_mid_job_then_restart_resumes_from_checkpoint(tiny_hf_mode
         size = events.stat().st_size
         time.sleep(1.5)
         assert events.stat().st_size == size
-    assert db.run_sync(lambda s: s.get(FineTuningJob, job.id).status) == "running"  # as it died
+    assert job_row(db, job.id).status == "running"  # as it died
 
     with serve(tiny_hf_model, data) as (_server, url):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -141,7 +161,7 @@ def test_kill_9_server_mid_job_then_restart_resumes_from_checkpoint(tiny_hf_mode
             4,
             2,
         ]
-        assert db.run_sync(lambda s: s.get(FineTuningJob, job.id).attempts) == 2
+        assert job_row(db, job.id).attempts == 2
         r = client.completions.create(model=done.fine_tuned_model, prompt=PROMPT, max_tokens=4)
         assert r.model == f"ft:tiny:crash:{job.id}"
     db.close()
@@ -283,8 +303,8 @@ def test_standalone_worker_killed_or_stopped_leaves_no_trainer(tiny_hf_model, tm
                 ] == "train"
 
             wait_until(trained, 60, f"a training step in run {n}")
-            wait_until(lambda: db.run_sync(lambda s: s.get(FineTuningJob, job.id).pid), 5, "pid")
-            return db.run_sync(lambda s: s.get(FineTuningJob, job.id).pid)
+            wait_until(lambda: job_row(db, job.id).pid, 5, "pid")
+            return trainer_pid(db, job.id)
 
         worker_args = (
             "worker",
@@ -315,7 +335,7 @@ def test_standalone_worker_killed_or_stopped_leaves_no_trainer(tiny_hf_model, tm
                 if w.poll() is None:
                     w.kill()
                     w.wait()
-        row = db.run_sync(lambda s: s.get(FineTuningJob, job.id))
+        row = job_row(db, job.id)
         assert (row.status, row.attempts, row.worker_id, row.pid) == ("queued", 1, None, None)
         log = messages(client, job.id)
         lost = next(i for i, m in enumerate(log) if "The worker running this job stopped" in m)
@@ -355,9 +375,10 @@ def test_a_job_whose_worker_keeps_dying_fails_after_three_runs(tmp_path):
     assert sorted(db.run_sync(recover_lost_jobs)) == sorted([second.id, third.id])
     rows = {r.id: r for r in db.run_sync(lambda s: s.scalars(select(FineTuningJob)).all())}
     assert (rows[second.id].status, rows[alive.id].status) == ("queued", "running")
-    assert rows[third.id].status == "failed" and rows[third.id].error["code"] == "worker_lost"
-    assert "stopped 3 times" in rows[third.id].error["message"]
-    assert "create the job again" in rows[third.id].error["message"]
+    error = rows[third.id].error
+    assert rows[third.id].status == "failed" and error is not None
+    assert error["code"] == "worker_lost" and "stopped 3 times" in error["message"]
+    assert "create the job again" in error["message"]
     db.close()
 
 
@@ -384,13 +405,31 @@ def test_a_lost_runs_unreported_events_come_before_its_recovery(tiny_hf_model, t
     worker.db.run_sync(lambda s: s.add(job))
     folder = settings.jobs_dir / job.id
     folder.mkdir(parents=True)
-    lines = [
-        {"type": "start", "iters": 4, "step": 0},
-        {"type": "train", "step": 1, "loss": 2.5, "trained_tokens": 10},
-        {"type": "checkpoint", "step": 2, "path": str(folder / "adapter" / "step-2")},
+    lines: list[TrainerEvent] = [
+        StartEvent(
+            step=0,
+            iters=4,
+            trainable_parameters=64,
+            world_size=1,
+            train_examples=8,
+            valid_examples=0,
+            resumed_from=None,
+            config=TrainConfig(iters=4),
+        ),
+        TrainEvent(
+            step=1,
+            loss=2.5,
+            learning_rate=1e-4,
+            it_per_sec=2.0,
+            tokens_per_sec=20.0,
+            target_tokens_per_sec=10.0,
+            peak_memory_gb=0.1,
+            trained_tokens=10,
+        ),
+        CheckpointEvent(step=2, path=str(folder / "adapter" / "step-2")),
     ]
     events = folder / "events.jsonl"
-    events.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"type": "tr')
+    events.write_text("".join(encode_event(e) + "\n" for e in lines) + '{"type": "tr')
 
     assert worker._recover() == [job.id]
     messages = worker.db.run_sync(

@@ -88,9 +88,9 @@ def _probe(spec_json: str) -> None:
         progress="none",
         adapter_path=c["out"],
     )
-    result = train(
-        LoadedModel(model, args, None, Path("random"), "random"), TrainData(rows), config
-    )
+    # Pre-tokenized rows: the trainer never asks this model for its tokenizer.
+    loaded = LoadedModel(model, args, None, Path("random"), "random")  # type: ignore[arg-type]
+    result = train(loaded, TrainData(rows), config)
     estimate = estimate_training_memory(
         args, dtype.size, quant, B, L, c["lora_layers"], 8, c["targets"], c["ckpt"]
     )
@@ -230,16 +230,18 @@ def test_available_memory_is_the_machines():
 def test_auto_fit_changes_the_run_and_says_so(tiny_model):
     from mlx_core.data.batches import TokenizedExample
     from mlx_core.train.config import TrainConfig
-    from mlx_core.train.events import TrainLog
+    from mlx_core.train.events import TrainerEvent, TrainLog, WarningEvent
 
     rows = [TokenizedExample(tuple(range(3, 3 + 97)), (False,) + (True,) * 96)] * 4
     config = TrainConfig(batch_size=4, lora_layers=-1, auto_fit=True, progress="none")
     args = tiny_model.args
     plain = estimate_training_memory(args, 4, None, 4, 96, -1, 8, config.targets, False).total
     ckpt = estimate_training_memory(args, 4, None, 4, 96, -1, 8, config.targets, True).total
-    events: list[dict] = []
+    events: list[TrainerEvent] = []
     log = TrainLog(None, events.append, active=True, progress="none")
     limited = replace(config, memory_limit_gb=(plain + ckpt) / 2 / 1e9)
     fitted = plan_training_memory(tiny_model, args, rows, limited, 1, log)
     assert fitted.grad_checkpoint and fitted.batch_size == 4
-    assert events[-1]["type"] == "warning" and "--grad-checkpoint" in events[-1]["message"]
+    warning = events[-1]
+    assert isinstance(warning, WarningEvent) and warning.code == "auto_fit_changed"
+    assert "--grad-checkpoint" in warning.message

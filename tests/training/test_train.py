@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -21,6 +22,14 @@ from mlx_core.lora.layers import apply_lora, lora_layer_indices
 from mlx_core.lora.slots import AdapterSlots
 from mlx_core.sampling import SamplingParams
 from mlx_core.train.config import TrainConfig, TrainingConfigError
+from mlx_core.train.events import (
+    CheckpointEvent,
+    DoneEvent,
+    StartEvent,
+    TrainerEvent,
+    TrainEvent,
+    decode_event,
+)
 from mlx_core.train.loop import train
 from mlx_core.train.memory import MemoryPreflightError
 from mlx_core.train.optim import build_optimizer
@@ -64,7 +73,7 @@ def short_qa(tmp_path_factory) -> Path:
 
 
 def _config(tmp: Path, **kw) -> TrainConfig:
-    base = dict(
+    base: dict[str, Any] = dict(
         iters=3,
         batch_size=2,
         learning_rate=1e-3,
@@ -81,7 +90,7 @@ def _config(tmp: Path, **kw) -> TrainConfig:
 
 
 def test_training_lowers_loss_reports_and_saves(tiny_hf_model, wikisql_slice, tmp_path, capsys):
-    events: list[dict] = []
+    events: list[TrainerEvent] = []
     jsonl = tmp_path / "events.jsonl"
     config = _config(
         tmp_path,
@@ -109,7 +118,8 @@ def test_training_lowers_loss_reports_and_saves(tiny_hf_model, wikisql_slice, tm
 
     # JSON lines: one event per line, the same ones on_event got.
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [e["type"] for e in lines] == [e["type"] for e in events]
+    assert [decode_event(line) for line in jsonl.read_bytes().splitlines()] == events
+    assert isinstance(events[0], StartEvent) and events[0].config.iters == 8
     kinds = [e["type"] for e in lines]
     assert kinds[0] == "start" and kinds[-1] == "done" and lines[-1]["status"] == "succeeded"
     assert {"train", "eval", "checkpoint"} <= set(kinds)
@@ -140,8 +150,8 @@ class _Killed(Exception):
 
 
 def _kill_at_checkpoint(step: int):
-    def on_event(event: dict) -> None:
-        if event["type"] == "checkpoint" and event["step"] == step:
+    def on_event(event: TrainerEvent) -> None:
+        if isinstance(event, CheckpointEvent) and event.step == step:
             raise _Killed  # what a crash right after the checkpoint looks like to the run
 
     return on_event
@@ -203,7 +213,7 @@ def test_resume_with_other_settings_is_refused(
     if change.pop("data", None):
         data = _data_dir(tmp_path / "other", 5, 2, short=True)
     ckpt = Path(straight_run.adapter_path) / "checkpoints" / "step-3"
-    events: list[dict] = []
+    events: list[TrainerEvent] = []
     with pytest.raises(TrainingConfigError) as err:
         train(
             tiny_hf_model,
@@ -212,7 +222,7 @@ def test_resume_with_other_settings_is_refused(
             on_event=events.append,
         )
     assert "other settings" in str(err.value) and "--adapter-path" in str(err.value)
-    assert not [e for e in events if e["type"] == "train"]  # refused before any step
+    assert not [e for e in events if isinstance(e, TrainEvent)]  # refused before any step
 
 
 def _losses(tiny_hf_model, data, tmp, **kw) -> list[float]:
@@ -355,7 +365,7 @@ def test_the_fine_tune_learns_to_stop(tiny_hf_model, tmp_path):
 
 
 def test_settings_that_cannot_work_are_refused(tiny_hf_model, wikisql_slice, tmp_path):
-    bad = [
+    bad: list[dict[str, Any]] = [
         dict(weight_decay=0.1),
         dict(optimizer="sgd"),
         dict(warmup_steps=5, iters=5),
@@ -372,7 +382,7 @@ def test_settings_that_cannot_work_are_refused(tiny_hf_model, wikisql_slice, tmp
 
 
 def test_memory_preflight_refuses_before_loading(tiny_hf_model, wikisql_slice, tmp_path):
-    events: list[dict] = []
+    events: list[TrainerEvent] = []
     with pytest.raises(MemoryPreflightError) as err:
         train(
             tiny_hf_model,
@@ -382,7 +392,7 @@ def test_memory_preflight_refuses_before_loading(tiny_hf_model, wikisql_slice, t
         )
     message = str(err.value)
     assert "batch 2 with 2 LoRA layers needs ~" in message and "GB free: try" in message
-    assert events[-1]["type"] == "done" and events[-1]["status"] == "failed"
+    assert isinstance(events[-1], DoneEvent) and events[-1].status == "failed"
 
 
 # -- `loraforge lora`: the blog's commands ---------------------------------------------------------
@@ -530,8 +540,11 @@ def test_train_command_trains_and_tests(tiny_hf_model, wikisql_slice, tmp_path):
     start = next(e for e in events if e["type"] == "start")
     assert start["config"]["targets"] == ["q_proj", "o_proj"] and events[-1]["type"] == "done"
     # WikiSQL rows are ~90 tokens: at --max-seq-len 64 the user is told, not silently cut.
-    warnings = [e["message"] for e in events if e["type"] == "warning"]
-    assert any(w.startswith("train.jsonl: 8 of 8 examples were longer") for w in warnings)
+    warnings = [(e["code"], e["message"]) for e in events if e["type"] == "warning"]
+    assert any(
+        code == "examples_too_long" and w.startswith("train.jsonl: 8 of 8 examples were longer")
+        for code, w in warnings
+    )
     assert "[WARNING] train.jsonl:" in done.stdout and "raise --max-seq-len" in done.stdout
     # Settings that cannot work: one line saying what to change, exit 2.
     bad = _loraforge(

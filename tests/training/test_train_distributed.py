@@ -123,10 +123,13 @@ def test_two_processes_train_like_one(tiny_hf_model, tmp_path):
     assert val_b == pytest.approx(val_a, rel=1e-5)
 
     adapter_a, adapter_b = load_adapter(one), load_adapter(two)
+    # Two ranks sum their halves' gradients in another order than one process does, and a
+    # multi-threaded BLAS (OpenBLAS) orders its sums freely: float32 noise of a few 1e-6 after
+    # three Adam steps, far below the weights' own scale (~0.1).
     for key, (wa, wb) in adapter_a.weights.items():
         np.testing.assert_allclose(
-            np.array(adapter_b.weights[key][0]), np.array(wa), rtol=1e-4, atol=1e-6
+            np.array(adapter_b.weights[key][0]), np.array(wa), rtol=1e-4, atol=2e-5
         )
         np.testing.assert_allclose(
-            np.array(adapter_b.weights[key][1]), np.array(wb), rtol=1e-4, atol=1e-6
+            np.array(adapter_b.weights[key][1]), np.array(wb), rtol=1e-4, atol=2e-5
         )

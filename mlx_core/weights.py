@@ -168,7 +168,7 @@ def _read_safetensors(folder: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in files:
         try:
-            weights.update(mx.load(str(folder / f)))  # lazy: read when evaluated
+            weights.update(load_tensors(folder / f))
         except Exception as e:
             raise WeightsError(
                 f"{folder / f}: not a readable safetensors file ({e}); re-download it"
@@ -207,6 +207,14 @@ def _read_pth(folder: Path) -> dict[str, mx.array]:
     return out
 
 
+def load_tensors(path: str | Path) -> dict[str, mx.array]:
+    """The named tensors of a .safetensors or .npz file (lazy: read when evaluated)."""
+    loaded = mx.load(str(path))
+    if not isinstance(loaded, dict):  # a .npy holds one unnamed array
+        raise ValueError(f"{path} holds one unnamed array, not named tensors")
+    return loaded
+
+
 def read_checkpoint(folder: Path, args: ModelArgs) -> tuple[dict[str, mx.array], str]:
     """All tensors of a model folder under HF names and layout, plus the format's name."""
     if (folder / "model.safetensors.index.json").exists() or any(folder.glob("*.safetensors")):
@@ -214,7 +222,7 @@ def read_checkpoint(folder: Path, args: ModelArgs) -> tuple[dict[str, mx.array],
     if any(folder.glob("consolidated.*.pth")):
         return mistral_to_hf(_read_pth(folder), args), "mistral-pth"
     if (folder / "weights.npz").exists():
-        return mistral_to_hf(mx.load(str(folder / "weights.npz")), args), "mlx-examples-npz"
+        return mistral_to_hf(load_tensors(folder / "weights.npz"), args), "mlx-examples-npz"
     raise WeightsError(
         f"{folder}: no weights found (model*.safetensors, consolidated.00.pth or weights.npz); "
         "point --model at a complete model folder"
@@ -261,18 +269,16 @@ def load_model(
         )
     _check_names(model, weights, folder)
     cast = DTYPES[dtype] if dtype else None
-    requantize = quantize is not None and not args.quantization
-    if requantize:
+    requantize = quantize if quantize is not None and not args.quantization else None
+    if requantize is not None:
         # Quantize tensor by tensor as they are read: QLoRA on a 7B model never holds the dense
         # weights (14 GB) beside the quantized ones, only one dense tensor at a time.
-        nn.quantize(model, quantize.group_size, quantize.bits)
-        args = _with_quantization(args, quantize)
+        nn.quantize(model, requantize.group_size, requantize.bits)
+        args = _with_quantization(args, requantize)
         model.args = args
-        quantized = {
-            n[: -len(".scales")]
-            for n, _ in tree_flatten(model.parameters())
-            if n.endswith(".scales")
-        }
+        flat = tree_flatten(model.parameters())
+        assert isinstance(flat, list)  # annotated list | dict; without `destination` it is a list
+        quantized = {n[: -len(".scales")] for n, _ in flat if n.endswith(".scales")}
     # Evaluate tensor by tensor so no source array outlives its use (a 7B load stays ~1x in RAM).
     for name in list(weights):
         w = weights.pop(name)
@@ -283,8 +289,8 @@ def load_model(
         ):
             w = w.astype(cast)
         prefix = name[: -len(".weight")]
-        if requantize and name.endswith(".weight") and prefix in quantized:
-            wq, scales, biases = mx.quantize(w, quantize.group_size, quantize.bits)
+        if requantize is not None and name.endswith(".weight") and prefix in quantized:
+            wq, scales, biases = mx.quantize(w, requantize.group_size, requantize.bits)
             parts = [(name, wq), (f"{prefix}.scales", scales), (f"{prefix}.biases", biases)]
         else:
             parts = [(name, w)]

@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from mlx_core.lora.formats import load_adapter, save_adapter
 from mlx_core.lora.layers import Adapter
+from mlx_core.weights import load_tensors
 
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -158,4 +159,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     opt_file = path / OPTIMIZER_FILE
     if not opt_file.is_file():
         raise CheckpointError(f"{opt_file} is missing; resume from an earlier checkpoint")
-    return Checkpoint(path, state, load_adapter(path), dict(mx.load(str(opt_file))))
+    try:
+        optimizer_state = load_tensors(opt_file)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{opt_file}: unreadable ({e}); resume from an earlier checkpoint or start afresh"
+        ) from e
+    return Checkpoint(path, state, load_adapter(path), optimizer_state)

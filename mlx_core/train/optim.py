@@ -81,7 +81,9 @@ def restore_optimizer_state(
     dict it was built with.
     """
     optimizer.init(parameters)
-    expected = {k: v for k, v in tree_flatten(optimizer.state)}
+    flat = tree_flatten(optimizer.state)
+    assert isinstance(flat, list)  # annotated list | dict; without `destination` it is a list
+    expected: dict[str, mx.array] = dict(flat)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

@@ -11,6 +11,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_core.data.batches import Batch
@@ -60,7 +61,7 @@ def _checkpointed(cls: type) -> type:
 
 def _batch_arrays(batch: Batch) -> list[mx.array]:
     arrays = [batch.inputs, batch.targets, batch.loss_mask]
-    if batch.positions is not None:
+    if batch.positions is not None and batch.segment_ids is not None:  # packed rows
         arrays += [batch.positions, batch.segment_ids]
     return arrays
 
@@ -85,22 +86,22 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total, n = mx.array(0.0), 0
-    distributed = group is not None and group.size() > 1
+    shared = group if group is not None and group.size() > 1 else None
     for i, batch in enumerate(batches):
-        if distributed and i % group.size() != group.rank():
+        if shared is not None and i % shared.size() != shared.rank():
             continue
         total = total + loss_sum(model, _batch_arrays(batch))
         n += batch.n_target_tokens
         mx.eval(total)
     sums = mx.stack([total, mx.array(float(n))])
-    if distributed:
-        sums = mx.distributed.all_sum(sums, group=group)
-    total, n = sums.tolist()
+    if shared is not None:
+        sums = mx.distributed.all_sum(sums, group=shared)
+    summed, count = (float(v) for v in np.array(sums))
     if was_training:
         model.train()
-    if n == 0:
+    if count == 0:
         return math.nan, math.nan
-    loss = total / n
+    loss = summed / count
     return loss, math.exp(min(loss, 700.0))
 
 
@@ -166,6 +167,7 @@ class TrainStep:
     def _normalize(self, ce, grads, counts):
         if self.group is not None:
             flat = tree_flatten(grads)
+            assert isinstance(flat, list)  # annotated list | dict; without `destination`, a list
             summed = _all_sum_flat([v for _, v in flat] + [ce, counts], self.group)
             grads = tree_unflatten([(k, v) for (k, _), v in zip(flat, summed)])
             ce, counts = summed[-2], summed[-1]

@@ -39,6 +39,7 @@ from server.schemas.completions import (
     CompletionRequest,
     CompletionResponse,
 )
+from server.structured_outputs import requested_constraint
 
 MAX_N = 128
 MAX_LOGPROBS = 5
@@ -161,6 +162,7 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], st
 
 async def complete(req: CompletionRequest, service: EngineService, registry: AdapterRegistry):
     reject_unsupported(req)
+    structured = requested_constraint(req)
     tok = service.loaded.tokenizer
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
         raise BadRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
@@ -194,7 +196,16 @@ async def complete(req: CompletionRequest, service: EngineService, registry: Ada
                 logit_bias=bias,
                 ignore_eos=req.ignore_eos,
             )
-            requests.append(GenerationRequest(f"{rid}-{i}-{j}", ids, params, adapter_id))
+            requests.append(
+                GenerationRequest(
+                    f"{rid}-{i}-{j}",
+                    ids,
+                    params,
+                    adapter_id,
+                    constraint=structured.constraint,
+                    token_healing=req.token_healing,
+                )
+            )
             echoes.append(text if req.echo else "")
     prompt_scores: dict[int, tuple[list[int], list[TokenLogprob | None]]] = {}
     if req.echo and req.logprobs is not None:
@@ -205,7 +216,8 @@ async def complete(req: CompletionRequest, service: EngineService, registry: Ada
                     lambda ids=ids: service.engine.score_prompt(ids, req.logprobs, adapter_id)
                 ),
             )
-    outputs = service.generate(requests)
+    with structured.errors():
+        outputs = service.generate(requests)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -348,6 +360,7 @@ def _chat_messages(req: ChatCompletionRequest) -> list[EngineChatMessage]:
 
 async def chat(req: ChatCompletionRequest, service: EngineService, registry: AdapterRegistry):
     reject_unsupported(req)
+    structured = requested_constraint(req)
     tok = service.loaded.tokenizer
     top = None
     if req.logprobs:
@@ -399,10 +412,12 @@ async def chat(req: ChatCompletionRequest, service: EngineService, registry: Ada
             ),
             adapter_id,
             chat=True,
+            constraint=structured.constraint,
         )
         for j in range(req.n)
     ]
-    outputs = service.generate(requests)
+    with structured.errors():
+        outputs = service.generate(requests)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 
+from ..errors import LoraforgeError
+
 if TYPE_CHECKING:  # a TypedDict of the stubs only
     from llguidance._lib import JsonCompileOptions
 
@@ -30,7 +32,7 @@ COMPILE_CACHE_SIZE = 256  # distinct (kind, text) grammars kept compiled
 _MESSAGE_LIMIT = 1500  # characters of llguidance's diagnostics quoted back to the user
 
 
-class ConstraintError(ValueError):
+class ConstraintError(LoraforgeError, ValueError):
     """A constraint that cannot be compiled; `kind` says which one, the message what to fix."""
 
     def __init__(self, kind: str, message: str) -> None:

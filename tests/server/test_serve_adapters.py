@@ -105,8 +105,14 @@ def test_concurrent_mixed_adapters_match_each_alone(server, tiny_hf_model, adapt
 
     def run(i: int, model: str, prompt: str) -> None:
         barrier.wait()
+        # The reference runs the prompt as given: no token healing here either.
         results[i] = client.completions.create(
-            model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=2
+            model=model,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            logprobs=2,
+            extra_body={"token_healing": False},
         )
 
     threads = [threading.Thread(target=run, args=(i, m, p)) for i, (m, p) in enumerate(jobs)]

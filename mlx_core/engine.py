@@ -177,10 +177,16 @@ class Engine:
     def add_request(self, req: GenerationRequest) -> None:
         """Queue `req`. Raises EngineError, or ConstraintError for a constraint that cannot be
         used, on the caller's thread before anything is queued."""
-        self.check_request(req)
+        self._check_limits(req)
         self._inbox.put(("add", req, self._row(req)))
 
     def check_request(self, req: GenerationRequest) -> None:
+        """Raise what add_request would (EngineError, ConstraintError), queueing nothing."""
+        self._check_limits(req)
+        if req.constraint is not None:
+            self._row(req)
+
+    def _check_limits(self, req: GenerationRequest) -> None:
         n = len(req.prompt)
         if n == 0:
             raise EngineError(
@@ -207,10 +213,9 @@ class Engine:
             req.params.validate(self.model.args.vocab_size)
         except ValueError as e:
             raise EngineError(str(e)) from e
-        if req.constraint is not None:
-            self._row(req)  # raises ConstraintError (a LoraforgeError naming what to fix)
 
     def _row(self, req: GenerationRequest) -> _Row:
+        """The row's prompt and constraint; raises ConstraintError for one that cannot be used."""
         grammar = compile_grammar(req.constraint) if req.constraint is not None else None
         if not (grammar is not None or (req.token_healing and not req.chat)):
             return _Row(req.prompt)  # nothing to build: no vocabulary needed
@@ -435,7 +440,8 @@ class Engine:
             text = seq.stop.feed(self._text(seq, seq.detok.flush()))[0] + seq.stop.flush()
             seq.finish = "stop"
             return self._output(seq, text, [tok], lp, "stop")
-        # A matcher that allowed nothing but EOS next has nothing more to say: end now.
+        # A matcher that allows nothing but EOS next has nothing more to say: end now. (It cannot
+        # refuse a token sampled under its mask; if it ever did, ending beats emitting bad text.)
         ended = False
         if seq.constraint is not None:
             ended = not seq.constraint.advance(tok) or seq.constraint.is_stopped()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlx_core.structured import Constraint, ConstraintError, compile_grammar
 from server.errors import BadRequestError
@@ -49,6 +49,8 @@ def requested_constraint(req: StructuredOutputFields) -> RequestedConstraint:
     if not found:
         return RequestedConstraint()
     param, constraint = found[0]
+    if req.structured_outputs is not None and req.structured_outputs.disable_any_whitespace:
+        constraint = replace(constraint, compact=True)
     try:
         compile_grammar(constraint)  # cached: the engine's matcher reuses it
     except ConstraintError as e:
@@ -82,7 +84,7 @@ def _constraints(req: StructuredOutputFields) -> list[tuple[str, Constraint]]:
             found.append(("structured_outputs.grammar", Constraint("grammar", so.grammar)))
         if so.json_object:
             found.append(("structured_outputs.json_object", Constraint("json_object")))
-        if len(found) == before:
+        if len(found) == before and not (so.disable_any_whitespace and found):
             raise BadRequestError(
                 "structured_outputs sets no constraint: give one of json, regex, choice, "
                 "grammar or json_object (or leave structured_outputs out)",

@@ -32,6 +32,8 @@ class StructuredOutputs(RequestBody):
     choice: list[str] | None = None
     grammar: str | None = None  # Lark (llguidance's dialect) or GBNF
     json_object: bool | None = None
+    # JSON without free whitespace (vLLM's name); also applies to response_format's JSON.
+    disable_any_whitespace: bool = False
 
 
 class StructuredOutputFields(RequestBody, kw_only=True):

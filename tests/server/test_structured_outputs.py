@@ -128,12 +128,19 @@ def test_json_object_answers_are_objects(server):
         server,
         *[chat(response_format=fmt, seed=s, **SAMPLED) for s in range(4)],
         completion(extra_body={"guided_json": json.dumps(body["json"])}, seed=9, **SAMPLED),
+        completion(
+            extra_body={"structured_outputs": {"json": PERSON, "disable_any_whitespace": True}},
+            seed=10,
+            **SAMPLED,
+        ),
     )
     ended = [r for r in results[:4] if r.choices[0].finish_reason == "stop"]
     assert ended  # an object has no size limit: some may run to max_tokens, not all
     for r in ended:
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     assert len(json.loads(results[4].choices[0].text)) <= 2
+    compact = results[5].choices[0].text  # one layout only: json.dumps's
+    assert compact == json.dumps(json.loads(compact), ensure_ascii=False), compact
 
 
 def test_regex_choice_and_grammar_answers_match(server):

@@ -554,6 +554,8 @@ class Engine:
                 mx.eval(job.cache.keys + job.cache.values)
                 continue
             self.prefilling.pop(0)
+            if any(s.constrained for s in job.seqs):
+                mx.async_eval(logits)  # the device runs the prompt while the host builds masks
             masks = self._compute_masks(job.seqs)
             result = sample(logits[:, -1, :], [s.sampler for s in job.seqs], masks)
             mx.async_eval(_arrays(result))

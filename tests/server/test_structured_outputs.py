@@ -213,15 +213,16 @@ BAD = [
 
 def test_bad_specs_are_400_naming_the_field(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": "x"}]
     for body, param in BAD:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="tiny", prompt="x", extra_body=body)
-        assert e.value.body["param"] == param, (body, e.value.body)
+        error = e.value.response.json()["error"]
+        assert error["param"] == param, (body, error)
         with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "x"}], extra_body=body
-            )
-        assert e.value.body["param"] == param and e.value.body["message"], e.value.body
+            client.chat.completions.create(model="tiny", messages=messages, extra_body=body)
+        error = e.value.response.json()["error"]
+        assert error["param"] == param and error["message"], error
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@ One thread owns an Engine and calls `step()` in a loop; other threads only `add_
 and `call` (all thread-safe). A step launches the next batched decode before it reads back the
 tokens of the previous one, so Python's work overlaps the accelerator's (MLX evaluates lazily).
 Rows that finished in the meantime are dropped afterwards; their extra token is discarded.
+While a row has an active output constraint (mlx_core/structured) the step splits instead: it
+launches the forward, reads back the previous tokens to advance the matchers, computes the next
+masks while the device runs, then samples; batches without one keep the pipelined path.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +28,21 @@ from mlx_core.kernels import use_fast_kernels
 from mlx_core.model import Mistral
 from mlx_core.prefix_cache import PrefixCache
 from mlx_core.sampling import RowSampler, SampleResult, SamplingParams, StopMatcher, sample
-from mlx_core.tokenizer import Tokenizer
+from mlx_core.structured import (
+    Constraint,
+    HealingMatcher,
+    MaskComputer,
+    PrefixStripper,
+    RowMatcher,
+    TokenConstraint,
+    TokenMasks,
+    Vocabulary,
+    compile_grammar,
+    heal_prompt,
+    vocabulary,
+    with_prefix,
+)
+from mlx_core.tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @dataclass
@@ -35,6 +52,10 @@ class GenerationRequest:
     params: SamplingParams
     adapter: str | None = None  # adapter id resident in the engine's slots (None: base model)
     chat: bool = False  # a chat reply starts a new turn: no leading space carried from the prompt
+    constraint: Constraint | None = None  # what the generated text must match
+    # Back off a trailing prompt token that a longer token extends ("A: " ends in a lone space)
+    # and make the answer spell it again; completions only, chat prompts are never healed.
+    token_healing: bool = False
 
 
 @dataclass
@@ -59,11 +80,23 @@ class GenerationOutput:
 
 
 @dataclass
+class _Row:
+    """What a request runs as, built on the caller's thread so a bad constraint fails there."""
+
+    prompt: list[int]  # the tokens to prefill: the request's prompt, less what healing backed off
+    constraint: TokenConstraint | None = None
+    strip: PrefixStripper | None = None  # drops the healed text from what the row returns
+
+
+@dataclass
 class _Sequence:
     req: GenerationRequest
     sampler: RowSampler
-    detok: object
+    detok: StreamingDetokenizer
     stop: StopMatcher
+    prompt: list[int]
+    constraint: TokenConstraint | None = None
+    strip: PrefixStripper | None = None
     slot: int = 0
     generated: list[int] = field(default_factory=list)
     cached_tokens: int = 0
@@ -71,7 +104,11 @@ class _Sequence:
 
     @property
     def length(self) -> int:
-        return len(self.req.prompt) + len(self.generated)
+        return len(self.prompt) + len(self.generated)
+
+    @property
+    def constrained(self) -> bool:
+        return self.constraint is not None and self.constraint.active and not self.finish
 
 
 @dataclass
@@ -127,13 +164,28 @@ class Engine:
         self.cache: KVCache | None = None
         self._pending: list[tuple[SampleResult, list[_Sequence]]] = []
         self._aborted: set[str] = set()
+        self._masks: MaskComputer | None = None  # built with the first constrained row
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The tokenizer's exact-bytes vocabulary for matchers and healing (built on first use,
+        ~0.2 s; thread-safe)."""
+        return vocabulary(self.tokenizer)
 
     # -- thread-safe entry points ----------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:
-        self.check_request(req)
-        self._inbox.put(("add", req))
+        """Queue `req`. Raises EngineError, or ConstraintError for a constraint that cannot be
+        used, on the caller's thread before anything is queued."""
+        self._check_limits(req)
+        self._inbox.put(("add", req, self._row(req)))
 
     def check_request(self, req: GenerationRequest) -> None:
+        """Raise what add_request would (EngineError, ConstraintError), queueing nothing."""
+        self._check_limits(req)
+        if req.constraint is not None:
+            self._row(req)
+
+    def _check_limits(self, req: GenerationRequest) -> None:
         n = len(req.prompt)
         if n == 0:
             raise EngineError(
@@ -161,6 +213,28 @@ class Engine:
         except ValueError as e:
             raise EngineError(str(e), kind="invalid_request") from e
 
+    def _row(self, req: GenerationRequest) -> _Row:
+        """The row's prompt and constraint; raises ConstraintError for one that cannot be used."""
+        grammar = compile_grammar(req.constraint) if req.constraint is not None else None
+        if not (grammar is not None or (req.token_healing and not req.chat)):
+            return _Row(req.prompt)  # nothing to build: no vocabulary needed
+        vocab = self.vocab
+        row = _Row(req.prompt)
+        if req.token_healing and not req.chat:
+            healing = heal_prompt(req.prompt, vocab)
+            if healing.backed_off:
+                row.prompt, row.strip = healing.prompt, PrefixStripper(healing.text)
+                if grammar is None:
+                    row.constraint = HealingMatcher(healing.prefix, vocab)
+                else:
+                    grammar = with_prefix(grammar, healing.text)
+        if grammar is not None and req.constraint is not None:
+            if req.chat:
+                # Mistral starts an answer with a "▁" token, which the chat detokenizer drops.
+                grammar = with_prefix(grammar, " ", optional=True)
+            row.constraint = RowMatcher(grammar, vocab, req.constraint.kind)
+        return row
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
@@ -181,9 +255,12 @@ class Engine:
     def step(self) -> list[GenerationOutput]:
         outs: list[GenerationOutput] = []
         self._drain_inbox(outs)
-        launched = self._launch_decode() if self.running and not self._all_done() else None
-        for result, seqs in self._pending:
-            outs.extend(self._resolve(result, seqs))
+        if any(s.constrained for s in self.running):
+            launched = self._constrained_decode(outs)
+        else:
+            launched = self._launch_decode() if self.running and not self._all_done() else None
+            for result, seqs in self._pending:
+                outs.extend(self._resolve(result, seqs))
         self._pending = [launched] if launched else []
         self._drop_finished(outs)
         self._admit()
@@ -197,9 +274,13 @@ class Engine:
         adapter: str | None = None,
         request_id: str = "gen",
         chat: bool = False,
+        constraint: Constraint | None = None,
+        token_healing: bool = False,
     ) -> Iterator[GenerationOutput]:
         """Run one request to the end (used by the CLI and benchmarks)."""
-        self.add_request(GenerationRequest(request_id, prompt, params, adapter, chat))
+        self.add_request(
+            GenerationRequest(request_id, prompt, params, adapter, chat, constraint, token_healing)
+        )
         while self.has_work():
             for out in self.step():
                 if out.request_id == request_id:
@@ -219,11 +300,12 @@ class Engine:
         with the `top` most likely alternatives: OpenAI's `echo` with `logprobs`. Engine thread only."""
         slot = 0
         if adapter is not None and self.adapter_slots is not None:
-            slot = self.adapter_slots.acquire(adapter)
-            if slot is None:
+            acquired = self.adapter_slots.acquire(adapter)
+            if acquired is None:
                 raise EngineError(
                     "every adapter slot is busy: retry shortly", kind="busy", param="model"
                 )
+            slot = acquired
         try:
             if self.adapter_slots is not None:
                 self.adapter_slots.activate([slot])
@@ -235,13 +317,13 @@ class Engine:
             if top:
                 ids = mx.argsort(-logprobs, axis=-1)[:, :top]
                 vals = mx.take_along_axis(logprobs, ids, axis=-1)
-                ids_l, vals_l = ids.tolist(), vals.tolist()
-            for i, lp in enumerate(chosen.tolist()):
+                ids_l, vals_l = _host(ids), _host(vals)
+            for i, lp in enumerate(_host(chosen)):
                 alts = list(zip(ids_l[i], vals_l[i])) if top else []
                 out.append(TokenLogprob(tokens[i + 1], lp, alts))
             return out
         finally:
-            if slot:
+            if slot and self.adapter_slots is not None:
                 self.adapter_slots.release(slot)
 
     # -- internals -------------------------------------------------------------------------------
@@ -252,7 +334,7 @@ class Engine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                self.waiting.append(self._new_sequence(msg[1]))
+                self.waiting.append(self._new_sequence(msg[1], msg[2]))
             elif msg[0] == "abort":
                 self._abort(msg[1], outs)
             else:
@@ -262,9 +344,18 @@ class Engine:
                 except Exception as e:  # the caller's future carries it
                     fut.set_exception(e)
 
-    def _new_sequence(self, req: GenerationRequest) -> _Sequence:
-        detok = self.tokenizer.detokenizer(() if req.chat else req.prompt)
-        return _Sequence(req, RowSampler(req.params), detok, StopMatcher(req.params.stop))
+    def _new_sequence(self, req: GenerationRequest, row: _Row) -> _Sequence:
+        # The generated tokens follow the prefilled prompt: it gives the first one its space.
+        detok = self.tokenizer.detokenizer(() if req.chat else row.prompt)
+        return _Sequence(
+            req,
+            RowSampler(req.params),
+            detok,
+            StopMatcher(req.params.stop),
+            row.prompt,
+            row.constraint,
+            row.strip,
+        )
 
     def _abort(self, request_id: str, outs: list[GenerationOutput]) -> None:
         for seq in list(self.waiting):
@@ -284,18 +375,47 @@ class Engine:
             self.adapter_slots.activate([s.slot for s in seqs])
 
     def _launch_decode(self) -> tuple[SampleResult, list[_Sequence]]:
-        inputs = mx.concatenate([r.tokens for r, _ in self._pending])[:, None]
-        self._activate(self.running)
-        logits = self.model(inputs, cache=self.cache)[:, -1, :]
+        logits = self._forward_pending()
         result = sample(logits, [s.sampler for s in self.running])
         mx.async_eval(_arrays(result))
         return result, list(self.running)
 
+    def _forward_pending(self) -> mx.array:
+        """The next logits (B, V) of the running rows, from their pending (lazy) tokens."""
+        inputs = mx.concatenate([r.tokens for r, _ in self._pending])[:, None]
+        self._activate(self.running)
+        return self.model(inputs, cache=self.cache)[:, -1, :]
+
+    def _constrained_decode(
+        self, outs: list[GenerationOutput]
+    ) -> tuple[SampleResult, list[_Sequence]] | None:
+        """A decode step that needs the previous tokens on the host before it can sample."""
+        logits = None
+        if not self._all_done():
+            logits = self._forward_pending()
+            mx.async_eval(logits)  # the device runs the forward while the host does the rest
+        for result, seqs in self._pending:
+            outs.extend(self._resolve(result, seqs))  # advances the matchers
+        if logits is None or self._all_done():
+            return None
+        masks = self._compute_masks(self.running)
+        result = sample(logits, [s.sampler for s in self.running], masks)
+        mx.async_eval(_arrays(result))
+        return result, list(self.running)
+
+    def _compute_masks(self, seqs: Sequence[_Sequence]) -> TokenMasks | None:
+        rows = [s.constraint if s.constrained else None for s in seqs]
+        if not any(rows):
+            return None
+        if self._masks is None:
+            self._masks = MaskComputer(self.vocab)
+        return self._masks.compute(rows)
+
     def _resolve(self, result: SampleResult, seqs: list[_Sequence]) -> list[GenerationOutput]:
-        tokens = result.tokens.tolist()
-        chosen = result.logprobs.tolist() if result.logprobs is not None else None
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        top_vals = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        tokens = _host(result.tokens)
+        chosen = _host(result.logprobs) if result.logprobs is not None else None
+        top_ids = _host(result.top_ids) if result.top_ids is not None else None
+        top_vals = _host(result.top_logprobs) if result.top_logprobs is not None else None
         outs = []
         for i, seq in enumerate(seqs):
             if seq.finish:
@@ -304,7 +424,9 @@ class Engine:
             lp = None
             if seq.req.params.logprobs is not None and chosen is not None:
                 k = seq.req.params.logprobs
-                top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids and k else []
+                top = (
+                    list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids and top_vals and k else []
+                )
                 lp = [TokenLogprob(tok, chosen[i], top)]
             outs.append(self._accept(seq, tok, lp))
         return outs
@@ -314,16 +436,27 @@ class Engine:
         seq.sampler.observe(tok)
         p = seq.req.params
         if tok == self.tokenizer.eos_id and not p.ignore_eos:
-            text = seq.stop.feed(seq.detok.flush())[0] + seq.stop.flush()
+            text = seq.stop.feed(self._text(seq, seq.detok.flush()))[0] + seq.stop.flush()
             seq.finish = "stop"
             return self._output(seq, text, [tok], lp, "stop")
-        text, hit = seq.stop.feed(seq.detok.add(tok))
+        # A matcher that allows nothing but EOS next has nothing more to say: end now. (It cannot
+        # refuse a token sampled under its mask; if it ever did, ending beats emitting bad text.)
+        ended = False
+        if seq.constraint is not None:
+            ended = not seq.constraint.advance(tok) or seq.constraint.is_stopped()
+            if not ended and not seq.constraint.active:
+                seq.constraint = None  # a spelled-out healing prefix: the row is free again
+        text, hit = seq.stop.feed(self._text(seq, seq.detok.add(tok)))
         if hit:
             seq.finish = "stop"
-        elif len(seq.generated) >= p.max_tokens or seq.length >= self.max_model_len:
-            text += seq.stop.feed(seq.detok.flush())[0] + seq.stop.flush()
-            seq.finish = "length"
+        elif ended or len(seq.generated) >= p.max_tokens or seq.length >= self.max_model_len:
+            text += seq.stop.feed(self._text(seq, seq.detok.flush()))[0] + seq.stop.flush()
+            seq.finish = "stop" if ended else "length"
         return self._output(seq, text, [tok], lp, seq.finish)
+
+    @staticmethod
+    def _text(seq: _Sequence, text: str) -> str:
+        return seq.strip.feed(text) if seq.strip is not None else text
 
     def _output(self, seq, text, tokens, lp, finish) -> GenerationOutput:
         return GenerationOutput(
@@ -347,7 +480,8 @@ class Engine:
         if not keep:
             self.running, self.cache, self._pending = [], None, []
             return
-        self.cache.filter(keep)
+        if self.cache is not None:
+            self.cache.filter(keep)
         idx = mx.array(keep, dtype=mx.int32)
         self._pending = [(_take_rows(r, idx), [seqs[i] for i in keep]) for r, seqs in self._pending]
         self.running = [self.running[i] for i in keep]
@@ -360,14 +494,14 @@ class Engine:
     # -- admission and prefill -------------------------------------------------------------------
     def _kv_tokens_in_use(self) -> int:
         seqs = self.running + [s for p in self.prefilling for s in p.seqs]
-        return sum(len(s.req.prompt) + s.req.params.max_tokens for s in seqs)
+        return sum(len(s.prompt) + s.req.params.max_tokens for s in seqs)
 
     def _admit(self) -> None:
         group: list[_Sequence] = []
         used = self._kv_tokens_in_use()
         while self.waiting and self.num_running + len(group) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = len(seq.req.prompt) + seq.req.params.max_tokens
+            need = len(seq.prompt) + seq.req.params.max_tokens
             if (
                 self.kv_budget_tokens
                 and used + need > self.kv_budget_tokens
@@ -382,20 +516,20 @@ class Engine:
             self.waiting.popleft()
             used += need
             prefix = self.prefix_cache.lookup(
-                seq.req.adapter or "", seq.req.prompt, self.model.args.sliding_window
+                seq.req.adapter or "", seq.prompt, self.model.args.sliding_window
             )
             if prefix is not None:
                 seq.cached_tokens = prefix.offset
-                rest = np.array([seq.req.prompt[prefix.offset :]], dtype=np.int32)
+                rest = np.array([seq.prompt[prefix.offset :]], dtype=np.int32)
                 self.prefilling.append(_Prefill([seq], prefix, rest))
             else:
                 group.append(seq)
         if group:
-            longest = max(len(s.req.prompt) for s in group)
-            pad = [longest - len(s.req.prompt) for s in group]
+            longest = max(len(s.prompt) for s in group)
+            pad = [longest - len(s.prompt) for s in group]
             tokens = np.zeros((len(group), longest), dtype=np.int32)
             for i, s in enumerate(group):
-                tokens[i, pad[i] :] = s.req.prompt
+                tokens[i, pad[i] :] = s.prompt
             self.prefilling.append(_Prefill(group, self.model.new_cache(len(group), pad), tokens))
 
     def _advance_prefills(self) -> None:
@@ -419,10 +553,13 @@ class Engine:
                 mx.eval(job.cache.keys + job.cache.values)
                 continue
             self.prefilling.pop(0)
-            result = sample(logits[:, -1, :], [s.sampler for s in job.seqs])
+            if any(s.constrained for s in job.seqs):
+                mx.async_eval(logits)  # the device runs the prompt while the host builds masks
+            masks = self._compute_masks(job.seqs)
+            result = sample(logits[:, -1, :], [s.sampler for s in job.seqs], masks)
             mx.async_eval(_arrays(result))
             for row, seq in enumerate(job.seqs):
-                self.prefix_cache.store(seq.req.adapter or "", seq.req.prompt, job.cache, row)
+                self.prefix_cache.store(seq.req.adapter or "", seq.prompt, job.cache, row)
             self._join(job, result)
 
     def _join(self, job: _Prefill, result: SampleResult) -> None:
@@ -442,7 +579,12 @@ def _take_rows(r: SampleResult, idx: mx.array) -> SampleResult:
     def take(a: mx.array | None) -> mx.array | None:
         return None if a is None else a[idx]
 
-    return SampleResult(take(r.tokens), take(r.logprobs), take(r.top_ids), take(r.top_logprobs))
+    return SampleResult(r.tokens[idx], take(r.logprobs), take(r.top_ids), take(r.top_logprobs))
+
+
+def _host(a: mx.array) -> list[Any]:
+    """A batch's values as Python lists (waits for the device)."""
+    return cast(list[Any], a.tolist())
 
 
 def timed_generate(

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from mlx_core.structured.matcher import TokenMasks, apply_masks
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -65,6 +67,8 @@ class RowSampler:
         return self.params.temperature == 0.0
 
     def next_key(self) -> mx.array:
+        if self.key is None:
+            raise ValueError("next_key needs a seeded row (SamplingParams.seed)")
         self.key, sub = mx.random.split(self.key)
         return sub
 
@@ -81,13 +85,21 @@ class SampleResult:
     top_logprobs: mx.array | None = None  # (B, k)
 
 
-def sample(logits: mx.array, rows: Sequence[RowSampler]) -> SampleResult:
-    """Next tokens for logits (B, V); lazy arrays, evaluated by the caller."""
+def sample(
+    logits: mx.array, rows: Sequence[RowSampler], masks: TokenMasks | None = None
+) -> SampleResult:
+    """Next tokens for logits (B, V), each constrained row drawn only from what its mask allows;
+    lazy arrays, evaluated by the caller.
+
+    Logprobs come from the raw logits, before bias, penalties and masks (as vLLM reports them by
+    default): a masked token keeps a finite logprob, so no -inf reaches a JSON response.
+    """
     logits = logits.astype(mx.float32)
     B, V = logits.shape
     want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     raw = logits
-    logits = _apply_bias_and_penalties(logits, rows, V)
+    # The mask goes last: a logit bias must not lift a disallowed token back above -inf.
+    logits = apply_masks(_apply_bias_and_penalties(logits, rows, V), masks)
     greedy = [r.greedy for r in rows]
     if all(greedy):
         tokens = mx.argmax(logits, axis=-1)
@@ -153,7 +165,7 @@ def _gumbel(rows: Sequence[RowSampler], V: int) -> mx.array:
     shared = mx.random.gumbel((len(unseeded), V)) if unseeded else None
     noise, j = [], 0
     for r in rows:
-        if r.key is None:
+        if r.key is None and shared is not None:
             noise.append(shared[j])
             j += 1
         else:

@@ -239,7 +239,7 @@ def create_app(
             "adapter_registry": constant(adapter_registry),
         },
         guards=[api_key_guard(settings.api_key)],
-        exception_handlers=exception_handlers(),  # type: ignore[arg-type]
+        exception_handlers=exception_handlers(),
         request_max_body_size=max(
             MIN_BODY_LIMIT_BYTES, settings.max_upload_bytes + MULTIPART_SLACK_BYTES
         ),

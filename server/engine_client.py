@@ -229,7 +229,7 @@ class EngineClient:
         engine = self._require_engine()
         fut = engine.call(fn)
         self._wake.set()
-        return await asyncio.wrap_future(fut)  # type: ignore[return-value]  # Future is untyped
+        return await asyncio.wrap_future(fut)
 
     def _require_engine(self) -> Engine:
         self.require_ready()

@@ -39,6 +39,7 @@ from server.schemas.completions import (
     CompletionRequest,
     CompletionResponse,
 )
+from server.structured_outputs import requested_constraint
 
 MAX_N = 128
 MAX_LOGPROBS = 5
@@ -161,6 +162,7 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], st
 
 async def complete(req: CompletionRequest, engine: EngineClient, registry: AdapterRegistry):
     reject_unsupported(req)
+    structured = requested_constraint(req)
     model = engine.require_ready()
     tok = engine.tokenizer
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
@@ -195,13 +197,23 @@ async def complete(req: CompletionRequest, engine: EngineClient, registry: Adapt
                 logit_bias=bias,
                 ignore_eos=req.ignore_eos,
             )
-            requests.append(GenerationRequest(f"{rid}-{i}-{j}", ids, params, adapter_id))
+            requests.append(
+                GenerationRequest(
+                    f"{rid}-{i}-{j}",
+                    ids,
+                    params,
+                    adapter_id,
+                    constraint=structured.constraint,
+                    token_healing=req.token_healing,
+                )
+            )
             echoes.append(text if req.echo else "")
     prompt_scores: dict[int, tuple[list[int], list[TokenLogprob | None]]] = {}
     if req.echo and req.logprobs is not None:
         for i, (ids, _) in enumerate(prompts):
             prompt_scores[i] = (ids, await engine.score_prompt(ids, req.logprobs, adapter_id))
-    outputs = engine.generate(requests)
+    with structured.errors():
+        outputs = engine.generate(requests)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -344,6 +356,7 @@ def _chat_messages(req: ChatCompletionRequest) -> list[EngineChatMessage]:
 
 async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: AdapterRegistry):
     reject_unsupported(req)
+    structured = requested_constraint(req)
     model = engine.require_ready()
     tok = engine.tokenizer
     top = None
@@ -396,10 +409,12 @@ async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: Adapt
             ),
             adapter_id,
             chat=True,
+            constraint=structured.constraint,
         )
         for j in range(req.n)
     ]
-    outputs = engine.generate(requests)
+    with structured.errors():
+        outputs = engine.generate(requests)
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

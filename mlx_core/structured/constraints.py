@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 
+from ..errors import LoraforgeError
+
 if TYPE_CHECKING:  # a TypedDict of the stubs only
     from llguidance._lib import JsonCompileOptions
 
@@ -26,11 +28,18 @@ KINDS: tuple[ConstraintKind, ...] = ("json", "json_object", "regex", "choice", "
 # whitespace a model can emit newlines until max_tokens (a failure vLLM users hit). 24 characters
 # are a newline and the indent of ten nesting levels.
 JSON_OPTIONS: JsonCompileOptions = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,24}"}
+# vLLM's disable_any_whitespace: one layout only, as json.dumps writes it. A model that never saw
+# JSON (the demo model) otherwise fills the allowed blank space instead of writing values.
+COMPACT_JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 COMPILE_CACHE_SIZE = 256  # distinct (kind, text) grammars kept compiled
 _MESSAGE_LIMIT = 1500  # characters of llguidance's diagnostics quoted back to the user
 
 
-class ConstraintError(ValueError):
+class ConstraintError(LoraforgeError, ValueError):
     """A constraint that cannot be compiled; `kind` says which one, the message what to fix."""
 
     def __init__(self, kind: str, message: str) -> None:
@@ -45,10 +54,12 @@ class Constraint:
     value by kind: "json": a JSON schema (a dict, or a string holding one); "json_object": None;
     "regex": the pattern the whole text must match (Rust regex syntax; \\d means [0-9]);
     "choice": the allowed strings; "grammar": a Lark grammar with a `start` rule (or GBNF).
+    compact: JSON kinds only, no free whitespace: `{"a": 1, "b": [1, 2]}` exactly.
     """
 
     kind: ConstraintKind
     value: str | Mapping[str, Any] | Sequence[str] | None = None
+    compact: bool = False
 
     def key(self) -> tuple[ConstraintKind, str]:
         """(kind, canonical text): equal constraints have equal keys. Raises ConstraintError."""
@@ -87,7 +98,7 @@ def compile_grammar(constraint: Constraint) -> str:
 
     Raises ConstraintError when the schema, regex, choice list or grammar cannot be used.
     """
-    return _compile(*constraint.key())
+    return _compile(*constraint.key(), compact=constraint.compact)
 
 
 def lark_grammar(text: str) -> str:
@@ -126,13 +137,14 @@ def _with_prefix(grammar: str, prefix: str, optional: bool) -> str:
 
 
 @lru_cache(maxsize=COMPILE_CACHE_SIZE)
-def _compile(kind: ConstraintKind, text: str, convert: bool = True) -> str:
+def _compile(kind: ConstraintKind, text: str, convert: bool = True, compact: bool = False) -> str:
+    options = COMPACT_JSON_OPTIONS if compact else JSON_OPTIONS
     try:
         if kind == "json":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=options)
         elif kind == "json_object":
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                '{"type": "object"}', defaults=JSON_OPTIONS
+                '{"type": "object"}', defaults=options
             )
         elif kind == "regex":
             # \d as [0-9]: llguidance's \d admits every Unicode digit, which int() and older

@@ -9,6 +9,7 @@ from msgspec import Struct
 
 from server.schemas.common import RequestBody, StreamOptions, Usage
 from server.schemas.completions import Stop
+from server.schemas.structured import StructuredOutputFields
 
 
 class ChatContentPart(RequestBody):
@@ -36,7 +37,7 @@ class ChatMessage(RequestBody):
     accepted_and_ignored = ("name", "refusal")
 
 
-class ChatCompletionRequest(RequestBody):
+class ChatCompletionRequest(StructuredOutputFields):
     model: str
     messages: list[ChatMessage]
     max_tokens: int | None = None  # None: up to the model's context limit
@@ -55,7 +56,6 @@ class ChatCompletionRequest(RequestBody):
     top_logprobs: int | None = None
     user: str | None = None
     # Declared so they are refused with a clear message rather than "unrecognized":
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -75,7 +75,6 @@ class ChatCompletionRequest(RequestBody):
     verbosity: str | None = None
 
     unsupported = (
-        "response_format",
         "tools",
         "tool_choice",
         "parallel_tool_calls",

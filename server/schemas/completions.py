@@ -6,7 +6,8 @@ from typing import Literal
 
 from msgspec import Struct
 
-from server.schemas.common import RequestBody, StreamOptions, Usage
+from server.schemas.common import StreamOptions, Usage
+from server.schemas.structured import StructuredOutputFields
 
 # msgspec allows one array type per union, so token-id prompts share the list: the route checks
 # that a list holds only strings, only ints, or only lists of ints.
@@ -16,7 +17,7 @@ Prompt = str | list[str | int | list[int]]
 Stop = str | list[str] | None
 
 
-class CompletionRequest(RequestBody):
+class CompletionRequest(StructuredOutputFields):
     model: str
     prompt: Prompt
     max_tokens: int | None = 16  # None: up to the model's context limit
@@ -37,6 +38,8 @@ class CompletionRequest(RequestBody):
     best_of: int | None = None  # only None or the same as n is meaningful here
     # vLLM's extension: keep generating past EOS (benchmarks with random weights use it).
     ignore_eos: bool = False
+    # loraforge's own: heal a prompt that ends inside a token, e.g. "A: " (docs/structured-outputs.md)
+    token_healing: bool = True
 
     unsupported = ("suffix", "best_of")
     accepted_and_ignored = ("user",)

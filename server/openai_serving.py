@@ -162,7 +162,7 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], st
 
 async def complete(req: CompletionRequest, engine: EngineClient, registry: AdapterRegistry):
     reject_unsupported(req)
-    structured = requested_constraint(req)
+    structured = requested_constraint(req, req.prompt if isinstance(req.prompt, str) else None)
     model = engine.require_ready()
     tok = engine.tokenizer
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
@@ -356,7 +356,9 @@ def _chat_messages(req: ChatCompletionRequest) -> list[EngineChatMessage]:
 
 async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: AdapterRegistry):
     reject_unsupported(req)
-    structured = requested_constraint(req)
+    messages = _chat_messages(req)
+    last_user = next((m.content for m in reversed(messages) if m.role == "user"), None)
+    structured = requested_constraint(req, last_user)
     model = engine.require_ready()
     tok = engine.tokenizer
     top = None
@@ -381,7 +383,7 @@ async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: Adapt
     if not req.messages:
         raise BadRequestError("messages is empty: send at least one user message", param="messages")
     try:
-        ids = tok.encode_chat(_chat_messages(req))
+        ids = tok.encode_chat(messages)
     except ValueError as e:
         raise BadRequestError(str(e), param="messages") from e
     adapter = await registry.resolve(req.model, model.id)

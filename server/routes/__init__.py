@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from litestar.types import ControllerRouterHandler
 
-from server.routes import adapters, completions, files, fine_tuning, models
+from server.routes import adapters, completions, files, fine_tuning, models, sql
 from server.settings import Settings
 
 
@@ -21,5 +21,6 @@ def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
         *models.route_handlers,
         *adapters.route_handlers,
         *files.route_handlers,
+        *sql.route_handlers,
         *fine_tuning.handlers(settings),
     ]

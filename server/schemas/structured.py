@@ -24,14 +24,28 @@ class ResponseFormat(RequestBody):
     json_schema: JsonSchemaFormat | None = None
 
 
+class SqlSchema(RequestBody):
+    """loraforge's SQL constraint: WikiSQL notation over one table (`table`, `columns`), or
+    SQLite over several (`dialect: "sqlite"`, `tables`)."""
+
+    table: str | None = None
+    columns: list[str] | None = None
+    dialect: Literal["wikisql", "sqlite"] = "wikisql"
+    tables: dict[str, list[str]] | None = None
+    # "from_question": string values only as spans of the question's words (WikiSQL's rule).
+    values: Literal["any", "from_question"] = "any"
+
+
 class StructuredOutputs(RequestBody):
-    """vLLM's `structured_outputs`: exactly one of these."""
+    """vLLM's `structured_outputs`: exactly one of these (`sql` is loraforge's own)."""
 
     json: str | dict[str, Any] | None = None  # a JSON schema, or a string holding one
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None  # Lark (llguidance's dialect) or GBNF
     json_object: bool | None = None
+    # SQL over the request's schema; "from_prompt" reads the prompt's `table:`/`columns:` lines.
+    sql: SqlSchema | Literal["from_prompt"] | None = None
     # JSON without free whitespace (vLLM's name); also applies to response_format's JSON.
     disable_any_whitespace: bool = False
 

@@ -44,6 +44,8 @@ from mlx_core.eval.wikisql import (
 from mlx_core.lora.slots import AdapterSlots
 from mlx_core.model import Mistral
 from mlx_core.sampling import SamplingParams
+from mlx_core.structured import Constraint
+from mlx_core.structured.sql import wikisql_grammar
 from mlx_core.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 64  # a WikiSQL answer is 15-40 tokens; room to see whether the model stops
@@ -161,11 +163,25 @@ def attach_adapter(model: Mistral, path: str | Path) -> ServedAdapter:
 
 
 def generate_all(
-    engine: Engine, cases: Sequence[SqlCase], params: SamplingParams, adapter_id: str | None = None
+    engine: Engine,
+    cases: Sequence[SqlCase],
+    params: SamplingParams,
+    adapter_id: str | None = None,
+    constrain: str | None = None,
 ) -> list[Generation]:
-    """One generation per case, all queued at once: the engine batches up to its max_num_seqs."""
+    """One generation per case, all queued at once: the engine batches up to its max_num_seqs.
+
+    `constrain="sql"` holds each answer to WikiSQL notation over its own table's columns.
+    """
     requests = [
-        GenerationRequest(str(i), list(c.prompt_ids), params, adapter_id, c.chat)
+        GenerationRequest(
+            str(i),
+            list(c.prompt_ids),
+            params,
+            adapter_id,
+            c.chat,
+            constraint=_sql_constraint(c) if constrain == "sql" else None,
+        )
         for i, c in enumerate(cases)
     ]
     for req, case in zip(requests, cases):
@@ -309,6 +325,11 @@ def _parses(sql: str, ex: SqlExample) -> bool:
     return True
 
 
+def _sql_constraint(case: SqlCase) -> Constraint:
+    ex = case.example
+    return Constraint("grammar", wikisql_grammar(ex.table, ex.columns))
+
+
 def evaluate_sql(
     model: Mistral,
     tokenizer: Tokenizer,
@@ -320,11 +341,13 @@ def evaluate_sql(
     adapter: ServedAdapter | None = None,
     n_samples: int = DEFAULT_SAMPLES,
     source: str = "data",
+    constrain: str | None = None,
 ) -> SqlEvalReport:
     """Generate greedily for every example (batch_size at a time) and score the SQL.
 
     No stop sequence by default, so `stop_rate` shows whether the model ends with EOS; pass
-    stop=("\\n",) to see what a stop sequence rescues.
+    stop=("\\n",) to see what a stop sequence rescues. `constrain="sql"` scores the model under
+    the SQL constraint (answers hold to each table's columns), as /v1/sql serves it.
     """
     if max_tokens < 1:
         raise EvalError(f"--max-tokens {max_tokens}: use 1 or more (64 fits any WikiSQL answer)")
@@ -340,7 +363,11 @@ def evaluate_sql(
     )
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=tuple(stop))
     start = time.perf_counter()
-    generations = generate_all(engine, cases, params, adapter.adapter_id if adapter else None)
+    if constrain not in (None, "sql"):
+        raise EvalError(f"--constrain {constrain}: the only constraint here is sql")
+    generations = generate_all(
+        engine, cases, params, adapter.adapter_id if adapter else None, constrain
+    )
     seconds = time.perf_counter() - start
     return score_sql(
         cases, generations, max_tokens=max_tokens, stop=stop, n_samples=n_samples, seconds=seconds

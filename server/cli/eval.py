@@ -62,6 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MARKER",
         help="where a text example's answer starts (e.g. 'A:'), as in training",
     )
+    e.add_argument(
+        "--constrain",
+        choices=["sql"],
+        default=None,
+        help="generate under the SQL constraint (answers hold to each table's columns)",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(run=run_eval)
 
@@ -127,6 +133,7 @@ def run_eval(ns: argparse.Namespace) -> int:
                 adapter=adapter,
                 n_samples=ns.samples,
                 source=str(path),
+                constrain=ns.constrain,
             )
         )
         loss = (

@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_core.config import ModelArgs
 from mlx_core.data.batches import Batch, BatchStream, TokenizedExample, eval_batches
 from mlx_core.model import Mistral
+from mlx_core.train.events import format_duration
 from mlx_core.train.optim import build_optimizer, optimizer_state_tensors, restore_optimizer_state
 
 CHECKPOINTS = "checkpoints"
@@ -362,7 +363,7 @@ def pretrain(
                 f"step {done}/{config.steps} answer loss {train_loss:.4f} "
                 f"lr {optimizer.learning_rate.item():.2e} grad {norm.item():.2f} "
                 f"tok/s {interval_tokens / (now - last):.0f} "
-                f"peak {mx.get_peak_memory() / 2**30:.2f} GB eta {eta / 60:.1f} min"
+                f"peak {mx.get_peak_memory() / 2**30:.2f} GB ETA {format_duration(eta)}"
             )
             losses, interval_tokens, last = [], 0, now
         if done % config.eval_every == 0 or done == config.steps:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # events import TrainConfig (a start event carries the run's 
     from mlx_core.train.events import TrainLog
 
 
+DEFAULT_LORA_LAYERS = 16  # mlx-examples lora.py's default
+
+
 class TrainingConfigError(LoraforgeError, ValueError):
     """Training settings that cannot work together (or a checkpoint of another run)."""
 
@@ -52,7 +55,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0  # scale = alpha / rank (2.0 at the defaults, as in the seed)
     lora_dropout: float = 0.0
-    lora_layers: int = 16  # the last N layers; -1 = all
+    lora_layers: int = DEFAULT_LORA_LAYERS  # the last N layers (all of a smaller model); -1 = all
     targets: tuple[str, ...] = DEFAULT_TARGETS
     steps_per_report: int = 10
     steps_per_eval: int = 200  # 0 = only at the end

@@ -141,6 +141,16 @@ def append_event(path: str | Path, event: TrainerEvent) -> None:
 
 
 # -- the log ------------------------------------------------------------------------------------
+def format_duration(seconds: float) -> str:
+    """A short human duration: "42s", "3m05s", "1h02m"."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class TrainLog:
     def __init__(
         self,
@@ -164,6 +174,7 @@ class TrainLog:
             # Append: a resumed job keeps one event history across its processes.
             self._file = path.open("a", encoding="utf-8")
         self._iters = 0
+        self._clock = (0, time.perf_counter())  # (step, time) the step rate is measured from
         self._bar_shown = False
 
     def close(self) -> None:
@@ -195,7 +206,16 @@ class TrainLog:
 
     def start(self, event: StartEvent) -> None:
         self._iters = event.iters
+        self._clock = (event.step, time.perf_counter())
         self.event(event)
+
+    def eta(self, step: int) -> str:
+        """Time left at the step rate measured since `start` ("?" before the first step)."""
+        first, since = self._clock
+        done = step - first
+        if done <= 0:
+            return "?"
+        return format_duration((self._iters - step) * (time.perf_counter() - since) / done)
 
     def progress(self, step: int, loss: float) -> None:
         """Called after every step: redraws the bar (terminal only)."""
@@ -203,7 +223,9 @@ class TrainLog:
             return
         done = int(_BAR_WIDTH * step / max(self._iters, 1))
         bar = "#" * done + "." * (_BAR_WIDTH - done)
-        self.stream.write(f"\r[{bar}] {step}/{self._iters} loss {loss:.3f}")
+        self.stream.write(
+            f"\r[{bar}] {step}/{self._iters} loss {loss:.3f} ETA {self.eta(step)}\033[K"
+        )
         self.stream.flush()
         self._bar_shown = True
 
@@ -213,7 +235,8 @@ class TrainLog:
         self.say(
             f"Iter {e.step}: Train loss {e.loss:.3f}, Learning rate {e.learning_rate:.3e}, "
             f"It/sec {e.it_per_sec:.3f}, Tokens/sec {e.tokens_per_sec:.1f} "
-            f"(target {e.target_tokens_per_sec:.1f}), Peak mem {e.peak_memory_gb:.3f} GB"
+            f"({e.target_tokens_per_sec:.1f} in the loss), Peak mem {e.peak_memory_gb:.3f} GB, "
+            f"ETA {self.eta(e.step)}"
         )
 
     def eval_report(self, step: int, val_loss: float, seconds: float) -> None:

@@ -17,7 +17,10 @@ Run by hand with `loraforge train`/`loraforge lora`; the fine-tune worker runs
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from mlx_core.train.checkpoints import (
 )
 from mlx_core.train.checkpoints import fingerprint as identity_fingerprint
 from mlx_core.train.config import (
+    DEFAULT_LORA_LAYERS,
     TrainConfig,
     TrainData,
     TrainingConfigError,
@@ -159,7 +163,9 @@ def train(
             loaded = load_model(model, dtype=config.dtype, quantize=quant)
         net, args = loaded.model, loaded.args
         layers = lora_layer_indices(args.n_layers, config.lora_layers)
-        if config.lora_layers > args.n_layers:
+        # The default (16, the seed's) quietly means "all" on a smaller model; an explicit
+        # larger count is worth a word.
+        if config.lora_layers > args.n_layers and config.lora_layers != DEFAULT_LORA_LAYERS:
             log.warning(
                 0,
                 "lora_layers_clamped",
@@ -298,7 +304,8 @@ def _run(
     window = _Window()
     trained_tokens = 0
     mx.reset_peak_memory()
-    for step in range(start + 1, config.iters + 1):
+    interrupt = _Interrupt()
+    for step in interrupt.guard(range(start + 1, config.iters + 1)):
         tic = time.perf_counter()
         batch = next(stream)
         mx.random.seed(_step_seed(config.seed, step, rank))
@@ -331,6 +338,14 @@ def _run(
             validate(step)
         if config.save_every and step % config.save_every == 0:
             checkpoint(step)
+        if interrupt.requested:
+            if not (config.save_every and step % config.save_every == 0):
+                checkpoint(step)
+            log.say(
+                f"Interrupted at step {step} of {config.iters}: the checkpoint saved under "
+                f"{adapter_path / 'checkpoints'} resumes it (the same command with --resume)"
+            )
+            raise TrainingInterrupted(step)
 
     final = _adapter(net, config, layers, loaded)
     if rank == 0:
@@ -364,6 +379,36 @@ def _run(
         resumed_from,
         loaded,
     )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run at a step boundary, after saving a checkpoint of that step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
+class _Interrupt:
+    """Ctrl-C during training finishes the step, checkpoints it and stops; a second Ctrl-C
+    stops at once. Only in the main thread (where Python delivers signals)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def guard(self, steps: range) -> Iterator[int]:
+        if threading.current_thread() is not threading.main_thread():
+            yield from steps
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield from steps
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C is immediate
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from mlx_core.errors import LoraforgeError
+from mlx_core.train.events import format_duration
 from server.settings import Settings
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -291,6 +292,14 @@ def _line(event: dict[str, Any]) -> str:
     return f"{_time(event['created_at'])} {level}{event['message']}"
 
 
+def _eta(job: dict[str, Any]) -> str:
+    """ " ETA 3m05s" from the job's estimated_finish (the server's measured step rate)."""
+    finish = job.get("estimated_finish")
+    if not finish or job.get("status") != "running":
+        return ""
+    return f" ETA {format_duration(finish - time.time())}"
+
+
 def _watch(client: httpx.Client, job_id: str) -> int:
     """Print events as they come until the job ends (a redrawn bar on a terminal); exit code 0
     only when it succeeded."""
@@ -305,13 +314,14 @@ def _watch(client: httpx.Client, job_id: str) -> int:
                 done = int(_BAR_WIDTH * data["step"] / max(data.get("total_steps") or 1, 1))
                 bar = (
                     f"[{'#' * done}{'.' * (_BAR_WIDTH - done)}] step {data['step']}/"
-                    f"{data.get('total_steps')} loss {data['train_loss']:.3f}"
+                    f"{data.get('total_steps')} loss {data['train_loss']:.3f}{_eta(job)}"
                 )
                 print(f"\r\033[K{bar}", end="", flush=True)
                 continue
             if tty and event.get("type") == "metrics":
                 continue  # validation losses: the bar shows training; `events` lists them all
-            print(f"\r\033[K{_line(event)}" if tty else _line(event), flush=True)
+            line = _line(event) + (_eta(job) if event.get("type") == "metrics" else "")
+            print(f"\r\033[K{line}" if tty else line, flush=True)
             if bar:
                 print(bar, end="", flush=True)
         if job["status"] in FINISHED:

@@ -101,7 +101,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--prompt", "-p", default=None, help="prompt for generation")
     lo.add_argument("--train", action="store_true", help="do training")
     lo.add_argument("--data", default="data/", help="folder with {train, valid, test}.jsonl")
-    lo.add_argument("--lora-layers", type=int, default=16, help="number of layers to fine-tune")
+    lo.add_argument(
+        "--lora-layers",
+        type=int,
+        default=16,
+        help="number of layers to fine-tune (default 16, or all of a smaller model)",
+    )
+    lo.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint (what Ctrl-C leaves)",
+    )
     lo.add_argument("--batch-size", type=int, default=4, help="minibatch size")
     lo.add_argument("--iters", type=int, default=1000, help="iterations to train for")
     lo.add_argument(
@@ -223,6 +233,7 @@ def run_lora(ns: argparse.Namespace) -> int:
         adapter_path=str(adapter_file.with_suffix("")),
         adapter_file=str(adapter_file),
         init_adapter=ns.resume_adapter_file,
+        resume=ns.resume,
         mask_prompt=ns.mask_prompt,
         completion_after=ns.completion_after,
         max_seq_len=ns.max_seq_len,

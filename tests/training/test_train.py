@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -577,3 +578,39 @@ def test_lora_command_says_what_is_missing(tmp_path, tiny_hf_model):
     )
     assert missing.returncode == 2
     assert "nope.npz" in missing.stderr and "--train" in missing.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tiny_hf_model, wikisql_slice, tmp_path):
+    import signal
+
+    args = ["train", "--model", str(tiny_hf_model), "--data", str(wikisql_slice)]
+    args += ["--iters", "400", "--batch-size", "2", "--steps-per-report", "1"]
+    args += ["--steps-per-eval", "0", "--save-every", "0", "--adapter-path", "ad"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # wait until it is training, then press Ctrl-C
+        lines.append(line)
+        if line.startswith("Iter 3:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert "ETA " in out and "in the loss" in out
+    stopped = re.search(r"Interrupted at step (\d+) of 400", out)
+    assert stopped, out
+    step = int(stopped.group(1))
+    assert (tmp_path / "ad" / "checkpoints" / f"step-{step}").is_dir()
+    # The same command with --resume starts where it stopped (and a few steps are enough here).
+    resumed = _loraforge(*args[:6], str(step + 2), *args[7:], "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"Iter {step + 1}:" in resumed.stdout and "Iter 1:" not in resumed.stdout

@@ -20,7 +20,6 @@ from mlx_core.structured import (
     Constraint,
     ConstraintError,
     HealingMatcher,
-    MaskComputer,
     PrefixStripper,
     RowMatcher,
     apply_masks,
@@ -30,25 +29,6 @@ from mlx_core.structured import (
     vocabulary,
     with_prefix,
 )
-from mlx_core.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_path) -> Tokenizer:
-    return Tokenizer.from_file(tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def vocab(tokenizer):
-    return vocabulary(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def masks(vocab):
-    computer = MaskComputer(vocab)
-    yield computer
-    computer.close()
-
 
 _POOL = 64  # rows of precomputed noise: drawing 2 x B x 32000 fresh numbers per step is slow
 

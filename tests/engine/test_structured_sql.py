@@ -14,7 +14,7 @@ import pytest
 import sqlglot
 
 from mlx_core.eval.wikisql import parse_example, parse_query, sqlite_identifier, to_sqlite
-from mlx_core.structured import ConstraintError, MaskComputer, RowMatcher, lark_grammar, vocabulary
+from mlx_core.structured import ConstraintError, RowMatcher, lark_grammar
 from mlx_core.structured.sql import (
     question_from_prompt,
     schema_from_prompt,
@@ -30,23 +30,6 @@ PROMPT = (
     "columns: Player, No., Nationality, Position, Years in Toronto, School/Club Team\n"
     "Q: How many players have position of Guard?\nA:"
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_path) -> Tokenizer:
-    return Tokenizer.from_file(tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def vocab(tokenizer):
-    return vocabulary(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def masks(vocab):
-    computer = MaskComputer(vocab)
-    yield computer
-    computer.close()
 
 
 def _accepts(grammar: str, text: str, tokenizer: Tokenizer, vocab) -> bool:

@@ -58,6 +58,7 @@ SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")  # ":" separates the parts of ft:<b
 
 # Leases (the worker's own clock is in server.jobs.worker).
 LEASE_S = 30  # a running job whose lease is this stale has lost its worker
+MAX_RETRY_DELAY_S = 3600  # the doubling backoff stops growing here: a retry at least hourly
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
@@ -75,7 +76,7 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         """Seconds before a job with `failed_attempts` in a row is retried (0: at once)."""
         if failed_attempts < 1:
             return 0
-        return math.ceil(self.backoff_s * 2 ** (failed_attempts - 1))
+        return min(math.ceil(self.backoff_s * 2 ** (failed_attempts - 1)), MAX_RETRY_DELAY_S)
 
 
 # -- ids and names ------------------------------------------------------------------------------
@@ -314,10 +315,13 @@ def _resume_point(step: int) -> str:
     return f"checkpoint step {step}" if step else "the start (no checkpoint yet)"
 
 
-def retry_stopped_run(session: Session, job: FineTuningJob, policy: RetryPolicy, what: str) -> bool:
+def retry_stopped_run(
+    session: Session, job: FineTuningJob, policy: RetryPolicy, what: str, code: str
+) -> bool:
     """Queue `job` again after its run stopped without finishing (`what` says how, e.g. "The
-    worker running this job stopped (host:1:a)"), or fail it once `policy.max_attempts` runs in
-    a row stopped without saving a new checkpoint. True when it was queued again.
+    worker running this job stopped (host:1:a)"), or fail it with error `code` once
+    `policy.max_attempts` runs in a row stopped without saving a new checkpoint. True when it was
+    queued again.
 
     Call with the stopped run's events already ingested: its checkpoints are its progress.
     """
@@ -334,7 +338,7 @@ def retry_stopped_run(session: Session, job: FineTuningJob, policy: RetryPolicy,
             f"the worker's log and {job.id}/train.log in the jobs folder, then create the job "
             "again."
         )
-        job.error = {"code": "worker_lost", "param": None, "message": message}
+        job.error = {"code": code, "param": None, "message": message}
         add_event(session, job.id, message, level="error")
         return False
     delay = policy.delay_s(job.failed_attempts)
@@ -342,9 +346,10 @@ def retry_stopped_run(session: Session, job: FineTuningJob, policy: RetryPolicy,
     if progressed:
         counted = f"it saved checkpoints up to step {step}, so this run is not counted as failed"
     else:
+        since = f"since step {job.attempt_from_step}" if job.attempt_from_step else "saved yet"
         counted = (
-            f"no new checkpoint since step {job.attempt_from_step}: failed attempt "
-            f"{job.failed_attempts} of {policy.max_attempts} in a row"
+            f"no new checkpoint {since}: failed attempt {job.failed_attempts} of "
+            f"{policy.max_attempts} in a row"
         )
     when = f" in {delay} s" if delay else ""
     add_event(
@@ -389,8 +394,7 @@ def recover_lost_jobs(
             continue
         if before_requeue is not None:
             before_requeue(session, job)
-        retry_stopped_run(
-            session, job, policy, f"The worker running this job stopped ({job.worker_id})"
-        )
+        what = f"The worker running this job stopped ({job.worker_id})"
+        retry_stopped_run(session, job, policy, what, "worker_lost")
         recovered.append(job.id)
     return recovered

@@ -404,7 +404,8 @@ class _JobRun(threading.Thread):
             job = self._ours(session)
             if job is None:
                 return None
-            return retry_stopped_run(session, job, self.worker.retry, f"The trainer {how}")
+            what = f"The trainer {how}"
+            return retry_stopped_run(session, job, self.worker.retry, what, "trainer_killed")
 
         queued = self.db.run_sync(retry)
         if queued is not None:
@@ -502,11 +503,12 @@ class _JobRun(threading.Thread):
 def _signal_text(number: int) -> str:
     """How a trainer killed by signal `number` ended, for the job's events."""
     try:
-        name = f" ({signal.Signals(number).name})"
+        notes = [signal.Signals(number).name]
     except ValueError:
-        name = ""
-    oom = " (often the system running out of memory)" if number == signal.SIGKILL else ""
-    return f"was killed by signal {number}{name}{oom}"
+        notes = []
+    if number == signal.SIGKILL:
+        notes.append("often the system running out of memory")
+    return f"was killed by signal {number}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -37,7 +37,7 @@ from server.db import (
     now,
     upgrade_database,
 )
-from server.jobs.queue import RetryPolicy, claim_next_job, recover_lost_jobs
+from server.jobs.queue import RetryPolicy, claim_next_job, recover_lost_jobs, retry_stopped_run
 from server.jobs.worker import JobWorker
 from server.settings import Settings
 from tests.server.test_jobs import PROMPT, messages, process_running, wait_for_job, wikisql_file
@@ -407,6 +407,20 @@ def test_only_runs_without_a_new_checkpoint_count_as_failed_attempts(tmp_path):
     assert claimed is not None and claimed.id == progressed.id
     assert claimed.attempt_from_step == 6  # its next run must save a checkpoint past step 6
     assert db.run_sync(lambda s: claim_next_job(s, "w", "tiny")) is None
+
+    # The worker's own retry, for a trainer killed by a signal, counts the same way.
+    killed = running(2)
+    db.run_sync(lambda s: s.add(killed))
+    what = "The trainer was killed by signal 9 (SIGKILL)"
+    assert not db.run_sync(
+        lambda s: retry_stopped_run(
+            s, s.get(FineTuningJob, killed.id), policy, what, "trainer_killed"
+        )
+    )
+    row = job_row(db, killed.id)
+    assert row.status == "failed" and row.error is not None
+    assert row.error["code"] == "trainer_killed" and row.error["message"].startswith(what)
+    assert [policy.delay_s(n) for n in (0, 1, 2, 3, 20)] == [0, 10, 20, 40, 3600]
     db.close()
 
 

@@ -24,7 +24,7 @@ from mlx_core.train.events import (
 from server.db import Database, FineTuningJob, JobEvent, now, upgrade_database
 from server.jobs.events import ingest_dead_run
 from server.jobs.queue import RetryPolicy, claim_next_job, recover_lost_jobs
-from server.settings import Settings
+from server.settings import Settings, SettingsError
 from tests.server.test_jobs import messages, process_running, wait_for_job, wikisql_file
 from tests.server.test_jobs_crash import job_row, serve, trainer_pid, wait_until
 
@@ -244,3 +244,14 @@ def test_runs_lost_after_a_resume_report_each_step_once_and_count_only_without_p
     assert train_steps() == [1, 2, 3, 4, 5]
     assert third.attempts == 3
     db.close()
+
+
+def test_retry_settings_come_from_flags_or_env_and_are_checked(tmp_path):
+    env = {"LORAFORGE_JOB_MAX_ATTEMPTS": "5", "LORAFORGE_JOB_RETRY_BACKOFF_S": "0.5"}
+    settings = Settings.from_env(env, data_dir=tmp_path)
+    assert RetryPolicy.from_settings(settings) == RetryPolicy(max_attempts=5, backoff_s=0.5)
+    assert Settings.from_env(env, data_dir=tmp_path, job_max_attempts=2).job_max_attempts == 2
+    with pytest.raises(SettingsError, match="--job-max-attempts / LORAFORGE_JOB_MAX_ATTEMPTS = 0"):
+        Settings(data_dir=tmp_path, job_max_attempts=0)
+    with pytest.raises(SettingsError, match="--job-retry-backoff-s"):
+        Settings(data_dir=tmp_path, job_retry_backoff_s=-1)

@@ -30,8 +30,6 @@ from mkdocs.structure.files import File, Files
 from mkdocs.structure.pages import Page
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the source tree's server/ wins over an installed copy
-    sys.path.insert(0, str(ROOT))
 
 API_PAGE = "reference/api.md"
 SETTINGS_MARKER = "<!-- settings-table -->"
@@ -42,6 +40,14 @@ HTTP_METHODS = ("get", "put", "post", "patch", "delete", "head", "options")
 
 
 # -- mkdocs events ------------------------------------------------------------------------------
+def on_config(config: MkDocsConfig) -> MkDocsConfig:
+    # The source tree's server/ wins over an installed (or another checkout's editable) copy.
+    # Here rather than at import: mkdocs puts sys.path back the way it was after loading a hook.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return config
+
+
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     files.append(File.generated(config, API_PAGE, content=render_api_reference(openapi_schema())))
     return files

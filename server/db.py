@@ -138,7 +138,13 @@ class FineTuningJob(Base):
     worker_id: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[int | None]
     pid: Mapped[int | None]
-    attempts: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)  # runs started (a clean stop gives one back)
+    # Retries (server.jobs.queue.end_run): a run that stopped (lost worker, killed trainer) counts
+    # as failed only if it saved no checkpoint newer than `attempt_from_step`, where it started;
+    # `failed_attempts` such runs in a row fail the job, and a retried job waits for `retry_at`.
+    failed_attempts: Mapped[int] = mapped_column(default=0)
+    attempt_from_step: Mapped[int] = mapped_column(default=0)
+    retry_at: Mapped[int | None]
     api: Mapped[str] = mapped_column(String(16), default="fine_tuning")
     cancel_requested: Mapped[bool] = mapped_column(default=False)
 
@@ -250,7 +256,12 @@ _UPGRADE_LOCK = threading.Lock()
 
 def _migrations_dir() -> Path:
     # pyproject maps the top-level migrations/ folder to the package server.migrations (installed
-    # or editable); a source tree on PYTHONPATH without an install has it beside server/.
+    # or editable); a source tree on PYTHONPATH without an install has it beside server/. The
+    # checkout this `server` was imported from comes first: an editable install of another
+    # checkout (a git worktree's shared venv) would otherwise apply that checkout's migrations.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "migrations" / "env.py").is_file():
+        return checkout / "migrations"
     try:
         module = importlib.import_module("server.migrations")
     except ModuleNotFoundError:

@@ -61,6 +61,16 @@ class Settings:
     max_loaded_adapters: int = _opt(8, "LoRA adapters resident in memory at once (LRU beyond)")
     max_lora_rank: int = _opt(64, "largest LoRA rank an adapter may have")
     max_concurrent_jobs: int = _opt(1, "fine-tune jobs this worker trains at the same time")
+    job_max_attempts: int = _opt(
+        3,
+        "runs in a row that may stop (lost worker, killed trainer) without saving a new "
+        "checkpoint before the job fails; a run that saved one does not count",
+    )
+    job_retry_backoff_s: float = _opt(
+        5.0,
+        "seconds a stopped job waits before it is retried when its run saved no new "
+        "checkpoint, doubling with each such run in a row (a run that saved one resumes at once)",
+    )
     max_model_len: int | None = _opt(
         None, "longest prompt + completion in tokens (unset = the model's own limit)"
     )
@@ -93,6 +103,12 @@ class Settings:
         for name in ("max_concurrent_jobs", "prefix_cache_mb"):
             if getattr(self, name) < 0:
                 raise SettingsError(_bad(name, getattr(self, name), "use 0 or more"))
+        if self.job_max_attempts < 1:
+            raise SettingsError(_bad("job_max_attempts", self.job_max_attempts, "use 1 or more"))
+        if not 0 <= self.job_retry_backoff_s <= 86_400:
+            raise SettingsError(
+                _bad("job_retry_backoff_s", self.job_retry_backoff_s, "use 0..86400 seconds")
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise SettingsError(
                 _bad("max_model_len", self.max_model_len, "use 1 or more, or unset it")

@@ -30,6 +30,8 @@ WORKER_SETTINGS = [
     "data_dir",
     "database_url",
     "max_concurrent_jobs",
+    "job_max_attempts",
+    "job_retry_backoff_s",
     "max_lora_rank",
     "log_level",
 ]

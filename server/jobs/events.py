@@ -5,6 +5,11 @@ The worker reads new complete lines every tick (`read_events`: each decoded into
 rows (`ingest_event`), and writes how many bytes it has ingested to events.offset after the
 commit, so a crash replays a few events rather than losing any. A run whose worker died is read
 by `ingest_dead_run` when its job is recovered.
+
+A resumed run trains again the steps between its checkpoint and the crash, and a replay repeats
+a few events: metrics for a step the job already reported are not added again
+(`RunProgress.reported_train_step` / `reported_valid_step`, from `reported_steps`), so a job's
+metrics have one event per step, in step order.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mlx_core.train.events import (
     WarningEvent,
     decode_event,
 )
-from server.db import FineTuningJob, JobCheckpoint, new_id, now
+from server.db import FineTuningJob, JobCheckpoint, JobEvent, new_id, now
 from server.jobs.queue import add_event
 
 EVENTS_FILE = "events.jsonl"  # the trainer's JSON-lines events, in jobs/<id>/
@@ -47,6 +52,28 @@ class RunProgress:
     error: ErrorEvent | None = None  # the trainer's last word, if it failed
     last_step: int = 0
     starts: int = 0  # trainer runs of this job that reached training, as far as ingested
+    # The last step whose training / validation metrics the job reported (-1: none).
+    reported_train_step: int = -1
+    reported_valid_step: int = -1
+
+
+def reported_steps(session: Session, job_id: str) -> tuple[int, int]:
+    """The last steps with a training and with a validation metrics event for the job (-1: none).
+
+    Read back from the rows rather than kept alongside: whatever ingested them (a run, a replay
+    after a crash, a recovery), the rows are what the API shows.
+    """
+    train, valid = -1, -1
+    rows = session.scalars(
+        select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")
+    )
+    for data in rows:
+        step = int((data or {}).get("step", -1))
+        if "train_loss" in (data or {}):
+            train = max(train, step)
+        if "valid_loss" in (data or {}):
+            valid = max(valid, step)
+    return train, valid
 
 
 def _checkpoint_at(session: Session, job_id: str, step: int) -> JobCheckpoint | None:
@@ -107,6 +134,7 @@ def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int |
         iters=starts[-1].iters if starts else 0,
         starts=sum(isinstance(e, StartEvent) for e in earlier),
     )
+    p.reported_train_step, p.reported_valid_step = reported_steps(session, job.id)
     if starts and starts[-1].resumed_from:
         p.tokens_before = tokens_at(session, job.id, starts[-1].step)
     for event in events:
@@ -126,6 +154,9 @@ def ingest_event(session: Session, job: FineTuningJob, event: TrainerEvent, p: R
         }
         if event.resumed_from:
             _checkpoint_row(session, job.id, step, event.resumed_from)  # if never reported
+            # This run starts here: only a checkpoint after it is progress (one the last run
+            # saved without reporting it was that run's).
+            job.attempt_from_step = max(job.attempt_from_step, step)
             add_event(
                 session,
                 job.id,
@@ -150,6 +181,9 @@ def ingest_event(session: Session, job: FineTuningJob, event: TrainerEvent, p: R
         job.trained_tokens = p.trained_tokens
         if event.it_per_sec > 0:
             job.estimated_finish = now() + math.ceil((p.iters - step) / event.it_per_sec)
+        if step <= p.reported_train_step:
+            return  # trained again after a resume (or replayed): reported already
+        p.reported_train_step = step
         add_event(
             session,
             job.id,
@@ -167,6 +201,9 @@ def ingest_event(session: Session, job: FineTuningJob, event: TrainerEvent, p: R
         )
     elif isinstance(event, EvalEvent):
         p.valid_loss = event.val_loss
+        if step <= p.reported_valid_step:
+            return
+        p.reported_valid_step = step
         add_event(
             session,
             job.id,

@@ -10,9 +10,13 @@
   its lease while it trains.
 - **Cancel** (`cancel_job`): the row is marked cancelled at once; the worker sees it at its next
   heartbeat and stops the trainer.
-- **Recover** (`recover_lost_jobs`): `running` jobs whose lease expired, or whose worker process
-  on this host is gone, are queued again and resume from their last checkpoint (up to
-  MAX_ATTEMPTS runs), else fail.
+- **Retry** (`retry_stopped_run`, through `recover_lost_jobs` for `running` jobs whose lease
+  expired or whose worker process on this host is gone, and from the worker for a trainer killed
+  by a signal): the job is queued again and resumes from its last checkpoint. The run counts as
+  a failed attempt only if it saved no new checkpoint; `RetryPolicy.max_attempts` failed
+  attempts in a row fail the job, and each one in a row doubles the wait before the retry.
+- **Stop** (`requeue_stopped_job`): a worker shutting down queues its jobs again at once, without
+  using an attempt.
 
 Ids: a job's id is `ftjob-<24 hex>`; the legacy API shows the same job as `ft-<24 hex>`, and every
 lookup accepts either (`job_id_from`).
@@ -21,6 +25,7 @@ lookup accepts either (`job_id_from`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.db import FineTuningJob, JobCheckpoint, JobEvent, UploadedFile, new_id, now
@@ -53,7 +58,25 @@ SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")  # ":" separates the parts of ft:<b
 
 # Leases (the worker's own clock is in server.jobs.worker).
 LEASE_S = 30  # a running job whose lease is this stale has lost its worker
-MAX_ATTEMPTS = 3
+MAX_RETRY_DELAY_S = 3600  # the doubling backoff stops growing here: a retry at least hourly
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    """How often a job whose runs keep stopping is retried (`--job-max-attempts`,
+    `--job-retry-backoff-s`)."""
+
+    max_attempts: int = 3  # failed attempts (runs without a new checkpoint) in a row
+    backoff_s: float = 5.0  # wait after the first failed attempt, doubling with each in a row
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(settings.job_max_attempts, settings.job_retry_backoff_s)
+
+    def delay_s(self, failed_attempts: int) -> int:
+        """Seconds before a job with `failed_attempts` in a row is retried (0: at once)."""
+        if failed_attempts < 1:
+            return 0
+        return min(math.ceil(self.backoff_s * 2 ** (failed_attempts - 1)), MAX_RETRY_DELAY_S)
 
 
 # -- ids and names ------------------------------------------------------------------------------
@@ -225,7 +248,11 @@ def claim_next_job(session: Session, worker_id: str, base_model: str) -> FineTun
     t = now()
     oldest = (
         select(FineTuningJob.id)
-        .where(FineTuningJob.status == "queued", FineTuningJob.model == base_model)
+        .where(
+            FineTuningJob.status == "queued",
+            FineTuningJob.model == base_model,
+            or_(FineTuningJob.retry_at.is_(None), FineTuningJob.retry_at <= t),
+        )
         .order_by(FineTuningJob.created_at, FineTuningJob.id)
         .limit(1)
         .scalar_subquery()
@@ -239,6 +266,14 @@ def claim_next_job(session: Session, worker_id: str, base_model: str) -> FineTun
             lease_expires_at=t + LEASE_S,
             pid=None,
             attempts=FineTuningJob.attempts + 1,
+            # Where this run starts: it made progress if it saves a checkpoint past this step.
+            attempt_from_step=func.coalesce(
+                select(func.max(JobCheckpoint.step))
+                .where(JobCheckpoint.job_id == FineTuningJob.id)
+                .scalar_subquery(),
+                0,
+            ),
+            retry_at=None,
             updated_at=t,
             started_at=func.coalesce(FineTuningJob.started_at, t),
         )
@@ -268,11 +303,85 @@ def _worker_gone(worker_id: str | None) -> bool:
     return not _process_alive(int(pid))
 
 
+def newest_checkpoint_step(session: Session, job_id: str) -> int:
+    """The step of the job's newest reported checkpoint (0: none yet)."""
+    step = session.scalar(
+        select(func.max(JobCheckpoint.step)).where(JobCheckpoint.job_id == job_id)
+    )
+    return step or 0
+
+
+def _resume_point(step: int) -> str:
+    return f"checkpoint step {step}" if step else "the start (no checkpoint yet)"
+
+
+def retry_stopped_run(
+    session: Session, job: FineTuningJob, policy: RetryPolicy, what: str, code: str
+) -> bool:
+    """Queue `job` again after its run stopped without finishing (`what` says how, e.g. "The
+    worker running this job stopped (host:1:a)"), or fail it with error `code` once
+    `policy.max_attempts` runs in a row stopped without saving a new checkpoint. True when it was
+    queued again.
+
+    Call with the stopped run's events already ingested: its checkpoints are its progress.
+    """
+    t = now()
+    step = newest_checkpoint_step(session, job.id)
+    progressed = step > job.attempt_from_step
+    job.failed_attempts = 0 if progressed else job.failed_attempts + 1
+    job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
+    if job.failed_attempts >= policy.max_attempts:
+        job.status, job.finished_at, job.retry_at = "failed", t, None
+        message = (
+            f"{what}; it stopped {job.failed_attempts} times in a row without saving a new "
+            f"checkpoint (--job-max-attempts {policy.max_attempts}), so the job failed. Check "
+            f"the worker's log and {job.id}/train.log in the jobs folder, then create the job "
+            "again."
+        )
+        job.error = {"code": code, "param": None, "message": message}
+        add_event(session, job.id, message, level="error")
+        return False
+    delay = policy.delay_s(job.failed_attempts)
+    job.status, job.worker_id, job.retry_at = "queued", None, t + delay if delay else None
+    if progressed:
+        counted = f"it saved checkpoints up to step {step}, so this run is not counted as failed"
+    else:
+        since = f"since step {job.attempt_from_step}" if job.attempt_from_step else "saved yet"
+        counted = (
+            f"no new checkpoint {since}: failed attempt {job.failed_attempts} of "
+            f"{policy.max_attempts} in a row"
+        )
+    when = f" in {delay} s" if delay else ""
+    add_event(
+        session,
+        job.id,
+        f"{what}; queued again to resume from {_resume_point(step)}{when} ({counted}).",
+        level="warn",
+    )
+    return True
+
+
+def requeue_stopped_job(session: Session, job: FineTuningJob, last_step: int) -> None:
+    """Queue `job` again because its worker is shutting down: not a failed attempt, and no wait."""
+    if newest_checkpoint_step(session, job.id) > job.attempt_from_step:
+        job.failed_attempts = 0  # the run made progress: the failures before it are behind it
+    job.status, job.attempts, job.worker_id, job.retry_at = "queued", job.attempts - 1, None, None
+    job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
+    add_event(
+        session,
+        job.id,
+        f"The worker stopped at step {last_step}; the job is queued again and resumes from "
+        "its last checkpoint.",
+        level="warn",
+    )
+
+
 def recover_lost_jobs(
     session: Session,
+    policy: RetryPolicy,
     before_requeue: Callable[[Session, FineTuningJob], None] | None = None,
 ) -> list[str]:
-    """Queue again (or fail, after MAX_ATTEMPTS runs) running jobs whose worker is gone.
+    """Queue again (`retry_stopped_run`: or fail) running jobs whose worker is gone.
 
     `before_requeue(session, job)` runs first for each such job (the worker ingests what the
     lost run wrote but never reported).
@@ -285,29 +394,7 @@ def recover_lost_jobs(
             continue
         if before_requeue is not None:
             before_requeue(session, job)
-        step = session.scalar(
-            select(func.max(JobCheckpoint.step)).where(JobCheckpoint.job_id == job.id)
-        )
-        where = f"checkpoint step {step}" if step else "the start (no checkpoint yet)"
-        job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
-        if job.attempts >= MAX_ATTEMPTS:
-            job.status, job.finished_at = "failed", t
-            message = (
-                f"The worker training this job stopped {job.attempts} times (last seen "
-                f"{job.worker_id}); giving up. Check the worker's log and "
-                f"{job.id}/train.log in the jobs folder, then create the job again."
-            )
-            job.error = {"code": "worker_lost", "param": None, "message": message}
-            add_event(session, job.id, message, level="error")
-        else:
-            job.status = "queued"
-            add_event(
-                session,
-                job.id,
-                f"The worker running this job stopped ({job.worker_id}); "
-                f"queued again to resume from {where} ({job.attempts} of {MAX_ATTEMPTS} "
-                "runs used).",
-                level="warn",
-            )
+        what = f"The worker running this job stopped ({job.worker_id})"
+        retry_stopped_run(session, job, policy, what, "worker_lost")
         recovered.append(job.id)
     return recovered

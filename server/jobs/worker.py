@@ -13,7 +13,12 @@
   validates against the base model's config.json alone; either way it is a row in `adapters`, and
   a server reads those per request, so it serves the model at once. The adapter is also packed as
   a `fine-tune-results` file (`GET /v1/files/{id}/content`).
-- **Recover**: every RECOVER_EVERY_S the worker runs `server.jobs.queue.recover_lost_jobs`.
+- **Retry**: a trainer killed by a signal (the OOM killer's SIGKILL, a crash) is retried from its
+  checkpoint as a lost worker's job is: `server.jobs.queue.retry_stopped_run`, which counts the
+  run as a failed attempt only if it saved no new checkpoint. Every RECOVER_EVERY_S the worker
+  runs `server.jobs.queue.recover_lost_jobs` for jobs whose worker is gone.
+- **Stop**: a worker shutting down stops its trainers and queues their jobs again without using
+  an attempt (`server.jobs.queue.requeue_stopped_job`).
 """
 
 from __future__ import annotations
@@ -49,15 +54,19 @@ from server.jobs.events import (
     ingest_event,
     ingested_bytes,
     read_events,
+    reported_steps,
     tokens_at,
 )
 from server.jobs.queue import (
     LEASE_S,
     RESULTS_PURPOSE,
+    RetryPolicy,
     add_event,
     claim_next_job,
     fine_tuned_model_name,
     recover_lost_jobs,
+    requeue_stopped_job,
+    retry_stopped_run,
 )
 from server.jobs.spec import train_config, training_steps
 from server.settings import Settings
@@ -97,6 +106,7 @@ class JobWorker:
         from server.adapters import AdapterRegistry, ConfigOnlyHost
 
         self.settings, self.poll_s = settings, poll_s
+        self.retry = RetryPolicy.from_settings(settings)
         self.db = Database.open(settings.database_url)
         self.base_model = settings.base_model_id()
         if registry is None:
@@ -170,7 +180,7 @@ class JobWorker:
             if end is not None:
                 offsets.append((folder / OFFSET_FILE, end))
 
-        recovered = self.db.run_sync(lambda s: recover_lost_jobs(s, before_requeue=ingest))
+        recovered = self.db.run_sync(lambda s: recover_lost_jobs(s, self.retry, ingest))
         for path, end in offsets:  # after the commit, as in _JobRun._follow
             path.write_text(str(end))
         return recovered
@@ -243,6 +253,9 @@ class _JobRun(threading.Thread):
             return
         if checkpoint:
             progress.tokens_before = self.db.run_sync(lambda s: tokens_at(s, job.id, step))
+        progress.reported_train_step, progress.reported_valid_step = self.db.run_sync(
+            lambda s: reported_steps(s, job.id)
+        )
         config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
         spec = TrainSpec(_model_path(settings), str(self.dir / "data"), config)
         spec.write(self.dir / "spec.json")
@@ -252,18 +265,18 @@ class _JobRun(threading.Thread):
         if progress.succeeded:
             self._finish(progress)
             return
-        how = f"exited with code {returncode}"
-        if returncode < 0:
-            how = f"was killed by signal {-returncode}" + (
-                " (often the system running out of memory)" if returncode == -signal.SIGKILL else ""
-            )
-        if progress.error is not None:
+        if progress.error is not None:  # the trainer's own verdict: the same run would fail again
             self._fail(progress.error.code, progress.error.message)
+            return
+        if returncode < 0:
+            # Killed from outside (the OOM killer's SIGKILL, a segfault): like a lost worker, the
+            # job resumes from its checkpoint, and fails only after runs without progress.
+            self._retry(_signal_text(-returncode))
             return
         self._fail(
             "training_failed",
-            f"The trainer {how} before finishing. See {self.dir / 'train.log'}, then create the "
-            "job again.",
+            f"The trainer exited with code {returncode} before finishing. See "
+            f"{self.dir / 'train.log'}, then create the job again.",
         )
 
     def _prepare_data(self) -> int:
@@ -328,6 +341,9 @@ class _JobRun(threading.Thread):
                     return None
                 if self.worker.stopping.is_set():
                     _stop(proc)
+                    # What the trainer wrote before it stopped, so the next run's progress is
+                    # measured from the newest checkpoint.
+                    self._follow(progress, None)
                     self._requeue(progress)
                     return None
                 if exited:
@@ -378,20 +394,27 @@ class _JobRun(threading.Thread):
     def _requeue(self, progress: RunProgress) -> None:
         def requeue(session: Session) -> None:
             job = self._ours(session)
-            if job is None:
-                return
-            # A shutdown is not a failed run: it does not count against MAX_ATTEMPTS.
-            job.status, job.attempts, job.worker_id = "queued", job.attempts - 1, None
-            job.lease_expires_at, job.pid, job.estimated_finish = None, None, None
-            add_event(
-                session,
-                job.id,
-                f"The worker stopped at step {progress.last_step}; the "
-                "job is queued again and resumes from its last checkpoint.",
-                level="warn",
-            )
+            if job is not None:  # a shutdown is not a failed run: no attempt is used
+                requeue_stopped_job(session, job, progress.last_step)
 
         self.db.run_sync(requeue)
+
+    def _retry(self, how: str) -> None:
+        def retry(session: Session) -> bool | None:
+            job = self._ours(session)
+            if job is None:
+                return None
+            what = f"The trainer {how}"
+            return retry_stopped_run(session, job, self.worker.retry, what, "trainer_killed")
+
+        queued = self.db.run_sync(retry)
+        if queued is not None:
+            log.warning(
+                "job %s: the trainer %s; %s",
+                self.job.id,
+                how,
+                "queued again" if queued else "failed",
+            )
 
     def _ours(self, session: Session) -> FineTuningJob | None:
         job = session.get(FineTuningJob, self.job.id)
@@ -475,6 +498,17 @@ class _JobRun(threading.Thread):
         )
         self.db.run_sync(lambda s: s.add(row))
         return row
+
+
+def _signal_text(number: int) -> str:
+    """How a trainer killed by signal `number` ended, for the job's events."""
+    try:
+        notes = [signal.Signals(number).name]
+    except ValueError:
+        notes = []
+    if number == signal.SIGKILL:
+        notes.append("often the system running out of memory")
+    return f"was killed by signal {number}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -69,6 +69,32 @@ def test_concurrent_upgrades_from_several_processes_do_not_collide(url):
     assert schema_diff(url) == []
 
 
+def test_jobs_from_before_retry_counting_upgrade_with_no_failed_attempts(url):
+    # 0002 adds the retry columns: a job queued or running under 0001 keeps going, none counted.
+    upgrade_database(url, "0001")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO fine_tuning_jobs (id, model, training_file, hyperparameters, lora, seed, "
+            "status, created_at, updated_at, result_files, attempts, api, cancel_requested) "
+            "VALUES ('ftjob-old', 'm', 'file-a', '{}', '{}', 0, 'running', 0, 0, '[]', 2, "
+            "'fine_tuning', 0)"
+        )
+    engine.dispose()
+    upgrade_database(url)
+    assert schema_diff(url) == []
+    db = Database.open(url)
+    job = db.run_sync(lambda s: s.get(FineTuningJob, "ftjob-old"))
+    assert job is not None
+    assert (job.attempts, job.failed_attempts, job.attempt_from_step, job.retry_at) == (
+        2,
+        0,
+        0,
+        None,
+    )
+    db.close()
+
+
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(url):
     upgrade_database(url)
     engine = make_engine(url)

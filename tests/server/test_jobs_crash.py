@@ -28,8 +28,16 @@ from mlx_core.train.events import (
     TrainEvent,
     encode_event,
 )
-from server.db import Adapter, Database, FineTuningJob, JobEvent, now, upgrade_database
-from server.jobs.queue import MAX_ATTEMPTS, claim_next_job, recover_lost_jobs
+from server.db import (
+    Adapter,
+    Database,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    now,
+    upgrade_database,
+)
+from server.jobs.queue import RetryPolicy, claim_next_job, recover_lost_jobs, retry_stopped_run
 from server.jobs.worker import JobWorker
 from server.settings import Settings
 from tests.server.test_jobs import PROMPT, messages, process_running, wait_for_job, wikisql_file
@@ -59,7 +67,8 @@ def loraforge(*args: str, log: Path) -> subprocess.Popen:
 
 
 @contextmanager
-def serve(model: Path, data_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+def serve(model: Path, data_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real `loraforge serve` (with `args`) on a free port, once it is ready."""
     port = free_port()
     proc = loraforge(
         "serve",
@@ -71,6 +80,7 @@ def serve(model: Path, data_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]
         str(data_dir),
         "--port",
         str(port),
+        *args,
         log=data_dir.parent / "serve.log",
     )
     url = f"http://127.0.0.1:{port}"
@@ -241,7 +251,7 @@ def _events(data: Path, job_id: str) -> list[dict]:
 CLAIMER = """
 import sys, threading
 from server.db import Database
-from server.jobs.queue import MAX_ATTEMPTS, claim_next_job, recover_lost_jobs
+from server.jobs.queue import claim_next_job
 db = Database.open(sys.argv[1])
 claimed = []
 def claim(name):
@@ -350,13 +360,13 @@ def test_standalone_worker_killed_or_stopped_leaves_no_trainer(tiny_hf_model, tm
     db.close()
 
 
-def test_a_job_whose_worker_keeps_dying_fails_after_three_runs(tmp_path):
+def test_only_runs_without_a_new_checkpoint_count_as_failed_attempts(tmp_path):
     url = f"sqlite:///{tmp_path / 'loraforge.db'}"
     upgrade_database(url)
     db = Database.open(url)
     expired = now() - 1
 
-    def running(attempts: int) -> FineTuningJob:  # claimed by a worker on another host, silent
+    def running(failed: int, from_step: int = 0) -> FineTuningJob:  # on another host, silent
         return FineTuningJob(
             model="tiny",
             training_file="file-x",
@@ -364,21 +374,53 @@ def test_a_job_whose_worker_keeps_dying_fails_after_three_runs(tmp_path):
             lora={},
             seed=0,
             status="running",
-            attempts=attempts,
+            attempts=failed + 1,
+            failed_attempts=failed,
+            attempt_from_step=from_step,
             worker_id="elsewhere:1:a",
             lease_expires_at=expired,
         )
 
-    second, third, alive = running(2), running(MAX_ATTEMPTS), running(1)
+    second, third, alive = running(1), running(2), running(0)
+    progressed = running(2, from_step=4)  # two failed runs, then this one saved step 6
     alive.lease_expires_at = now() + 60
-    db.run_sync(lambda s: s.add_all([second, third, alive]))
-    assert sorted(db.run_sync(recover_lost_jobs)) == sorted([second.id, third.id])
+    db.run_sync(lambda s: s.add_all([second, third, alive, progressed]))
+    db.run_sync(
+        lambda s: s.add(JobCheckpoint(job_id=progressed.id, step=6, path="x", created_at=now()))
+    )
+    policy = RetryPolicy(max_attempts=3, backoff_s=10)
+    recovered = db.run_sync(lambda s: recover_lost_jobs(s, policy))
+    assert sorted(recovered) == sorted([second.id, third.id, progressed.id])
     rows = {r.id: r for r in db.run_sync(lambda s: s.scalars(select(FineTuningJob)).all())}
-    assert (rows[second.id].status, rows[alive.id].status) == ("queued", "running")
+    assert rows[alive.id].status == "running"
+    # A second run without progress waits 2 x the backoff; one with progress resumes at once.
+    assert (rows[second.id].status, rows[second.id].failed_attempts) == ("queued", 2)
+    assert rows[second.id].retry_at is not None and rows[second.id].retry_at >= now() + 19
+    assert (rows[progressed.id].status, rows[progressed.id].failed_attempts) == ("queued", 0)
+    assert rows[progressed.id].retry_at is None
     error = rows[third.id].error
     assert rows[third.id].status == "failed" and error is not None
-    assert error["code"] == "worker_lost" and "stopped 3 times" in error["message"]
+    assert error["code"] == "worker_lost" and "3 times in a row" in error["message"]
     assert "create the job again" in error["message"]
+    # A job waiting out its backoff is not claimed; the one that made progress is.
+    claimed = db.run_sync(lambda s: claim_next_job(s, "w", "tiny"))
+    assert claimed is not None and claimed.id == progressed.id
+    assert claimed.attempt_from_step == 6  # its next run must save a checkpoint past step 6
+    assert db.run_sync(lambda s: claim_next_job(s, "w", "tiny")) is None
+
+    # The worker's own retry, for a trainer killed by a signal, counts the same way.
+    killed = running(2)
+    db.run_sync(lambda s: s.add(killed))
+    what = "The trainer was killed by signal 9 (SIGKILL)"
+    assert not db.run_sync(
+        lambda s: retry_stopped_run(
+            s, s.get(FineTuningJob, killed.id), policy, what, "trainer_killed"
+        )
+    )
+    row = job_row(db, killed.id)
+    assert row.status == "failed" and row.error is not None
+    assert row.error["code"] == "trainer_killed" and row.error["message"].startswith(what)
+    assert [policy.delay_s(n) for n in (0, 1, 2, 3, 20)] == [0, 10, 20, 40, 3600]
     db.close()
 
 
@@ -443,8 +485,9 @@ def test_a_lost_runs_unreported_events_come_before_its_recovery(tiny_hf_model, t
         "Fine-tuning job started",
         "Step 1/4: training loss=2.5000",
         "Checkpoint created at step 2",
-        "The worker running this job stopped (elsewhere:1:a); queued again to "
-        "resume from checkpoint step 2 (1 of 3 runs used).",
+        "The worker running this job stopped (elsewhere:1:a); queued again to resume from "
+        "checkpoint step 2 (it saved checkpoints up to step 2, so this run is not counted as "
+        "failed).",
     ]
     # Ingested up to the last complete line; the torn one is left for whoever reads on.
     assert int((folder / "events.offset").read_text()) == events.read_text().rfind("\n") + 1

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +160,30 @@ def test_lm_eval_scores_the_served_model_as_the_model_itself(
         as_tokens["results"]["sql_generate"]["exact_match,none"]
         == as_text["results"]["sql_generate"]["exact_match,none"]
     )
+
+
+def test_the_documented_lm_eval_command_runs(server, tmp_path):
+    """docs/openai-client.md's task files and `lm_eval` command, run as written (the server's
+    address and model name swapped in), in a subprocess like a user's shell."""
+    docs = (Path(__file__).parents[2] / "docs" / "openai-client.md").read_text()
+    section = docs[docs.index("## Evaluating with lm-evaluation-harness") :]
+    setup, command = re.findall(r"```bash\n(.*?)```", section, re.S)[:2]
+    assert "tokenizer_backend=remote" in command
+    command = command.replace("http://127.0.0.1:8000", server).replace("loraforge-demo", "tiny")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+    }
+    run = subprocess.run(
+        ["bash", "-euc", f"{setup}\n{command}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = run.stdout
+    assert re.search(r"\|sql_choice\s*\|.*\|acc\s*\|", table), table
+    assert re.search(r"\|sql_generate\s*\|.*\|exact_match\|", table), table

@@ -90,8 +90,8 @@ def render_api_reference(schema: dict[str, Any]) -> str:
         "**Errors.** Every error response, whatever its status, is an OpenAI error object: "
         '`{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`, where `message` '
         "says what to change and `param` names the field at fault. Besides the statuses listed "
-        "per route: 401 without the right API key (when the server has one, on `/v1/*` and "
-        "`/fine-tunes*`), 404 for unknown ids, 409 for conflicts, 413 for uploads over "
+        "per route: 401 without the right API key (when the server has one, on `/v1/*`, "
+        "`/fine-tunes*` and the tokenizer routes), 404 for unknown ids, 409 for conflicts, 413 for uploads over "
         "`--max-upload-mb`, 429 when the request queue is full, 503 while the model loads (or "
         "if it failed to load).",
         "",

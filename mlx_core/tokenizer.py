@@ -8,6 +8,7 @@ transformers and to mistral-common's v1 chat encoding.
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,40 @@ from mlx_core.errors import LoraforgeError
 
 TOKENIZER_FILE = "tokenizer.model"
 CHAT_ROLES = ("system", "user", "assistant")
+
+# `encode_chat` as a Jinja chat template (Hugging Face's convention: `messages`, `bos_token`,
+# `eos_token`, `raise_exception`), for clients that format chats themselves (vLLM's
+# /tokenizer_info serves it). Rendered, then encoded with special_texts=True, it gives encode_chat's
+# ids: each text between "<s>"/"</s>" gets sentencepiece's "▁" of its own, which is why "[INST]"
+# follows "</s>" with no space (Mistral's hub template writes " [INST] " for a tokenizer that adds
+# none after special tokens). Leading system messages join the first user message, as there.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- set ns = namespace(system='', turn=0) %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and ns.turn == 0 %}"
+    "{%- if message['content'] %}"
+    "{%- set ns.system = ns.system + '\n\n' + message['content'] if ns.system"
+    " else message['content'] %}"
+    "{%- endif %}"
+    "{%- else %}"
+    "{%- if (message['role'] == 'user') != (ns.turn % 2 == 0) %}"
+    "{{- raise_exception('after any system messages, roles must alternate user/assistant"
+    " starting with user') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if ns.turn == 0 and ns.system %}"
+    "{{- '[INST] ' + ns.system + '\n\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}"
+    "{{- '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- endif %}"
+    "{%- else %}"
+    "{{- ' ' + message['content'] + eos_token }}"
+    "{%- endif %}"
+    "{%- set ns.turn = ns.turn + 1 %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
 
 
 class TokenizerError(LoraforgeError):
@@ -39,6 +74,7 @@ class Tokenizer:
         self.vocab_size: int = processor.vocab_size()
         self.bos_id: int = processor.bos_id()
         self.eos_id: int = processor.eos_id()
+        self.unk_id: int = processor.unk_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise TokenizerError(
                 f"{path} defines no BOS/EOS token, which Mistral models need: use the "
@@ -52,6 +88,14 @@ class Tokenizer:
             token_id = processor.piece_to_id(f"<0x{value:02X}>")
             if processor.is_byte(token_id):
                 self._byte_of[token_id] = value
+        # "<unk>", "<s>", "</s>": the texts encode(special_texts=True) reads as their ids.
+        self._special_ids: dict[str, int] = {
+            processor.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if processor.is_control(i) or processor.is_unknown(i)
+        }
+        longest_first = sorted(self._special_ids, key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
@@ -81,13 +125,26 @@ class Tokenizer:
             ) from err
         return cls(path, processor)
 
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool = True, add_eos: bool = False, special_texts: bool = False
+    ) -> list[int]:
         """Token ids of `text`, optionally wrapped in BOS/EOS.
 
         Text such as "<s>" or "</s>" stays literal text: sentencepiece never produces control ids
-        from input, so a prompt cannot smuggle in an end-of-sequence.
+        from input, so a prompt cannot smuggle in an end-of-sequence. special_texts=True reads
+        "<s>", "</s>" and "<unk>" as their ids instead, as Hugging Face tokenizers do (clients
+        such as lm-eval find the EOS id by encoding "</s>"); the texts between them encode as
+        they would alone, so text without them gets the same ids either way.
         """
-        ids: list[int] = self._sp.encode(text)
+        ids: list[int] = []
+        if special_texts:
+            for part in self._special_split.split(text):
+                if part in self._special_ids:
+                    ids.append(self._special_ids[part])
+                elif part:
+                    ids += self._sp.encode(part)
+        else:
+            ids = self._sp.encode(text)
         if add_bos:
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -120,6 +177,13 @@ class Tokenizer:
         if self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
             return piece
         return piece.replace("▁", " ")
+
+    def piece(self, token_id: int) -> str:
+        """The token's sentencepiece piece, as Hugging Face's convert_ids_to_tokens gives it
+        ("▁the", "<0x0A>", "</s>")."""
+        if not 0 <= token_id < self.vocab_size:
+            raise self._unknown_id(token_id)
+        return self._sp.id_to_piece(token_id)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes one token contributes (OpenAI's logprobs `bytes` field)."""

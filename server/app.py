@@ -3,8 +3,8 @@
 Startup (lifespan): create the data folders, apply database migrations, then start the engine
 client and any other services (e.g. the job worker) in order; shutdown stops them in reverse.
 Routes get `settings`, `db` (server.db.Database), `metrics` and `engine` (the EngineClient)
-injected, never from globals. `/v1/*` and the legacy unversioned `/fine-tunes*` require the API key when one is
-set; `/health`, `/ready`, `/metrics` and the API description (`/openapi.json`, `/docs`) are
+injected, never from globals. `/v1/*`, the legacy unversioned `/fine-tunes*` and vLLM's unversioned
+`/tokenize`, `/detokenize`, `/tokenizer_info` require the API key when one is set; `/health`, `/ready`, `/metrics` and the API description (`/openapi.json`, `/docs`) are
 public: they hold no user data.
 """
 
@@ -52,8 +52,9 @@ GRACEFUL_SHUTDOWN_S = 30
 # Any request body may be this large (Litestar's default), or up to --max-upload-mb plus form
 # framing when that is larger; upload routes turn Litestar's limit off and enforce their own.
 MIN_BODY_LIMIT_BYTES = 10_000_000
-# Paths that need the API key: the API, and the legacy fine-tunes API old clients call without /v1.
-PROTECTED_PREFIXES = ("/v1/", "/fine-tunes")
+# Paths that need the API key: the API, the legacy fine-tunes API old clients call without /v1, and
+# vLLM's tokenizer routes (lm-eval calls them at the root; its `auth_token` model arg sends the key).
+PROTECTED_PREFIXES = ("/v1/", "/fine-tunes", "/tokenize", "/detokenize")
 # Swagger UI's scripts, styles and icon come from a Python package, not a CDN: the service runs
 # offline, and /docs must work there too.
 DOCS_ASSETS = "/docs/assets"
@@ -122,8 +123,8 @@ class LoraforgeApp(Litestar):
 
 
 def api_key_guard(api_key: str | None) -> Guard:
-    """A guard requiring `Authorization: Bearer <api_key>` on /v1/* and /fine-tunes*; no-op
-    without a key."""
+    """A guard requiring `Authorization: Bearer <api_key>` on PROTECTED_PREFIXES; no-op without
+    a key."""
     expected = api_key.encode() if api_key else None
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler) -> None:

@@ -27,6 +27,7 @@ from server.schemas.chat import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
     TopLogprob,
@@ -110,11 +111,16 @@ def _check_common(
     return stops, tuple(bias)
 
 
-def _max_tokens(requested: int | None, prompt_len: int, limit: int, param: str) -> int:
+def _max_tokens(
+    requested: int | None, prompt_len: int, limit: int, param: str, echo: bool = False
+) -> int:
     if requested is None:
         return max(1, limit - prompt_len)
+    if requested == 0 and echo:  # scoring the prompt (lm-eval's loglikelihood, as vLLM allows)
+        return 0
     if requested < 1:
-        raise BadRequestError(f"{param} must be at least 1", param=param)
+        hint = " (0 only with echo: true, to score the prompt)" if param == "max_tokens" else ""
+        raise BadRequestError(f"{param} must be at least 1{hint}", param=param)
     return requested
 
 
@@ -129,8 +135,21 @@ class _Choice:
 
 
 # -- completions ----------------------------------------------------------------------------------
-def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], str]]:
-    """Each prompt as (token ids, text to echo)."""
+@dataclass
+class _Prompt:
+    """One prompt as the model runs it and as the client sent it."""
+
+    ids: list[int]  # what the model runs: BOS first, always
+    # ids[sent_from:] are the client's tokens, the ones echo returns: 1 where BOS was added here
+    # (text, or token ids without it), 0 where the client's ids start with it.
+    sent_from: int
+    text: str  # what echo returns: the string as sent, or the text of the token ids
+
+
+def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[_Prompt]:
+    """Each prompt with BOS in front: a text prompt is encoded as the model was trained (BOS,
+    then the text's tokens); a token-id prompt gets BOS unless its first id is BOS, so the same
+    text scores the same sent either way (lm-eval's tokenized_requests True or False)."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -145,7 +164,13 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], st
     out = []
     for item in items:
         if isinstance(item, str):
-            out.append((tok.encode(item), item))
+            if not item:
+                raise BadRequestError(
+                    "a prompt is the empty string: send some text, or the token ids [1] (BOS "
+                    "alone) to generate from nothing",
+                    param="prompt",
+                )
+            out.append(_Prompt(tok.encode(item), 1, item))
         else:
             ids = list(item)
             if not ids:
@@ -156,7 +181,10 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[tuple[list[int], st
                     f"prompt token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1})",
                     param="prompt",
                 )
-            out.append((ids, tok.decode(ids)))
+            if ids[0] == tok.bos_id:
+                out.append(_Prompt(ids, 0, tok.decode(ids)))
+            else:
+                out.append(_Prompt([tok.bos_id, *ids], 1, tok.decode(ids)))
     return out
 
 
@@ -183,10 +211,18 @@ async def complete(req: CompletionRequest, engine: EngineClient, registry: Adapt
     limit = model.max_model_len
     requests, echoes = [], []
     rid = engine.new_request_id("cmpl")
-    for i, (ids, text) in enumerate(prompts):
+    for i, prompt in enumerate(prompts):
+        max_tokens = _max_tokens(req.max_tokens, len(prompt.ids), limit, "max_tokens", req.echo)
+        if len(prompt.ids) > limit:  # the engine checks this, but max_tokens 0 never reaches it
+            raise BadRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"has {len(prompt.ids)} tokens. Please reduce the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         for j in range(req.n):
             params = SamplingParams(
-                max_tokens=_max_tokens(req.max_tokens, len(ids), limit, "max_tokens"),
+                max_tokens=max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 seed=None if req.seed is None else req.seed + j,
@@ -200,37 +236,40 @@ async def complete(req: CompletionRequest, engine: EngineClient, registry: Adapt
             requests.append(
                 GenerationRequest(
                     f"{rid}-{i}-{j}",
-                    ids,
+                    prompt.ids,
                     params,
                     adapter_id,
                     constraint=structured.constraint,
                     token_healing=req.token_healing,
                 )
             )
-            echoes.append(text if req.echo else "")
-    prompt_scores: dict[int, tuple[list[int], list[TokenLogprob | None]]] = {}
+            echoes.append(prompt.text if req.echo else "")
+    scored: list[list[TokenLogprob | None]] = []
     if req.echo and req.logprobs is not None:
-        for i, (ids, _) in enumerate(prompts):
-            prompt_scores[i] = (ids, await engine.score_prompt(ids, req.logprobs, adapter_id))
-    with structured.errors():
-        outputs = engine.generate(requests)
+        for prompt in prompts:
+            scored.append(await engine.score_prompt(prompt.ids, req.logprobs, adapter_id))
+    outputs: AsyncIterator[tuple[int, GenerationOutput]]
+    if req.max_tokens == 0:  # echo only (checked above): nothing to generate
+        outputs = _prompt_only(requests)
+    else:
+        with structured.errors():
+            outputs = engine.generate(requests)
+    logprobs = []
+    if req.logprobs is not None:
+        for idx in range(len(requests)):
+            prompt = prompts[idx // req.n]
+            prompt_lps = scored[idx // req.n] if scored else None
+            logprobs.append(_LogprobsBuilder(tok, req.logprobs, prompt, prompt_lps, echoes[idx]))
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(
-            _completion_chunks(
-                outputs, rid, created, req, tok, echoes, prompt_scores, include_usage, len(prompts)
-            )
-        )
+        return _sse(_completion_chunks(outputs, rid, created, req, echoes, logprobs, include_usage))
     choices = [_Choice() for _ in requests]
     async for idx, out in outputs:
         _collect(choices[idx], out)
     result = []
     for idx, c in enumerate(choices):
-        lp = None
-        if req.logprobs is not None:
-            ids, scored = prompt_scores.get(idx // req.n, ([], []))
-            lp = _completion_logprobs(tok, ids, scored, c.logprobs, req.logprobs)
+        lp = logprobs[idx].take(c.logprobs) if logprobs else None
         result.append(CompletionChoice(idx, echoes[idx] + "".join(c.text), lp, c.finish))
     return CompletionResponse(
         id=rid, created=created, model=req.model, choices=result, usage=_usage(choices, req.n)
@@ -255,31 +294,74 @@ def _usage(choices: Sequence[_Choice], n: int) -> Usage:
     return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
 
 
-def _completion_logprobs(
-    tok: Tokenizer,
-    prompt: Sequence[int],
-    scored: Sequence[TokenLogprob | None],
-    generated: Sequence[TokenLogprob],
-    k: int,
-) -> CompletionLogprobs:
-    """OpenAI's legacy logprobs object; with echo, the prompt's tokens come first (BOS left out:
-    it is not part of the echoed text)."""
-    entries: list[tuple[int, float | None, list]] = []
-    for tid, lp in zip(prompt, scored):
-        if tid == tok.bos_id:
-            continue
-        entries.append((tid, lp.logprob if lp else None, lp.top if lp else []))
-    entries += [(lp.token, lp.logprob, lp.top) for lp in generated]
-    tokens, values, tops, offsets = [], [], [], []
-    offset = 0
-    for tid, value, top in entries:
-        text = tok.token_text(tid)
-        tokens.append(text)
-        values.append(value)
-        tops.append({tok.token_text(t): v for t, v in top[:k]} if k else None)
-        offsets.append(offset)
-        offset += len(text)
-    return CompletionLogprobs(tokens, values, tops, offsets)
+async def _prompt_only(
+    requests: Sequence[GenerationRequest],
+) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    """What the engine would report for max_tokens 0: each request ends at once, "length"."""
+    for idx, r in enumerate(requests):
+        yield idx, GenerationOutput(r.request_id, "", [], None, "length", len(r.prompt), 0)
+
+
+class _TextOffsets:
+    """Where each token's text starts in a choice's text (OpenAI's `text_offset`): the tokens
+    are detokenized in order, so a leading "▁" dropped at the start of the text counts nothing."""
+
+    def __init__(self, tok: Tokenizer, context: Sequence[int] = (), start: int = 0) -> None:
+        self._detok = tok.detokenizer(context)
+        self._start = start
+
+    def next(self, token: int) -> int:
+        at = self._start + len(self._detok.text)
+        self._detok.add(token)
+        return at
+
+
+class _LogprobsBuilder:
+    """OpenAI's legacy logprobs object of one choice, taken whole or chunk by chunk (streaming).
+
+    With echo the prompt's tokens come first, exactly the ones the client sent (BOS only where
+    its token ids start with it), so a client indexing them by its own token count (lm-eval's
+    `[ctxlen:]`) reads the right ones; the first has no logprob, as in OpenAI's and vLLM's answers.
+    """
+
+    def __init__(
+        self,
+        tok: Tokenizer,
+        k: int,
+        prompt: _Prompt,
+        scored: Sequence[TokenLogprob | None] | None,
+        echo: str,
+    ) -> None:
+        self._tok, self._k = tok, k
+        self._entries: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
+        self._prompt_offsets: list[int] = []
+        if scored is not None:
+            offsets = _TextOffsets(tok)
+            sent = zip(prompt.ids[prompt.sent_from :], scored[prompt.sent_from :])
+            for i, (tid, lp) in enumerate(sent):
+                known = lp is not None and i > 0
+                self._entries.append(
+                    (tid, lp.logprob, lp.top) if lp and known else (tid, None, None)
+                )
+                self._prompt_offsets.append(offsets.next(tid))
+        self._generated = _TextOffsets(tok, prompt.ids, start=len(echo))
+
+    def take(self, generated: Sequence[TokenLogprob]) -> CompletionLogprobs:
+        """The entries not taken yet: the prompt's (first time only), then `generated`."""
+        tok, k = self._tok, self._k
+        entries = self._entries + [(lp.token, lp.logprob, lp.top) for lp in generated]
+        offsets = self._prompt_offsets + [self._generated.next(lp.token) for lp in generated]
+        self._entries, self._prompt_offsets = [], []
+        tops: list[dict[str, float] | None] = [
+            {tok.token_text(t): v for t, v in top[:k]} if k and top is not None else None
+            for _, _, top in entries
+        ]
+        return CompletionLogprobs(
+            [tok.token_text(tid) for tid, _, _ in entries],
+            [value for _, value, _ in entries],
+            tops,
+            offsets,
+        )
 
 
 async def _completion_chunks(
@@ -287,11 +369,9 @@ async def _completion_chunks(
     rid: str,
     created: int,
     req: CompletionRequest,
-    tok: Tokenizer,
     echoes: list[str],
-    prompt_scores,
+    logprobs: list[_LogprobsBuilder],
     include_usage: bool,
-    n_prompts: int,
 ) -> AsyncGenerator[bytes, None]:
     choices = [_Choice() for _ in echoes]
     started = [False] * len(echoes)
@@ -300,14 +380,15 @@ async def _completion_chunks(
         _collect(c, out)
         text = out.text
         lp = None
-        if not started[idx]:
+        first = not started[idx]
+        if first:
             started[idx] = True
             text = echoes[idx] + text
-        if req.logprobs is not None and (out.logprobs or text):
+        if logprobs and (first or out.logprobs):
             # The prompt's logprobs go out once, with the first chunk of the choice.
-            first = len(c.logprobs) == len(out.logprobs or [])
-            ids, scored = prompt_scores.get(idx // req.n, ([], [])) if first else ([], [])
-            lp = _completion_logprobs(tok, ids, scored, out.logprobs or [], req.logprobs)
+            lp = logprobs[idx].take(out.logprobs or [])
+            if not lp.tokens and not text:
+                lp = None
         if not text and lp is None and not out.finish_reason:
             continue
         chunk = CompletionChunk(
@@ -326,9 +407,10 @@ async def _completion_chunks(
 
 
 # -- chat -----------------------------------------------------------------------------------------
-def _chat_messages(req: ChatCompletionRequest) -> list[EngineChatMessage]:
+def chat_messages(messages: Sequence[ChatMessage]) -> list[EngineChatMessage]:
+    """The request's messages as the tokenizer's; 400 naming the first it cannot format."""
     out = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(messages):
         reject_unsupported(m)
         role = "system" if m.role == "developer" else m.role
         if role not in ("system", "user", "assistant"):
@@ -356,7 +438,7 @@ def _chat_messages(req: ChatCompletionRequest) -> list[EngineChatMessage]:
 
 async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: AdapterRegistry):
     reject_unsupported(req)
-    messages = _chat_messages(req)
+    messages = chat_messages(req.messages)
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), None)
     structured = requested_constraint(req, last_user)
     model = engine.require_ready()

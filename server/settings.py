@@ -51,7 +51,10 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 = every interface)")
     port: int = _opt(8000, "TCP port to listen on")
     api_key: str | None = _opt(
-        None, "require `Authorization: Bearer <key>` on /v1/* (unset = no auth)", repr=False
+        None,
+        "require `Authorization: Bearer <key>` on /v1/*, /fine-tunes* and the tokenizer routes "
+        "(unset = no auth)",
+        repr=False,
     )
     data_dir: Path = _opt(DEFAULT_DATA_DIR, "folder for the database, files/, adapters/, jobs/")
     database_url: str = _opt(

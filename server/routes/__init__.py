@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from litestar.types import ControllerRouterHandler
 
-from server.routes import adapters, completions, files, fine_tuning, models, sql
+from server.routes import adapters, completions, files, fine_tuning, models, sql, tokenizer
 from server.settings import Settings
 
 
 def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
-    """Every /v1 route handler. `settings` lets a module be left out or configured per server."""
+    """Every API route handler (/v1, and vLLM's unversioned tokenizer routes). `settings` lets a module be left out or configured per server."""
     return [
         *completions.route_handlers,
         *models.route_handlers,
@@ -23,4 +23,5 @@ def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
         *files.route_handlers,
         *sql.route_handlers,
         *fine_tuning.handlers(settings),
+        *tokenizer.route_handlers,
     ]

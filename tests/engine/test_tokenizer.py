@@ -24,6 +24,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jinja2.sandbox
 import pytest
 import sentencepiece as spm
 import transformers
@@ -38,7 +39,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from mlx_core.tokenizer import ChatMessage, Tokenizer, TokenizerError
+from mlx_core.tokenizer import CHAT_TEMPLATE, ChatMessage, Tokenizer, TokenizerError
 
 MISTRAL_V1 = Path(str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
 
@@ -246,6 +247,24 @@ def test_text_cannot_produce_control_tokens(tok: Tokenizer) -> None:
     assert not {0, 1, 2} & set(ids)
 
 
+SPECIAL_TEXTS = ["</s>", "<s>", "a</s>b", "x <s> y </s>  z<unk>", "<s><s>", "</s>\n[INST] next"]
+
+
+# What vLLM's /tokenize does (lm-eval finds the EOS id by encoding "</s>"): transformers parses
+# the special tokens' texts, and the text between them encodes as it would alone.
+@pytest.mark.parametrize("text", SPECIAL_TEXTS + CORPUS)
+def test_special_texts_read_as_ids_like_transformers(tok: Tokenizer, hf_spm, text: str) -> None:
+    ids = tok.encode(text, add_bos=False, special_texts=True)
+    assert ids == hf_spm.encode(text, add_special_tokens=False)
+    if not any(special in text for special in ("<s>", "</s>", "<unk>")):
+        assert ids == tok.encode(text, add_bos=False)  # what a completion prompt runs
+
+
+def test_piece_is_the_sentencepiece_piece(tok: Tokenizer, sp) -> None:
+    assert [tok.piece(i) for i in (0, 1, 2, 13)] == ["<unk>", "<s>", "</s>", "<0x0A>"]
+    assert tok.piece(5820) == sp.id_to_piece(5820) == "▁SE"
+
+
 def test_decode_skips_bos_and_eos(tok: Tokenizer) -> None:
     assert tok.decode([1, *tok.encode("Hi there", add_bos=False), 2]) == "Hi there"
 
@@ -363,6 +382,30 @@ def test_chat_matches_transformers_aligned_template(tok: Tokenizer, hf_chat, nam
     assert tok.encode_chat(_chat(CONVERSATIONS[name])) == hf_chat.encode(
         text, add_special_tokens=False
     )
+
+
+def _render_chat_template(messages: list[tuple[str, str]]) -> str:
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment()  # as transformers renders templates
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(CHAT_TEMPLATE).render(
+        messages=[{"role": r, "content": c} for r, c in messages], bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_chat_template_renders_what_encode_chat_encodes(tok: Tokenizer, hf_spm, name) -> None:
+    text = _render_chat_template(CONVERSATIONS[name])
+    ids = tok.encode_chat(_chat(CONVERSATIONS[name]))
+    assert tok.encode(text, add_bos=False, special_texts=True) == ids
+    assert hf_spm.encode(text, add_special_tokens=False) == ids
+
+
+def test_chat_template_refuses_roles_out_of_order() -> None:
+    with pytest.raises(ValueError, match="alternate"):
+        _render_chat_template([("user", "a"), ("user", "b")])
 
 
 def test_chat_reads_as_the_v1_format(tok: Tokenizer) -> None:

@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from server.settings import Settings
+from tests.scoring import logprob_sum
 from tests.serving import start_model_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -89,10 +90,85 @@ def test_logprobs_and_echo(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     # 2 prompt tokens (BOS left out) + 4 generated
     assert len(lp.tokens) == 2 + 4
-    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+    # As in OpenAI's and vLLM's answers, the first echoed token has no logprob and no top ones.
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
         assert value <= 0 and 1 <= len(top) <= 3
     # greedy: the chosen token is the most likely one
     assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-5)
+
+
+def _echo(client, prompt, max_tokens=1, **kwargs):
+    """A scoring request as lm-eval sends it: the prompt's logprobs, greedy, one token or none."""
+    return client.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=1,
+        echo=True,
+        **kwargs,
+    ).choices[0]
+
+
+def test_text_offset_counts_characters_of_the_returned_text(client):
+    c = _echo(client, "SELECT COUNT", max_tokens=3)
+    lp = c.logprobs
+    # " SE" "LECT" " CO" "UNT": the space sentencepiece puts before "SE" is not in the text.
+    assert c.text.startswith("SELECT COUNT")
+    assert lp.tokens[:4] == [" SE", "LECT", " CO", "UNT"] and lp.text_offset[:4] == [0, 2, 6, 9]
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert c.text[offset:].startswith(token.lstrip() if offset == 0 else token)
+    assert lp.text_offset[4] == len("SELECT COUNT")  # the first generated token starts there
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_only(client):
+    scored = _echo(client, "SELECT COUNT", max_tokens=0)
+    assert scored.text == "SELECT COUNT" and scored.finish_reason == "length"
+    lp = scored.logprobs
+    assert lp.tokens == [" SE", "LECT", " CO", "UNT"] and lp.token_logprobs[0] is None
+    # The same numbers as the prompt part of a request that also generates one token.
+    one = _echo(client, "SELECT COUNT", max_tokens=1).logprobs
+    assert one.token_logprobs[:4] == lp.token_logprobs and len(one.tokens) == 5
+
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="SELECT COUNT",
+            max_tokens=0,
+            logprobs=1,
+            echo=True,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in streamed) == "SELECT COUNT"
+    assert streamed[-1].finish_reason == "length"
+    assert [v for c in streamed if c.logprobs for v in c.logprobs.token_logprobs] == (
+        lp.token_logprobs
+    )
+    assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens == 5
+
+
+def test_token_id_prompts_score_like_text_with_one_bos(client, server, tiny_model):
+    """lm-eval sends token ids without BOS (tokenized_requests) or the text; a client that puts
+    BOS first sends one more token, and gets it echoed so its own counts still line up."""
+    text = "table: players\nQ: How many?\nA: SELECT COUNT(*) FROM players"
+    ids = tiny_model.tokenizer.encode(text, add_bos=False)
+    n_context = len(tiny_model.tokenizer.encode("table: players\nQ: How many?\nA:", add_bos=False))
+    as_text = _echo(client, text).logprobs
+    as_ids = _echo(client, ids).logprobs
+    with_bos = _echo(client, [1, *ids]).logprobs
+    assert len(as_text.tokens) == len(as_ids.tokens) == len(ids) + 1
+    assert as_ids.token_logprobs == as_text.token_logprobs
+    assert len(with_bos.tokens) == len(ids) + 2 and with_bos.tokens[0] == "<s>"
+    assert with_bos.token_logprobs[0] is None
+    assert with_bos.token_logprobs[2:] == as_text.token_logprobs[1:]
+    # lm-eval's sum, token_logprobs[ctxlen:-1], is the model's own score of the continuation.
+    expected = logprob_sum(tiny_model, [1, *ids], 1 + n_context)
+    assert sum(as_ids.token_logprobs[n_context:-1]) == pytest.approx(expected, abs=1e-3)
+    assert sum(with_bos.token_logprobs[1 + n_context : -1]) == pytest.approx(expected, abs=1e-3)
 
 
 def test_stop_sequence(client):
@@ -157,6 +233,9 @@ def test_models(client):
         (dict(model="tiny", prompt="x", suffix="y"), "suffix"),
         (dict(model="tiny", prompt="x", max_tokens=100000), "max_tokens"),
         (dict(model="tiny", prompt="x", logit_bias={"99999999": 1}), "logit_bias"),
+        (dict(model="tiny", prompt=""), "prompt"),
+        (dict(model="tiny", prompt=["x", ""]), "prompt"),
+        (dict(model="tiny", prompt="x", max_tokens=0), "max_tokens"),
     ],
 )
 def test_bad_requests_are_4xx_openai_errors(client, kwargs, param):

@@ -11,15 +11,18 @@ from __future__ import annotations
 from litestar.types import ControllerRouterHandler
 
 from server.routes import adapters, completions, files, fine_tuning, models
+from server.routes.options import options_handlers
 from server.settings import Settings
 
 
 def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
-    """Every /v1 route handler. `settings` lets a module be left out or configured per server."""
-    return [
+    """Every /v1 route handler, and OPTIONS for each path (first: see server.routes.options).
+    `settings` lets a module be left out or configured per server."""
+    handlers: list[ControllerRouterHandler] = [
         *completions.route_handlers,
         *models.route_handlers,
         *adapters.route_handlers,
         *files.route_handlers,
         *fine_tuning.handlers(settings),
     ]
+    return [*options_handlers(handlers), *handlers]

@@ -241,7 +241,8 @@ def create_app(
         # JSON bodies; the upload routes read theirs themselves, counting against
         # --max-upload-mb (server.uploads).
         request_max_body_size=settings.max_body_bytes,
-        before_request=require_body_media_type,  # 415 before any of the body is read
+        # 415 before any of the body is read (a route's own before_request would replace it).
+        before_request=require_body_media_type,
         request_class=StrictJSONRequest,
         plugins=[ClosedStructSchemaPlugin()],
         openapi_config=OpenAPIConfig(

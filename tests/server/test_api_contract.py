@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 
 from mlx_core.lora.formats import save_adapter
 from server.app import create_app
-from server.settings import Settings
+from server.settings import Settings, SettingsError
 from tests.engine.test_lora import random_adapter
 from tests.server.test_server_basics import assert_openai_error
 from tests.serving import start_model_server
@@ -250,3 +250,10 @@ def test_json_bodies_are_decoded_strictly(known: Known, field: str, value: objec
 def test_an_integral_float_is_an_integer_as_json_schema_says(known: Known) -> None:
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2.0, "n": 1.0}
     assert httpx.post(f"{known.url}/v1/completions", json=body).status_code == 200
+
+
+def test_max_body_mb_is_a_setting_with_an_env_twin() -> None:
+    assert Settings().max_body_bytes == 16 * 1024 * 1024
+    assert Settings.from_env({"LORAFORGE_MAX_BODY_MB": "2.5"}).max_body_bytes == int(2.5 * 2**20)
+    with pytest.raises(SettingsError, match="--max-body-mb"):
+        Settings(max_body_mb=0)

@@ -89,11 +89,12 @@ def render_api_reference(schema: dict[str, Any]) -> str:
         "",
         "**Errors.** Every error response, whatever its status, is an OpenAI error object: "
         '`{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`, where `message` '
-        "says what to change and `param` names the field at fault. Besides the statuses listed "
-        "per route: 401 without the right API key (when the server has one, on `/v1/*`, "
-        "`/fine-tunes*` and the tokenizer routes), 404 for unknown ids, 409 for conflicts, 413 for uploads over "
-        "`--max-upload-mb`, 429 when the request queue is full, 503 while the model loads (or "
-        "if it failed to load).",
+        "says what to change and `param` names the field at fault. Each route lists the statuses "
+        "it can answer: 401 only when the server has an API key (on `/v1/*`, `/fine-tunes*` and "
+        "the tokenizer routes); 413 over `--max-body-mb` (JSON) "
+        "or `--max-upload-mb` (uploads); 415 for a body that is not JSON on a JSON route. "
+        "[Limits and failures](../operations.md#limits-and-failures) has the limits and every "
+        "status, type and code.",
         "",
     ]
     for tag, operations in group_operations(schema).items():
@@ -180,8 +181,8 @@ def render_operation(paths: list[str], method: str, op: dict, components: dict) 
 
 
 def response_text(status: str, response: dict) -> str:
-    if status[:1] in "45":
-        return "an error object (see above)"
+    if status[:1] in "45":  # an ErrorBody: its description says when the route answers it
+        return f"an error object: {response.get('description', '')}".rstrip(": ")
     shapes = []
     for media, content in (response.get("content") or {}).items():
         shapes.append(type_of(content.get("schema", {})) + (f" (`{media}`)" if media else ""))

@@ -31,15 +31,16 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Guard, HTTPScope, Message, Receive, Send
 from swagger_ui_bundle import swagger_ui_path
 
+from server.bodies import StrictJSONRequest, require_body_media_type
 from server.db import Database, upgrade_database
 from server.engine_client import EngineClient
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
 from server.metrics import Metrics, method_label
 from server.routes import route_handlers
 from server.routes.dependencies import Injected
+from server.routes.openapi import ClosedStructSchemaPlugin, errors
 from server.schemas.common import BlasStatus, HealthStatus
 from server.settings import Settings
-from server.uploads import MULTIPART_SLACK_BYTES
 
 if TYPE_CHECKING:  # the app only passes the registry through to the routes
     from server.adapters import AdapterRegistry
@@ -49,9 +50,6 @@ access_log = logging.getLogger("loraforge.access")
 
 # In-flight requests (long SSE streams too) get this long to finish on SIGTERM/Ctrl-C.
 GRACEFUL_SHUTDOWN_S = 30
-# Any request body may be this large (Litestar's default), or up to --max-upload-mb plus form
-# framing when that is larger; upload routes turn Litestar's limit off and enforce their own.
-MIN_BODY_LIMIT_BYTES = 10_000_000
 # Paths that need the API key: the API, the legacy fine-tunes API old clients call without /v1, and
 # vLLM's tokenizer routes (lm-eval calls them at the root; its `auth_token` model arg sends the key).
 PROTECTED_PREFIXES = ("/v1/", "/fine-tunes", "/tokenize", "/detokenize")
@@ -154,7 +152,7 @@ def health() -> HealthStatus:
     return HealthStatus("ok")
 
 
-@get("/ready", tags=["service"])
+@get("/ready", tags=["service"], responses=errors(503))
 async def ready(engine: Injected[EngineClient | None]) -> HealthStatus:
     """200 once the model is loaded and requests can be served, else 503 (readiness)."""
     if engine is None:
@@ -241,9 +239,13 @@ def create_app(
         },
         guards=[api_key_guard(settings.api_key)],
         exception_handlers=exception_handlers(),
-        request_max_body_size=max(
-            MIN_BODY_LIMIT_BYTES, settings.max_upload_bytes + MULTIPART_SLACK_BYTES
-        ),
+        # JSON bodies; the upload routes read theirs themselves, counting against
+        # --max-upload-mb (server.uploads).
+        request_max_body_size=settings.max_body_bytes,
+        # 415 before any of the body is read (a route's own before_request would replace it).
+        before_request=require_body_media_type,
+        request_class=StrictJSONRequest,
+        plugins=[ClosedStructSchemaPlugin()],
         openapi_config=OpenAPIConfig(
             title="loraforge",
             version=_version(),

@@ -22,6 +22,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from server.schemas.common import ErrorBody, ErrorDetail
+from server.settings import MIB
 
 log = logging.getLogger("loraforge.errors")
 T = TypeVar("T")
@@ -84,6 +85,13 @@ class ConflictError(APIError):
 
 class RequestTooLargeError(APIError):
     status_code = 413
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
+
+    def __init__(self, message: str, *, code: str = "unsupported_media_type") -> None:
+        super().__init__(message, code=code)
 
 
 class RateLimitError(APIError):
@@ -157,7 +165,9 @@ def decode_body(body: bytes, type_: type[T]) -> T:
             "The request body is empty: send a JSON object with Content-Type: application/json."
         )
     try:
-        return msgspec.json.decode(body, type=type_)
+        # In two steps, because JSON Schema counts 1.0 as an integer and msgspec's strict decoding
+        # does not: a generated client (or JavaScript) may send `"n": 1.0`.
+        return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(body)), type=type_)
     except msgspec.ValidationError as e:
         raise validation_error(e) from None
     except msgspec.DecodeError as e:
@@ -166,6 +176,16 @@ def decode_body(body: bytes, type_: type[T]) -> T:
             "Content-Type: application/json.",
             code="invalid_json",
         ) from None
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
 
 
 def _litestar_validation(exc: ValidationException) -> APIError:
@@ -212,10 +232,12 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIE
             f"Invalid method for URL ({where}). See /openapi.json for the methods it accepts.",
             status_code=405,
         )
-    if status == 413:
+    if status == 413:  # Litestar's limit: only JSON bodies have one (uploads count their own)
+        limit = request.route_handler.resolve_request_max_body_size() or 0
         return RequestTooLargeError(
-            "The request body is larger than this server accepts. Send less, or restart the "
-            "server with a larger --max-upload-mb.",
+            f"The request body is larger than this server's limit of {limit / MIB:g} MB for "
+            "JSON bodies. Send less (e.g. split a batch of prompts over several requests), or "
+            "restart the server with a larger --max-body-mb (env LORAFORGE_MAX_BODY_MB).",
             code="request_too_large",
         )
     if status == 400 and _is_bad_json(exc):

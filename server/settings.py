@@ -83,7 +83,12 @@ class Settings:
         None, "memory for the KV cache in GB (unset = sized from max-num-seqs x max-model-len)"
     )
     prefix_cache_mb: int = _opt(512, "memory for reusing KV of shared prompt prefixes (0 = off)")
-    max_upload_mb: float = _opt(512.0, "largest file accepted by POST /v1/files, in MB")
+    max_upload_mb: float = _opt(
+        512.0, "largest file accepted by POST /v1/files and adapter uploads, in MB"
+    )
+    max_body_mb: float = _opt(
+        16.0, "largest JSON request body, in MB (completions, chat, jobs; uploads: max-upload-mb)"
+    )
     start_worker: bool = _opt(True, "run the fine-tune job worker inside the server process")
     log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
 
@@ -120,8 +125,9 @@ class Settings:
             raise SettingsError(
                 _bad("kv_cache_memory_gb", self.kv_cache_memory_gb, "use a size > 0, or unset it")
             )
-        if self.max_upload_mb <= 0:
-            raise SettingsError(_bad("max_upload_mb", self.max_upload_mb, "use a size > 0"))
+        for name in ("max_upload_mb", "max_body_mb"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(_bad(name, getattr(self, name), "use a size > 0"))
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(_bad("log_level", self.log_level, f"use one of {LOG_LEVELS}"))
 
@@ -142,6 +148,10 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * MIB)
 
     def base_model_id(self) -> str:
         """The id the base model is served as, known without loading it: --served-model-name,

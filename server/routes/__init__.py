@@ -11,12 +11,15 @@ from __future__ import annotations
 from litestar.types import ControllerRouterHandler
 
 from server.routes import adapters, completions, files, fine_tuning, models, sql, tokenizer
+from server.routes.options import options_handlers
 from server.settings import Settings
 
 
 def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
-    """Every API route handler (/v1, and vLLM's unversioned tokenizer routes). `settings` lets a module be left out or configured per server."""
-    return [
+    """Every API route handler (/v1, and vLLM's unversioned tokenizer routes), and OPTIONS for
+    each path (first: see server.routes.options). `settings` lets a module be left out or
+    configured per server."""
+    handlers: list[ControllerRouterHandler] = [
         *completions.route_handlers,
         *models.route_handlers,
         *adapters.route_handlers,
@@ -25,3 +28,4 @@ def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
         *fine_tuning.handlers(settings),
         *tokenizer.route_handlers,
     ]
+    return [*options_handlers(handlers), *handlers]

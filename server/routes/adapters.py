@@ -4,14 +4,25 @@ POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 from litestar import Request, Response, delete, get, post
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from litestar.params import FromPath, JSONBody
 
 from server.adapters import AdapterInfo, AdapterRegistry
+from server.bodies import JSON, MULTIPART, accepts
 from server.engine_client import EngineClient
 from server.errors import BadRequestError, decode_body
 from server.routes.dependencies import Injected
+from server.routes.openapi import JSON_BODY, api_errors
 from server.schemas.adapters import (
     AdapterList,
     AdapterObject,
@@ -42,14 +53,49 @@ def adapter_object(info: AdapterInfo, engine: EngineClient | None) -> AdapterObj
     )
 
 
-@get("/v1/adapters", tags=["adapters"])
+@dataclass
+class RegisterAdapterOperation(Operation):
+    # The handler reads the body itself (JSON or a multipart upload): describe both.
+    def __post_init__(self) -> None:
+        text = Schema(type=OpenAPIType.STRING)
+        folder = Schema(
+            type=OpenAPIType.OBJECT,
+            properties={"name": text, "path": text},
+            required=["name", "path"],
+            additional_properties=False,
+        )
+        upload = Schema(
+            type=OpenAPIType.OBJECT,
+            properties={
+                "name": text,
+                "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY),
+            },
+            required=["name", "file"],
+        )
+        self.request_body = RequestBody(
+            content={
+                JSON: OpenAPIMediaType(schema=folder),
+                MULTIPART: OpenAPIMediaType(schema=upload),
+            },
+            required=True,
+        )
+
+
+@get("/v1/adapters", tags=["adapters"], responses=api_errors())
 async def list_adapters(
     adapter_registry: Injected[AdapterRegistry], engine: Injected[EngineClient | None]
 ) -> AdapterList:
     return AdapterList([adapter_object(a, engine) for a in await adapter_registry.list()])
 
 
-@post("/v1/adapters", status_code=201, tags=["adapters"])
+@post(
+    "/v1/adapters",
+    status_code=201,
+    tags=["adapters"],
+    responses=api_errors(*JSON_BODY, 409),
+    opt=accepts(JSON, MULTIPART),
+    operation_class=RegisterAdapterOperation,
+)
 async def register_adapter(
     request: Request,
     settings: Injected[Settings],
@@ -83,7 +129,7 @@ async def register_adapter(
     return adapter_object(info, engine)
 
 
-@delete("/v1/adapters/{name:str}", status_code=200, tags=["adapters"])
+@delete("/v1/adapters/{name:str}", status_code=200, tags=["adapters"], responses=api_errors(404))
 async def delete_adapter(
     name: FromPath[str], adapter_registry: Injected[AdapterRegistry]
 ) -> DeletedObject:
@@ -91,7 +137,12 @@ async def delete_adapter(
     return DeletedObject(id=info.name, object="adapter", deleted=True)
 
 
-@post("/v1/load_lora_adapter", status_code=200, tags=["adapters"])
+@post(
+    "/v1/load_lora_adapter",
+    status_code=200,
+    tags=["adapters"],
+    responses=api_errors(*JSON_BODY, 409),
+)
 async def load_lora_adapter(
     data: JSONBody[LoadLoraAdapterRequest], adapter_registry: Injected[AdapterRegistry]
 ) -> Response[str]:
@@ -102,7 +153,12 @@ async def load_lora_adapter(
     )
 
 
-@post("/v1/unload_lora_adapter", status_code=200, tags=["adapters"])
+@post(
+    "/v1/unload_lora_adapter",
+    status_code=200,
+    tags=["adapters"],
+    responses=api_errors(*JSON_BODY, 404),
+)
 async def unload_lora_adapter(
     data: JSONBody[UnloadLoraAdapterRequest], adapter_registry: Injected[AdapterRegistry]
 ) -> Response[str]:

@@ -18,7 +18,9 @@ import anyio.to_thread
 from litestar import Request, delete, get, post
 from litestar.openapi.spec import (
     OpenAPIFormat,
+    OpenAPIHeader,
     OpenAPIMediaType,
+    OpenAPIResponse,
     OpenAPIType,
     Operation,
     RequestBody,
@@ -30,6 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mlx_core.data.formats import check_jsonl_file
+from server.bodies import MULTIPART, accepts
 from server.db import Database, FineTuningJob, UploadedFile, new_id
 from server.errors import (
     BadRequestError,
@@ -38,6 +41,7 @@ from server.errors import (
     ServerError,
 )
 from server.routes.dependencies import Injected
+from server.routes.openapi import JSON_BODY, api_errors
 from server.schemas.files import DeletedObject, FileList, FileObject
 from server.settings import Settings
 from server.uploads import receive_upload
@@ -102,8 +106,10 @@ class _UploadOperation(Operation):
 @post(
     "/v1/files",
     status_code=200,
-    request_max_body_size=None,
+    request_max_body_size=None,  # receive_upload counts against --max-upload-mb instead
     tags=["files"],
+    responses=api_errors(*JSON_BODY),
+    opt=accepts(MULTIPART),
     operation_class=_UploadOperation,
 )
 async def create_file(
@@ -164,7 +170,7 @@ async def create_file(
         part_path.unlink(missing_ok=True)
 
 
-@get("/v1/files", tags=["files"])
+@get("/v1/files", tags=["files"], responses=api_errors(400))
 async def list_files(
     db: Injected[Database],
     purpose: FromQuery[str | None] = None,
@@ -202,13 +208,32 @@ async def _get_row(db: Database, file_id: str) -> UploadedFile:
     return row
 
 
-@get("/v1/files/{file_id:str}", tags=["files"])
+@get("/v1/files/{file_id:str}", tags=["files"], responses=api_errors(404))
 async def retrieve_file(db: Injected[Database], file_id: FromPath[str]) -> FileObject:
     """One file's metadata."""
     return file_object(await _get_row(db, file_id))
 
 
-@get("/v1/files/{file_id:str}/content", tags=["files"])
+@dataclass
+class _DownloadOperation(Operation):
+    # Litestar documents Last-Modified as an ISO date-time; HTTP sends an HTTP-date
+    # ("Tue, 01 Dec 2026 15:53:44 GMT", RFC 9110), so a client checking the header would fail.
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        headers = ok.headers if isinstance(ok, OpenAPIResponse) else None
+        header = (headers or {}).get("last-modified")
+        if isinstance(header, OpenAPIHeader) and isinstance(header.schema, Schema):
+            header.schema.format = None
+            header.description = "when the file was written, as an HTTP-date (RFC 9110)"
+
+
+@get(
+    "/v1/files/{file_id:str}/content",
+    tags=["files"],
+    media_type="application/octet-stream",
+    responses=api_errors(404),
+    operation_class=_DownloadOperation,
+)
 async def file_content(db: Injected[Database], file_id: FromPath[str]) -> File:
     """The file's bytes, streamed from disk."""
     row = await _get_row(db, file_id)
@@ -220,7 +245,7 @@ async def file_content(db: Injected[Database], file_id: FromPath[str]) -> File:
     return File(path=row.path, filename=row.filename, media_type="application/octet-stream")
 
 
-@delete("/v1/files/{file_id:str}", status_code=200, tags=["files"])
+@delete("/v1/files/{file_id:str}", status_code=200, tags=["files"], responses=api_errors(404, 409))
 async def delete_file(db: Injected[Database], file_id: FromPath[str]) -> DeletedObject:
     """Delete the file and its row; refused (409) while a queued or running job needs it."""
 

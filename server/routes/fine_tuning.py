@@ -25,6 +25,7 @@ from server.jobs.spec import JobRequest, job_hyperparameters, job_lora
 from server.openai_serving import reject_unsupported
 from server.routes.dependencies import Injected
 from server.routes.files import file_object
+from server.routes.openapi import JSON_BODY, api_errors
 from server.schemas.fine_tuning import (
     CheckpointMetrics,
     FineTuneMethod,
@@ -168,7 +169,12 @@ def _cursor(after: str | None, prefix: str) -> int | None:
 
 
 # -- /v1/fine_tuning/jobs -----------------------------------------------------------------------
-@post("/v1/fine_tuning/jobs", status_code=200, tags=["fine-tuning"])
+@post(
+    "/v1/fine_tuning/jobs",
+    status_code=200,
+    tags=["fine-tuning"],
+    responses=api_errors(*JSON_BODY, 404),
+)
 async def create_job(
     data: JSONBody[FineTuningJobCreateBody], settings: Injected[Settings], db: Injected[Database]
 ) -> FineTuningJobObject:
@@ -208,7 +214,7 @@ async def create_job(
     return job_object(await db.run(lambda s: jobs.create_job(s, settings, request)))
 
 
-@get("/v1/fine_tuning/jobs", tags=["fine-tuning"])
+@get("/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=api_errors(400))
 async def list_jobs(
     db: Injected[Database], after: After = None, limit: Limit = 20
 ) -> FineTuningJobList:
@@ -224,18 +230,29 @@ async def list_jobs(
     return FineTuningJobList([job_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
-@get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}", tags=["fine-tuning"])
+@get(
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id:str}", tags=["fine-tuning"], responses=api_errors(404)
+)
 async def retrieve_job(db: Injected[Database], fine_tuning_job_id: JobId) -> FineTuningJobObject:
     return job_object(await db.run(lambda s: jobs.get_job(s, fine_tuning_job_id)))
 
 
-@post("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/cancel", status_code=200, tags=["fine-tuning"])
+@post(
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/cancel",
+    status_code=200,
+    tags=["fine-tuning"],
+    responses=api_errors(404, 409),
+)
 async def cancel_job(db: Injected[Database], fine_tuning_job_id: JobId) -> FineTuningJobObject:
     """Cancel a queued or running job (its trainer stops within seconds); 409 once finished."""
     return job_object(await db.run(lambda s: jobs.cancel_job(s, fine_tuning_job_id)))
 
 
-@get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/events", tags=["fine-tuning"])
+@get(
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/events",
+    tags=["fine-tuning"],
+    responses=api_errors(400, 404),
+)
 async def list_events(
     db: Injected[Database], fine_tuning_job_id: JobId, after: After = None, limit: Limit = 20
 ) -> FineTuningJobEventList:
@@ -255,7 +272,11 @@ async def list_events(
     )
 
 
-@get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/checkpoints", tags=["fine-tuning"])
+@get(
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/checkpoints",
+    tags=["fine-tuning"],
+    responses=api_errors(400, 404),
+)
 async def list_checkpoints(
     db: Injected[Database], fine_tuning_job_id: JobId, after: After = None, limit: Limit = 10
 ) -> FineTuningJobCheckpointList:
@@ -361,10 +382,19 @@ def handlers(settings: Settings) -> list[ControllerRouterHandler]:
     behind the same API key (the app's guard covers /fine-tunes too)."""
     options: dict[str, Any] = {"tags": ["fine-tunes (legacy)"]}
     legacy = [
-        post(_paths(), status_code=200, **options)(legacy_create),
-        get(_paths(), **options)(legacy_list),
-        get(_paths("/{fine_tune_id:str}"), **options)(legacy_retrieve),
-        post(_paths("/{fine_tune_id:str}/cancel"), status_code=200, **options)(legacy_cancel),
-        get(_paths("/{fine_tune_id:str}/events"), **options)(legacy_events),
+        post(_paths(), status_code=200, responses=api_errors(*JSON_BODY, 404), **options)(
+            legacy_create
+        ),
+        get(_paths(), responses=api_errors(), **options)(legacy_list),
+        get(_paths("/{fine_tune_id:str}"), responses=api_errors(404), **options)(legacy_retrieve),
+        post(
+            _paths("/{fine_tune_id:str}/cancel"),
+            status_code=200,
+            responses=api_errors(404, 409),
+            **options,
+        )(legacy_cancel),
+        get(_paths("/{fine_tune_id:str}/events"), responses=api_errors(400, 404), **options)(
+            legacy_events
+        ),
     ]
     return [*route_handlers, *legacy]

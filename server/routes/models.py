@@ -9,6 +9,7 @@ from server.adapters import AdapterInfo, AdapterRegistry
 from server.engine_client import EngineClient
 from server.errors import BadRequestError, NotFoundError
 from server.routes.dependencies import Injected
+from server.routes.openapi import api_errors
 from server.schemas.files import DeletedObject
 from server.schemas.models import ModelCard, ModelList
 
@@ -33,7 +34,7 @@ def _adapter_card(info: AdapterInfo, engine: EngineClient) -> ModelCard:
     )
 
 
-@get("/v1/models", tags=["models"])
+@get("/v1/models", tags=["models"], responses=api_errors())
 async def list_models(
     engine: Injected[EngineClient], adapter_registry: Injected[AdapterRegistry]
 ) -> ModelList:
@@ -43,7 +44,7 @@ async def list_models(
     return ModelList(cards)
 
 
-@get("/v1/models/{model_id:path}", tags=["models"])
+@get("/v1/models/{model_id:path}", tags=["models"], responses=api_errors(404))
 async def retrieve_model(
     model_id: FromPath[str],
     engine: Injected[EngineClient],
@@ -62,7 +63,9 @@ async def retrieve_model(
     return _adapter_card(info, engine)
 
 
-@delete("/v1/models/{model_id:path}", status_code=200, tags=["models"])
+@delete(
+    "/v1/models/{model_id:path}", status_code=200, tags=["models"], responses=api_errors(400, 404)
+)
 async def delete_model(
     model_id: FromPath[str],
     engine: Injected[EngineClient],

@@ -9,11 +9,12 @@ from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
 from server.errors import ServiceUnavailableError
 from server.routes.dependencies import Injected
+from server.routes.openapi import JSON_BODY, api_errors
 from server.schemas.sql import SqlRequest, SqlResponse
 from server.text_to_sql import answer_sql
 
 
-@post("/v1/sql", status_code=200, tags=["sql"])
+@post("/v1/sql", status_code=200, tags=["sql"], responses=api_errors(*JSON_BODY, 404, 429, 503))
 async def create_sql(
     data: JSONBody[SqlRequest],
     engine: Injected[EngineClient | None],

@@ -14,6 +14,7 @@ from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
 from server.errors import ServiceUnavailableError
 from server.routes.dependencies import Injected
+from server.routes.openapi import JSON_BODY, api_errors
 from server.schemas.tokenizer import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -24,7 +25,12 @@ from server.schemas.tokenizer import (
 from server.tokenization import detokenize, tokenize, tokenizer_info
 
 
-@post(["/tokenize", "/v1/tokenize"], status_code=200, tags=["tokenizer"])
+@post(
+    ["/tokenize", "/v1/tokenize"],
+    status_code=200,
+    tags=["tokenizer"],
+    responses=api_errors(*JSON_BODY, 503),
+)
 async def tokenize_text(
     data: JSONBody[TokenizeRequest],
     engine: Injected[EngineClient | None],
@@ -35,7 +41,12 @@ async def tokenize_text(
     return await tokenize(data, _require(engine), adapter_registry)
 
 
-@post(["/detokenize", "/v1/detokenize"], status_code=200, tags=["tokenizer"])
+@post(
+    ["/detokenize", "/v1/detokenize"],
+    status_code=200,
+    tags=["tokenizer"],
+    responses=api_errors(*JSON_BODY, 503),
+)
 async def detokenize_tokens(
     data: JSONBody[DetokenizeRequest],
     engine: Injected[EngineClient | None],
@@ -45,7 +56,7 @@ async def detokenize_tokens(
     return await detokenize(data, _require(engine), adapter_registry)
 
 
-@get(["/tokenizer_info", "/v1/tokenizer_info"], tags=["tokenizer"])
+@get(["/tokenizer_info", "/v1/tokenizer_info"], tags=["tokenizer"], responses=api_errors(503))
 async def get_tokenizer_info(engine: Injected[EngineClient | None]) -> TokenizerInfo:
     """Special tokens, context length and chat template, as a tokenizer_config.json holds them."""
     return tokenizer_info(_require(engine))

@@ -84,7 +84,7 @@ class FineTuningJobObject(Struct, kw_only=True):
     metadata: dict[str, str] | None = None
     method: FineTuneMethod | None = None
     suffix: str | None = None
-    lora: LoraSettings | None = None
+    lora: LoraOptions | None = None  # as the job runs: every option, defaults filled in
 
 
 class FineTuningJobList(Struct):

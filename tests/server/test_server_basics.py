@@ -180,13 +180,14 @@ def test_wrong_method_is_405_in_openai_shape(base_url):
     assert "PUT /v1/files" in error["message"]
 
 
-def test_upload_that_is_not_multipart_is_400(base_url):
+def test_upload_that_is_not_multipart_is_415(base_url):
     r = httpx.post(
         f"{base_url}/v1/files",
         content=b'{"purpose": ',
         headers={"content-type": "application/json"},
     )
-    error = assert_openai_error(r, 400, param="file")
+    error = assert_openai_error(r, 415)
+    assert error["code"] == "unsupported_media_type"
     assert "multipart/form-data" in error["message"]
 
 

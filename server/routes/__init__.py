@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from litestar.types import ControllerRouterHandler
 
-from server.routes import adapters, completions, files, fine_tuning, models, sql
+from server.routes import adapters, completions, files, fine_tuning, models, sql, ui
 from server.settings import Settings
 
 
@@ -23,4 +23,5 @@ def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
         *files.route_handlers,
         *sql.route_handlers,
         *fine_tuning.handlers(settings),
+        *ui.route_handlers,
     ]

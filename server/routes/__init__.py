@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from litestar.types import ControllerRouterHandler
 
-from server.routes import adapters, completions, files, fine_tuning, models, sql, tokenizer
+from server.routes import adapters, completions, files, fine_tuning, models, sql, tokenizer, ui
 from server.routes.options import options_handlers
 from server.settings import Settings
 
@@ -27,5 +27,6 @@ def route_handlers(settings: Settings) -> list[ControllerRouterHandler]:
         *sql.route_handlers,
         *fine_tuning.handlers(settings),
         *tokenizer.route_handlers,
+        *ui.route_handlers,
     ]
     return [*options_handlers(handlers), *handlers]

@@ -53,8 +53,8 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         # Heads of q, k and v are consecutive blocks of D columns: one reshape, one transpose and
-        # one RoPE call for q and k together (a decode step's cost is its operation count, ~40
-        # per layer; each one costs the host microseconds to build and encode).
+        # one RoPE call for q and k together. At batch 1 the host's microseconds per operation
+        # (building and encoding it) bound decode: benchmarks/NOTES.md, section 4.
         qkv = self.qkv_proj(x)
         if L == 1:  # (B, 1, heads*D) -> (B, heads, 1, D) is a reshape: no transpose needed
             qkv = qkv.reshape(B, H + 2 * Hkv, 1, D)

@@ -104,17 +104,17 @@ def qmv4(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_siz
     """x (..., K) bf16 with at most MAX_ROWS rows; w (N, K/8) uint32 -> (..., N) bf16."""
     K = x.shape[-1]
     N = w.shape[0]
-    rows = x.size // K
-    x2 = x.reshape(rows, K)
+    # The kernel reads x and writes y as flat rows (inputs arrive row-contiguous), so x goes in
+    # and y comes out in the caller's shape: no reshape operations in the step's graph.
     (y,) = _kernel()(
-        inputs=[x2, w, scales, biases],
-        template=[("M", rows), ("N", N), ("K", K), ("G", group_size)],
+        inputs=[x, w, scales, biases],
+        template=[("M", x.size // K), ("N", N), ("K", K), ("G", group_size)],
         grid=(N * 32, 1, 1),
         threadgroup=(32 * _WARPS_PER_BLOCK, 1, 1),
-        output_shapes=[(rows, N)],
+        output_shapes=[(*x.shape[:-1], N)],
         output_dtypes=[mx.bfloat16],
     )
-    return y.reshape(*x.shape[:-1], N)
+    return y
 
 
 class FastQuantizedLinear(nn.QuantizedLinear):

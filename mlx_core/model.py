@@ -8,6 +8,7 @@ matmuls stream the weights faster at batch 1. Checkpoints keep Hugging Face's se
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,25 +52,34 @@ class Attention(nn.Module):
     ) -> mx.array:
         B, L, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        # Heads of q, k and v are consecutive blocks of D columns: one reshape, one transpose and
+        # one RoPE call for q and k together. At batch 1 the host's microseconds per operation
+        # (building and encoding it) bound decode: benchmarks/NOTES.md, section 4.
         qkv = self.qkv_proj(x)
-        q, k, v = mx.split(qkv, [H * D, (H + Hkv) * D], axis=-1)
-        q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, Hkv, D).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, Hkv, D).transpose(0, 2, 1, 3)
-        if positions is not None:
-            q = rope_at_positions(q, positions, self.rope_theta)
-            k = rope_at_positions(k, positions, self.rope_theta)
+        if L == 1:  # (B, 1, heads*D) -> (B, heads, 1, D) is a reshape: no transpose needed
+            qkv = qkv.reshape(B, H + 2 * Hkv, 1, D)
         else:
-            q = mx.fast.rope(
-                q, D, traditional=False, base=self.rope_theta, scale=1.0, offset=rope_offset
+            qkv = qkv.reshape(B, L, H + 2 * Hkv, D).transpose(0, 2, 1, 3)
+        qk, v = mx.split(qkv, [H + Hkv], axis=1)
+        if positions is not None:
+            qk = rope_at_positions(qk, positions, self.rope_theta)
+        else:
+            qk = mx.fast.rope(
+                qk, D, traditional=False, base=self.rope_theta, scale=1.0, offset=rope_offset
             )
-            k = mx.fast.rope(
-                k, D, traditional=False, base=self.rope_theta, scale=1.0, offset=rope_offset
-            )
+        q, k = mx.split(qk, [H], axis=1)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if L == 1:
+            return self.o_proj(out.reshape(B, 1, H * D))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, H * D))
+
+
+@partial(mx.compile, shapeless=True)  # shapeless: one trace for every prompt length
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up as one fused kernel (silu's own and a multiply otherwise)."""
+    return gate * mx.sigmoid(gate) * up
 
 
 class MLP(nn.Module):
@@ -81,7 +91,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(_swiglu(gate, up))
 
 
 class TransformerBlock(nn.Module):

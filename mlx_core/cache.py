@@ -65,7 +65,16 @@ class KVCache:
         return mx.array([self.offset - p for p in self.pad], dtype=mx.int32)
 
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values) if k is not None)
+        return sum(k.nbytes + v.nbytes for k, v in self._held())
+
+    def _held(self) -> list[tuple[mx.array, mx.array]]:
+        """The (keys, values) buffers of every layer that holds tokens."""
+        return [(k, v) for k, v in zip(self.keys, self.values) if k is not None and v is not None]
+
+    def _buffers(self, layer: int) -> tuple[mx.array, mx.array]:
+        k, v = self.keys[layer], self.values[layer]
+        assert k is not None and v is not None  # written by _grow before any read
+        return k, v
 
     # -- one forward pass ----------------------------------------------------------------------
     def prepare(self, n_new: int) -> Mask:
@@ -96,9 +105,10 @@ class KVCache:
         buf = self.keys[layer]
         if buf is None or col + n_new > buf.shape[2]:
             self._grow(layer, keys, col + n_new)
-        self.keys[layer][..., col : col + n_new, :] = keys
-        self.values[layer][..., col : col + n_new, :] = values
-        return self.keys[layer][..., : col + n_new, :], self.values[layer][..., : col + n_new, :]
+        k_buf, v_buf = self._buffers(layer)
+        k_buf[..., col : col + n_new, :] = keys
+        v_buf[..., col : col + n_new, :] = values
+        return k_buf[..., : col + n_new, :], v_buf[..., : col + n_new, :]
 
     def advance(self, n_new: int) -> None:
         self.offset += n_new
@@ -111,7 +121,7 @@ class KVCache:
         # Separate arrays for keys and values: slice assignment updates an array object in place.
         zk = mx.zeros((B, H, extra, D), dtype=like.dtype)
         zv = mx.zeros((B, H, extra, D), dtype=like.dtype)
-        if old_k is None:
+        if old_k is None or old_v is None:
             self.keys[layer], self.values[layer] = zk, zv
         else:
             self.keys[layer] = mx.concatenate([old_k, zk], axis=2)
@@ -127,9 +137,9 @@ class KVCache:
 
     def _drop_columns(self, n: int) -> None:
         for i in range(self.n_layers):
-            if self.keys[i] is not None:
-                self.keys[i] = self.keys[i][..., n:, :]
-                self.values[i] = self.values[i][..., n:, :]
+            k, v = self.keys[i], self.values[i]
+            if k is not None and v is not None:
+                self.keys[i], self.values[i] = k[..., n:, :], v[..., n:, :]
         self.start += n
 
     # -- batch membership ----------------------------------------------------------------------
@@ -137,9 +147,9 @@ class KVCache:
         """Keep only these rows (finished sequences leave the batch)."""
         idx = mx.array(list(rows), dtype=mx.int32)
         for i in range(self.n_layers):
-            if self.keys[i] is not None:
-                self.keys[i] = self.keys[i][idx]
-                self.values[i] = self.values[i][idx]
+            k, v = self.keys[i], self.values[i]
+            if k is not None and v is not None:
+                self.keys[i], self.values[i] = k[idx], v[idx]
         self.pad = [self.pad[r] for r in rows]
         # Columns that are padding for every remaining row are dead weight.
         dead = min(self.pad, default=0) - self.start
@@ -159,7 +169,7 @@ class KVCache:
             ks, vs = [], []
             for c in caches:
                 k, v = c.keys[i], c.values[i]
-                if k is None:
+                if k is None or v is None:
                     raise ValueError("cannot merge a cache that holds no tokens yet")
                 lead = c.start + offset - c.offset - start
                 held = c.offset - c.start
@@ -182,7 +192,7 @@ class KVCache:
         a = first - self.start
         return [
             (k[row : row + 1, :, a : a + length, :], v[row : row + 1, :, a : a + length, :])
-            for k, v in zip(self.keys, self.values)
+            for k, v in self._held()
         ]
 
     @classmethod

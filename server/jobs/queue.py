@@ -38,6 +38,8 @@ import msgspec
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from mlx_core.config import load_config
+from mlx_core.demo import resolve_model_path
 from server.db import FineTuningJob, JobCheckpoint, JobEvent, UploadedFile, new_id, now
 from server.errors import ConflictError, NotFoundError
 from server.jobs.spec import (
@@ -136,6 +138,11 @@ def _is_text_format(path: Path) -> bool:
     return False
 
 
+def _model_dim(settings: Settings) -> int:
+    """The base model's hidden size, which sets the "auto" learning rate (config.json only)."""
+    return load_config(Path(resolve_model_path(settings.model))).dim
+
+
 def create_job(session: Session, settings: Settings, request: JobRequest) -> FineTuningJob:
     """Validate `request` and add a queued job (with its first events) to `session`.
 
@@ -153,7 +160,7 @@ def create_job(session: Session, settings: Settings, request: JobRequest) -> Fin
             "training_file",
             "invalid_training_file",
         )
-    hyperparameters = resolve_hyperparameters(request, n)
+    hyperparameters = resolve_hyperparameters(request, n, _model_dim(settings))
     suffix = request.suffix or None
     if suffix is not None and (len(suffix) > MAX_SUFFIX or not SUFFIX_RE.match(suffix)):
         raise invalid_value(

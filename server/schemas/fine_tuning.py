@@ -143,7 +143,9 @@ class LoraOptions(LoraSettings):
 
     max_seq_len: int = 2048  # longest example in tokens; longer prompts are cut from the left
     quantize: Literal[4, 8] | None = None  # QLoRA: train over a 4- or 8-bit copy of the base
-    mask_prompt: bool = False  # learn only completions / assistant replies
+    # Learn only completions / assistant replies. Unset: yes for prompt/completion and chat
+    # data, and for text data with `completion_after`; no for other text data.
+    mask_prompt: bool | None = None
     completion_after: str | None = None  # where a {"text": ...} example's answer starts, e.g. "A:"
 
 

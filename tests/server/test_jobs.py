@@ -4,6 +4,7 @@ real server with its job worker, real SQLite, real training subprocesses on the 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from server.db import Database, FineTuningJob, UploadedFile
+from server.jobs.spec import auto_lr_multiplier
 from server.jobs.worker import MEMORY_LIMIT_ENV
 from server.settings import Settings
 from tests.serving import start_model_server, start_server
@@ -346,3 +348,27 @@ def test_legacy_paths_without_v1_need_the_api_key_too(tmp_path):
         )
         ok = httpx.get(f"{url}/fine-tunes", headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200 and ok.json() == {"data": [], "object": "list"}
+
+
+def test_auto_hyperparameters_follow_the_model_and_the_data(client, train_file, tmp_path):
+    # The learning rate from the model's width: 2e-4 at Mistral-7B's 4096, more for narrower
+    # models (the embedded model's 256: 8e-4), capped at 1e-3 (the tiny test model's 64).
+    assert auto_lr_multiplier(4096) == 20.0 and auto_lr_multiplier(256) == 80.0
+    assert auto_lr_multiplier(64) == 100.0 and auto_lr_multiplier(16384) == 10.0
+    text_job = client.fine_tuning.jobs.create(model="tiny", training_file=train_file)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q: {i} + {i}?\nA:", "completion": f" {2 * i}"}) + "\n"
+            for i in range(8)
+        )
+    )
+    pairs_file = client.files.create(file=pairs, purpose="fine-tune").id
+    pairs_job = client.fine_tuning.jobs.create(model="tiny", training_file=pairs_file)
+    for job in (text_job, pairs_job):
+        client.fine_tuning.jobs.cancel(job.id)
+    assert text_job.hyperparameters.learning_rate_multiplier == 100.0
+    # Prompt/completion data learns its completions; plain text (no marker given) learns it all.
+    lora = {j.id: (j.model_extra or {}).get("lora") or {} for j in (text_job, pairs_job)}
+    assert lora[pairs_job.id]["mask_prompt"] is True
+    assert lora[text_job.id]["mask_prompt"] is False

@@ -577,9 +577,14 @@ class Engine:
                 seq.slot = slot
             self.waiting.popleft()
             used += need
-            prefix = self.prefix_cache.lookup(
-                seq.req.adapter or "", seq.prompt, self.model.args.sliding_window
-            )
+            try:
+                prefix = self.prefix_cache.lookup(
+                    seq.req.adapter or "", seq.prompt, self.model.args.sliding_window
+                )
+            except Exception as e:  # a row between the queue and a prefill must still end
+                outs.append(self._fail(seq, e))
+                self._release(seq)
+                continue
             if prefix is not None:
                 seq.cached_tokens = prefix.offset
                 rest = np.array([seq.prompt[prefix.offset :]], dtype=np.int32)
@@ -592,7 +597,14 @@ class Engine:
             tokens = np.zeros((len(group), longest), dtype=np.int32)
             for i, s in enumerate(group):
                 tokens[i, pad[i] :] = s.prompt
-            self.prefilling.append(_Prefill(group, self.model.new_cache(len(group), pad), tokens))
+            try:
+                cache = self.model.new_cache(len(group), pad)
+            except Exception as e:  # no memory for this group's cache: it alone ends
+                for s in group:
+                    outs.append(self._fail(s, e))
+                    self._release(s)
+                return
+            self.prefilling.append(_Prefill(group, cache, tokens))
 
     def _advance_prefills(self, outs: list[GenerationOutput]) -> None:
         budget = self.prefill_budget

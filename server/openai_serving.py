@@ -5,6 +5,7 @@ The routes stay thin: they call `complete()` / `chat()` here with the decoded re
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from server.schemas.completions import (
     CompletionResponse,
 )
 from server.structured_outputs import requested_constraint
+
+log = logging.getLogger("loraforge.serving")
 
 MAX_N = 128
 MAX_LOGPROBS = 5
@@ -541,6 +544,8 @@ def _sse(chunks: AsyncGenerator[bytes, None]) -> Stream:
                 yield chunk
         except Exception as e:  # headers are sent: report in-band, as OpenAI does
             err = e if isinstance(e, APIError) else None
+            if err is None:  # the client gets a generic message; the log keeps the traceback
+                log.exception("a stream failed after its headers were sent")
             detail = ErrorDetail(
                 err.message if err else "generation failed; retry the request",
                 err.type if err else "server_error",

@@ -15,7 +15,10 @@ from tests.server.test_jobs_crash import free_port, loraforge
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def test_sigterm_mid_stream_ends_it_with_an_error_event_and_done(tiny_hf_model, tmp_path):
+@pytest.mark.parametrize("grace_s", [0, 60])
+def test_sigterm_mid_stream(tiny_hf_model, tmp_path, grace_s):
+    """With no grace left the open stream ends with an error event and [DONE]; within the grace
+    it finishes its answer. Either way the process exits with status 0."""
     port = free_port()
     log = tmp_path / "serve.log"
     proc = loraforge(
@@ -30,7 +33,7 @@ def test_sigterm_mid_stream_ends_it_with_an_error_event_and_done(tiny_hf_model, 
         str(port),
         "--no-start-worker",
         "--shutdown-grace-s",
-        "0",
+        str(grace_s),
         log=log,
     )
     url = f"http://127.0.0.1:{port}"
@@ -61,7 +64,11 @@ def test_sigterm_mid_stream_ends_it_with_an_error_event_and_done(tiny_hf_model, 
             payloads = [line[6:] for line in lines if line.startswith("data: ")]
         assert payloads[-1] == "[DONE]", payloads[-3:]
         last = json.loads(payloads[-2])
-        assert last["error"]["code"] == "server_shutdown", last
+        if grace_s == 0:
+            assert last["error"]["code"] == "server_shutdown", last
+        else:
+            assert last["choices"][0]["finish_reason"] == "length", last
+            assert not any("error" in json.loads(p) for p in payloads[:-1])
         assert proc.wait(60) == 0, log.read_text()
     finally:
         if proc.poll() is None:

@@ -168,10 +168,12 @@ class AdapterRegistry:
         path = self.path_of(adapter_id)
         try:
             return load_adapter(path)
-        except (OSError, AdapterError):
+        except (OSError, AdapterError) as e:
             if not path.exists():  # deleted between the lookup and the read
                 raise _deleted() from None
-            raise
+            # Stored weights that no longer read are the server's fault, not the request's: a
+            # 500 for that request (the log has the path), never the client's 400.
+            raise RuntimeError(f"stored adapter {adapter_id} at {path} cannot be read: {e}") from e
 
     async def list(self) -> list[AdapterInfo]:
         rows = await self.db.run(

@@ -411,6 +411,13 @@ class EngineClient:
         """Each prompt token's logprob given the ones before it (None for the first) and its
         `top` alternatives, under `adapter` (an id resident-able in the slots) or the base."""
         engine = self._require_engine()
+        if len(tokens) > engine.max_model_len:  # scored in one forward: refuse it before that
+            raise BadRequestError(
+                f"This model's maximum context length is {engine.max_model_len} tokens; the "
+                f"prompt to score has {len(tokens)}. Please reduce the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         try:
             return await self._run_on_engine(lambda: engine.score_prompt(tokens, top, adapter))
         except EngineError as e:

@@ -93,6 +93,7 @@ def with_good_streams(url: str, n: int, action):
         ),
         ("completions", {"prompt": "Hi", "model": "no\u0000such"}, 404, "model"),
         ("completions", {"prompt": "Hi", "max_tokens": 100_000}, 400, "max_tokens"),
+        ("completions", {"prompt": "hi " * 2000, "echo": True, "logprobs": 1}, 400, None),
     ],
 )
 def test_a_bad_request_fails_alone(server, route, body, status, param):
@@ -137,6 +138,22 @@ def test_an_engine_fault_of_one_row_ends_that_request_only(server, monkeypatch, 
         assert chunks[-1]["error"]["code"] == "engine_error"
     else:
         assert result.status_code == 500 and result.json()["error"]["code"] == "engine_error"
+
+
+def test_an_adapter_whose_stored_weights_rot_fails_only_its_requests(server):
+    url, data, _ = server
+    r = httpx.post(f"{url}/v1/adapters", json={"name": "rot", "path": "incoming/qv"})
+    assert r.status_code == 201, r.text
+    (Path(r.json()["path"]) / "adapters.safetensors").write_bytes(b"garbage" * 10)
+
+    def ask():
+        body = {"model": "rot", "prompt": "Hi", "max_tokens": 2}
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+    r = with_good_streams(url, 8, ask)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error", r.text
+    assert str(data) not in r.text
+    assert httpx.delete(f"{url}/v1/adapters/rot").status_code == 200
 
 
 def test_an_adapter_deleted_mid_stream_finishes_and_new_requests_get_404(server):

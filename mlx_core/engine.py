@@ -441,18 +441,31 @@ class Engine:
             outs.extend(self._resolve(result, seqs))  # advances the matchers
         if logits is None or self._all_done():
             return None
-        masks = self._compute_masks(self.running)
+        masks = self._compute_masks(self.running, outs)
         result = sample(logits, [s.sampler for s in self.running], masks)
         mx.async_eval(_arrays(result))
         return result, list(self.running)
 
-    def _compute_masks(self, seqs: Sequence[_Sequence]) -> TokenMasks | None:
+    def _compute_masks(
+        self, seqs: Sequence[_Sequence], outs: list[GenerationOutput]
+    ) -> TokenMasks | None:
         rows = [s.constraint if s.constrained else None for s in seqs]
         if not any(rows):
             return None
         if self._masks is None:
             self._masks = MaskComputer(self.vocab)
-        return self._masks.compute(rows)
+        try:
+            return self._masks.compute(rows)
+        except Exception:  # find the rows whose matcher fails, end them, mask the others
+            for i, row in enumerate(rows):
+                if row is None:
+                    continue
+                try:
+                    self._masks.compute([row])
+                except Exception as e:
+                    outs.append(self._fail(seqs[i], e))
+                    rows[i] = None  # sampled unmasked this once; the token is discarded
+            return self._masks.compute(rows)
 
     def _resolve(self, result: SampleResult, seqs: list[_Sequence]) -> list[GenerationOutput]:
         tokens = _host(result.tokens)
@@ -616,7 +629,7 @@ class Engine:
                     self._release(s)
                 continue
             try:
-                budget = self._prefill_chunk(job, budget)
+                budget = self._prefill_chunk(job, budget, outs)
             except Exception as e:  # this group's prompts: the running batch is untouched
                 if job in self.prefilling:
                     self.prefilling.remove(job)
@@ -625,7 +638,7 @@ class Engine:
                         outs.append(self._fail(s, e))
                     self._release(s)
 
-    def _prefill_chunk(self, job: _Prefill, budget: int) -> int:
+    def _prefill_chunk(self, job: _Prefill, budget: int, outs: list[GenerationOutput]) -> int:
         """Feed `job` its next chunk (joining the batch after its last); the budget left."""
         B, L = job.tokens.shape
         n = min(self.prefill_chunk, L - job.pos, max(1, budget // B))
@@ -641,7 +654,7 @@ class Engine:
         self.prefilling.pop(0)
         if any(s.constrained for s in job.seqs):
             mx.async_eval(logits)  # the device runs the prompt while the host builds masks
-        masks = self._compute_masks(job.seqs)
+        masks = self._compute_masks(job.seqs, outs)
         result = sample(logits[:, -1, :], [s.sampler for s in job.seqs], masks)
         mx.async_eval(_arrays(result))
         for row, seq in enumerate(job.seqs):

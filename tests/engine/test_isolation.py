@@ -8,6 +8,7 @@ from mlx_core.engine import Engine, GenerationOutput, GenerationRequest
 from mlx_core.errors import EngineError
 from mlx_core.lora.slots import AdapterSlots
 from mlx_core.sampling import SamplingParams
+from mlx_core.structured import Constraint
 from mlx_core.weights import load_model
 from tests.engine.test_lora import random_adapter
 
@@ -93,7 +94,7 @@ def test_a_failing_prefill_fails_its_group_only(loaded, monkeypatch):
     engine.add_request(good("new"))
     real = engine._prefill_chunk
 
-    def broken(job, budget):
+    def broken(job, budget, outs):
         raise MemoryError("no memory for this prompt")
 
     monkeypatch.setattr(engine, "_prefill_chunk", broken)
@@ -103,6 +104,32 @@ def test_a_failing_prefill_fails_its_group_only(loaded, monkeypatch):
     new = [o for o in first if o.request_id == "new"]
     assert new and new[-1].finish_reason == "error" and "new" not in outs
     assert finished(outs["running"]).finish_reason == "length"
+
+
+def test_a_constraint_that_fails_ends_only_its_row(loaded):
+    engine = Engine(loaded.model, loaded.tokenizer)
+    digits = Constraint("regex", "[0-9]{8}")
+    for rid in ("ok", "broken"):
+        engine.add_request(GenerationRequest(rid, PROMPT, good(rid, 20).params, constraint=digits))
+    engine.add_request(good("free"))
+    outs: dict[str, list[GenerationOutput]] = {}
+    while not any(s.req.request_id == "broken" for s in engine.running):
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    seq = next(s for s in engine.running if s.req.request_id == "broken")
+    assert seq.constraint is not None
+
+    def advance(token: int) -> bool:
+        raise RuntimeError("matcher state lost")
+
+    seq.constraint.advance = advance  # type: ignore[method-assign]
+    for rid, more in run(engine).items():
+        outs.setdefault(rid, []).extend(more)
+    assert finished(outs["broken"]).finish_reason == "error"
+    ok = finished(outs["ok"])
+    assert ok.finish_reason == "stop"
+    assert "".join(o.text for o in outs["ok"]).isdigit()
+    assert finished(outs["free"]).finish_reason == "length"
 
 
 def test_an_adapter_deleted_while_queued_is_a_not_found_for_its_request(loaded):

@@ -62,6 +62,8 @@ _DAMAGED = (
 )
 # Two members that cannot both exist (a file `a`, then `a/b`).
 _CONFLICT = (FileExistsError, NotADirectoryError, IsADirectoryError)
+# Unpacking is disk- and CPU-bound: two at a time, so uploads cannot take every worker thread.
+_UNPACKERS = anyio.CapacityLimiter(2)
 # MLX prefixes its messages with the C++ function ("[load_safetensors] ..."): not for clients.
 _MLX_PREFIX = re.compile(r"\[\w+\]\s*")
 
@@ -222,7 +224,7 @@ class AdapterRegistry:
         tmp = Path(tempfile.mkdtemp(dir=s.adapters_dir, prefix=".upload-"))
         try:
             root = await anyio.to_thread.run_sync(
-                _safe_extract, archive, tmp, limit, s.max_adapter_files
+                _safe_extract, archive, tmp, limit, s.max_adapter_files, limiter=_UNPACKERS
             )
             return await self._register(name, root, None, param="file", shown=tmp)
         finally:

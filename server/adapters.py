@@ -213,6 +213,7 @@ class AdapterRegistry:
         """Register an adapter from a folder or file inside the data dir. With `replace`, an
         adapter of the same name is swapped out only once the new one has been validated.
         `param` is the request field that holds `path` (errors name it)."""
+        _check_name(name, allow_ft=job_id is not None)  # first: it needs no filesystem
         src = await anyio.to_thread.run_sync(self._adapter_source, path, param)
         return await self._register(name, src, job_id, replace, param)
 

@@ -4,7 +4,8 @@ An adapter is registered from a folder inside the data dir or from an uploaded a
 way it is read with `mlx_core.lora.formats.load_adapter` (ours, mlx-lm, PEFT, the seed's npz),
 checked against the base model's shapes and stored once, in our format, under
 `<data_dir>/adapters/<id>/`. Requests name adapters only by registered name: a path in a
-completion request is never read.
+completion request is never read. `server.adapter_sources` makes both sources safe to read (no
+links, no escaping the data dir, no decompression bombs), in worker threads.
 
 The registry reaches the base model through a `BaseModelHost`: the server's `EngineClient`
 (MLX work on the engine thread, eviction from its slots), or in a standalone job worker a
@@ -13,21 +14,14 @@ The registry reaches the base model through a `BaseModelHost`: the server's `Eng
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import lzma
-import os
 import re
 import shutil
-import stat
-import tarfile
 import tempfile
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import select
@@ -38,35 +32,15 @@ from mlx_core.errors import EngineError
 from mlx_core.lora.formats import load_adapter, save_adapter
 from mlx_core.lora.layers import Adapter, AdapterError
 from server import db as dbm
+from server.adapter_sources import MAX_EXPANSION, adapter_folder, client_message, safe_extract
 from server.db import Database
 from server.engine_client import ModelInfo
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.settings import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Archives may not unpack to more than this many times their own size (on top of the settings'
-# --max-adapter-unpacked-mb and --max-adapter-files).
-MAX_EXPANSION = 20
-# A client's path is checked for these before anything touches the filesystem: resolving a
-# 50,000-segment path took seconds.
-MAX_PATH_CHARS = 1024
-MAX_PATH_SEGMENTS = 32
-# What a damaged or truncated archive raises while it is read (gzip/xz streams, tar, zip CRCs).
-_DAMAGED = (
-    tarfile.TarError,
-    zipfile.BadZipFile,
-    EOFError,
-    zlib.error,
-    gzip.BadGzipFile,
-    lzma.LZMAError,
-)
-# Two members that cannot both exist (a file `a`, then `a/b`).
-_CONFLICT = (FileExistsError, NotADirectoryError, IsADirectoryError)
 # Unpacking is disk- and CPU-bound: two at a time, so uploads cannot take every worker thread.
 _UNPACKERS = anyio.CapacityLimiter(2)
-# MLX prefixes its messages with the C++ function ("[load_safetensors] ..."): not for clients.
-_MLX_PREFIX = re.compile(r"\[\w+\]\s*")
-
 T = TypeVar("T")
 
 
@@ -214,7 +188,9 @@ class AdapterRegistry:
         adapter of the same name is swapped out only once the new one has been validated.
         `param` is the request field that holds `path` (errors name it)."""
         _check_name(name, allow_ft=job_id is not None)  # first: it needs no filesystem
-        src = await anyio.to_thread.run_sync(self._adapter_source, path, param)
+        src = await anyio.to_thread.run_sync(
+            adapter_folder, path, self.settings.data_dir.resolve(), param
+        )
         return await self._register(name, src, job_id, replace, param)
 
     async def register_archive(self, name: str, archive: Path) -> AdapterInfo:
@@ -225,7 +201,7 @@ class AdapterRegistry:
         tmp = Path(tempfile.mkdtemp(dir=s.adapters_dir, prefix=".upload-"))
         try:
             root = await anyio.to_thread.run_sync(
-                _safe_extract, archive, tmp, limit, s.max_adapter_files, limiter=_UNPACKERS
+                safe_extract, archive, tmp, limit, s.max_adapter_files, limiter=_UNPACKERS
             )
             return await self._register(name, root, None, param="file", shown=tmp)
         finally:
@@ -298,7 +274,7 @@ class AdapterRegistry:
             adapter.check_fits(args)
         except (AdapterError, ValueError, OSError, RuntimeError) as e:
             raise BadRequestError(
-                f"cannot use this adapter: {_client_message(e, base)}",
+                f"cannot use this adapter: {client_message(e, base)}",
                 param=param,
                 code="invalid_adapter",
             ) from e
@@ -329,48 +305,6 @@ class AdapterRegistry:
             # them); requests that name it from now on get 404.
             await self.host.unload_adapter(row.id)
         await anyio.to_thread.run_sync(shutil.rmtree, row.path, True)
-
-    def _adapter_source(self, path: str, param: str) -> Path:
-        """The adapter file or folder `path` names inside the data dir (worker thread: it
-        resolves and walks the filesystem); 400 naming `param` for anything else."""
-        data = self.settings.data_dir.resolve()
-        segments = len(Path(path).parts) if len(path) <= MAX_PATH_CHARS else 0
-        if "\x00" in path or len(path) > MAX_PATH_CHARS or segments > MAX_PATH_SEGMENTS:
-            raise BadRequestError(
-                f"this path is not usable (a NUL byte, or more than {MAX_PATH_CHARS} characters "
-                f"or {MAX_PATH_SEGMENTS} segments): name the adapter folder relative to the "
-                "server's data dir, e.g. incoming/my-adapter",
-                param=param,
-                code="path_not_allowed",
-            )
-        p = Path(path)
-        shown = path if not p.is_absolute() else "this path"
-        lexical = Path(os.path.normpath(p if p.is_absolute() else data / p))
-        candidate = lexical.resolve()
-        if candidate != data and data not in candidate.parents:
-            raise BadRequestError(
-                f"{shown} is outside the server's data dir: copy the adapter there (and name it "
-                "relative to it), or upload it as an archive (POST /v1/adapters, multipart)",
-                param=param,
-                code="path_not_allowed",
-            )
-        if not candidate.exists():
-            raise BadRequestError(
-                f"{_relative(candidate, data)} does not exist in the server's data dir: check "
-                "the path (relative to the data dir)",
-                param=param,
-                code="path_not_found",
-            )
-        if candidate != lexical:
-            raise BadRequestError(
-                f"{_relative(lexical, data)} goes through a symbolic link: name the real "
-                "folder, or copy the adapter files there",
-                param=param,
-                code="path_not_allowed",
-            )
-        for entry in _walk(candidate):
-            _check_plain(entry, data, param)
-        return candidate
 
 
 def _deleted() -> EngineError:
@@ -415,188 +349,3 @@ def _sha256(path: Path) -> str:
 def _fingerprint(dest: Path) -> tuple[str, int]:
     """The stored adapter's weights hash and its folder's size (worker thread: it reads it all)."""
     return _sha256(dest / "adapters.safetensors"), sum(f.stat().st_size for f in dest.iterdir())
-
-
-def _relative(path: Path, base: Path) -> str:
-    """`path` as clients may see it: relative to `base` (the data dir), never absolute."""
-    try:
-        return str(path.relative_to(base)) or "."
-    except ValueError:
-        return path.name
-
-
-def _client_message(e: BaseException, base: Path) -> str:
-    """What a failure to read an adapter says to a client: its first line, with paths relative
-    to `base` and without MLX's function names or signatures."""
-    if isinstance(e, OSError) and e.filename:
-        text = f"{e.strerror or 'cannot read'}: {_relative(Path(str(e.filename)), base)}"
-    else:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if "incompatible function arguments" in text:
-        text = "the adapter's weights could not be read"
-    text = _MLX_PREFIX.sub("", text)
-    return text.replace(f"{base}{os.sep}", "").replace(str(base), ".")
-
-
-def _walk(root: Path) -> Iterator[Path]:
-    """`root` and everything under it, links not followed."""
-    yield root
-    if root.is_dir() and not root.is_symlink():
-        for folder, dirs, files in os.walk(root):
-            for entry in (*dirs, *files):
-                yield Path(folder) / entry
-
-
-def _check_plain(path: Path, data: Path, param: str) -> None:
-    """400 unless `path` is a folder or a regular file with one name: a symbolic or hard link
-    would let an adapter folder read (or pin) files from anywhere."""
-    st = path.lstat()
-    if stat.S_ISDIR(st.st_mode):
-        return
-    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-        return
-    what = (
-        "a symbolic link"
-        if stat.S_ISLNK(st.st_mode)
-        else "a hard link"
-        if stat.S_ISREG(st.st_mode)
-        else "not a regular file"
-    )
-    raise BadRequestError(
-        f"{_relative(path, data)} is {what}: adapter folders may hold only regular files "
-        "(copy the files in instead of linking them)",
-        param=param,
-        code="unsafe_adapter",
-    )
-
-
-@dataclass
-class _Budget:
-    """What an archive may still unpack to; every member is charged as it is met."""
-
-    max_bytes: int
-    max_members: int
-    bytes: int = 0
-    members: int = 0
-
-    def charge(self, name: str, kind: str, size: int) -> None:
-        """Refuse an unsafe name, a link or special file, or one member too many or too large
-        (by its declared size, before any of it is read)."""
-        self.members += 1
-        if self.members > self.max_members:
-            raise _unsafe(
-                f"the archive holds more than {self.max_members} entries (--max-adapter-files): "
-                "pack only the adapter's files"
-            )
-        p = Path(name)
-        if "\x00" in name or p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")):
-            raise _unsafe(
-                f"archive member {name!r} has an unsafe path: archives may only hold relative "
-                "paths inside one folder"
-            )
-        if kind == "other":
-            raise _unsafe(
-                f"archive member {name!r} is a link or special file: pack the files themselves"
-            )
-        self.grow(size)
-
-    def grow(self, n: int) -> None:
-        self.bytes += n
-        if self.bytes > self.max_bytes:
-            raise _unsafe(
-                f"the archive unpacks to more than {self.max_bytes // 2**20} MB (at most "
-                f"{MAX_EXPANSION}x its size and --max-adapter-unpacked-mb): refused as a "
-                "possible decompression bomb"
-            )
-
-
-def _unsafe(message: str) -> BadRequestError:
-    return BadRequestError(message, param="file", code="unsafe_archive")
-
-
-def _safe_extract(archive: Path, dest: Path, max_bytes: int, max_members: int) -> Path:
-    """Unpack an archive refusing absolute paths, '..', links, devices and decompression bombs
-    (declared sizes checked before reading, actual sizes while writing); return the folder that
-    holds the adapter files. Damaged or conflicting archives are a 400. Runs in a worker thread."""
-    budget = _Budget(max_bytes, max_members)
-    try:
-        if zipfile.is_zipfile(archive):
-            _extract_zip(archive, dest, budget)
-        elif tarfile.is_tarfile(archive):
-            _extract_tar(archive, dest, budget)
-        else:
-            raise BadRequestError(
-                "the upload is neither a .tar(.gz) nor a .zip archive: pack the adapter "
-                "folder with `tar czf adapter.tgz -C folder .`",
-                param="file",
-                code="invalid_archive",
-            )
-    except _DAMAGED as e:
-        raise BadRequestError(
-            f"the archive is damaged or truncated ({_MLX_PREFIX.sub('', str(e)) or type(e).__name__}): "
-            "pack and upload it again",
-            param="file",
-            code="invalid_archive",
-        ) from e
-    except _CONFLICT as e:
-        raise BadRequestError(
-            "the archive holds conflicting entries (a file and a folder of the same name): pack "
-            "the adapter folder again",
-            param="file",
-            code="invalid_archive",
-        ) from e
-    # The adapter is the archive root or its single top-level folder.
-    entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
-    if len(entries) == 1 and entries[0].is_dir():
-        return entries[0]
-    return dest
-
-
-def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
-    with zipfile.ZipFile(archive) as z:
-        members = z.infolist()
-        for m in members:  # the central directory lists every size: refuse before writing
-            budget.charge(m.filename, _zip_kind(m), m.file_size)
-        for m in members:
-            target = dest / m.filename
-            if m.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with z.open(m) as src, target.open("xb") as out:
-                _copy_limited(src, out, m.file_size)
-
-
-def _zip_kind(m: zipfile.ZipInfo) -> str:
-    if (m.external_attr >> 16) & 0o170000 == 0o120000:
-        return "other"  # a symlink stored in the zip
-    return "dir" if m.is_dir() else "file"
-
-
-def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
-    # Stream mode: members are met (and refused) one header at a time, so a bomb is refused at
-    # its first oversized header rather than after decompressing the whole stream to list it.
-    with tarfile.open(archive, mode="r|*") as t:
-        for m in t:
-            kind = "file" if m.isfile() else "dir" if m.isdir() else "other"
-            budget.charge(m.name, kind, m.size)
-            target = dest / m.name
-            if kind == "dir":
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = t.extractfile(m)
-            assert src is not None  # a regular file always has data
-            with src, target.open("xb") as out:
-                _copy_limited(src, out, m.size)
-
-
-def _copy_limited(src: IO[bytes], out: IO[bytes], declared: int) -> None:
-    # Trust no header: stop if a member yields more bytes than it declared (the declared sizes
-    # are what the budget was charged).
-    written = 0
-    for chunk in iter(lambda: src.read(1 << 20), b""):
-        written += len(chunk)
-        if written > declared:
-            raise _unsafe("archive member is larger than its header says: refused")
-        out.write(chunk)

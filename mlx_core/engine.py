@@ -7,6 +7,10 @@ Rows that finished in the meantime are dropped afterwards; their extra token is 
 While a row has an active output constraint (mlx_core/structured) the step splits instead: it
 launches the forward, reads back the previous tokens to advance the matchers, computes the next
 masks while the device runs, then samples; batches without one keep the pipelined path.
+
+A failure that belongs to one row (its sampler, its adapter, its constraint) ends that row alone
+with finish_reason "error" and the exception in `GenerationOutput.error`; a failing prefill ends
+its group, a failing batched decode the running rows. Queued requests and the engine go on.
 """
 
 from __future__ import annotations
@@ -73,10 +77,11 @@ class GenerationOutput:
     text: str
     tokens: list[int]
     logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    error: Exception | None = None  # why the row ended, with finish_reason "error"
 
 
 @dataclass
@@ -193,14 +198,7 @@ class Engine:
                 kind="invalid_prompt",
                 param="prompt",
             )
-        bad = [t for t in req.prompt if not 0 <= t < self.model.args.vocab_size]
-        if bad:
-            raise EngineError(
-                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})",
-                kind="invalid_prompt",
-                param="prompt",
-            )
-        if n + req.params.max_tokens > self.max_model_len:
+        if n + req.params.max_tokens > self.max_model_len:  # first: it is cheap for any prompt
             raise EngineError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                 f"requested {n + req.params.max_tokens} tokens ({n} in the prompt, "
@@ -208,10 +206,15 @@ class Engine:
                 kind="context_length",
                 param="max_tokens",
             )
-        try:
-            req.params.validate(self.model.args.vocab_size)
-        except ValueError as e:
-            raise EngineError(str(e), kind="invalid_request") from e
+        vocab = self.model.args.vocab_size
+        bad = [t for t in req.prompt if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise EngineError(
+                f"prompt token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})",
+                kind="invalid_prompt",
+                param="prompt",
+            )
+        req.params.validate(vocab)
 
     def _row(self, req: GenerationRequest) -> _Row:
         """The row's prompt and constraint; raises ConstraintError for one that cannot be used."""
@@ -255,6 +258,16 @@ class Engine:
     def step(self) -> list[GenerationOutput]:
         outs: list[GenerationOutput] = []
         self._drain_inbox(outs)
+        try:
+            self._decode(outs)
+        except Exception as e:  # the batched forward: every running row shares its fate
+            self._fail_running(e, outs)
+        self._drop_finished(outs)
+        self._admit(outs)
+        self._advance_prefills(outs)
+        return outs
+
+    def _decode(self, outs: list[GenerationOutput]) -> None:
         if any(s.constrained for s in self.running):
             launched = self._constrained_decode(outs)
         else:
@@ -262,10 +275,32 @@ class Engine:
             for result, seqs in self._pending:
                 outs.extend(self._resolve(result, seqs))
         self._pending = [launched] if launched else []
-        self._drop_finished(outs)
-        self._admit()
-        self._advance_prefills()
+
+    def _fail_running(self, error: Exception, outs: list[GenerationOutput]) -> None:
+        """End every running row with `error` (a failed decode leaves their cache unusable);
+        rows still prefilling or queued are not part of that batch and go on."""
+        for seq in self.running:
+            if not seq.finish:
+                outs.append(self._fail(seq, error))
+            self._release(seq)
+        self.running, self.cache, self._pending = [], None, []
+
+    def fail_in_flight(self, error: Exception) -> list[GenerationOutput]:
+        """End every running and prefilling row with `error`, keeping queued requests: the last
+        resort after a step raised outside the guarded phases. Engine thread only."""
+        outs: list[GenerationOutput] = []
+        self._fail_running(error, outs)
+        for job in self.prefilling:
+            for seq in job.seqs:
+                if not seq.finish:
+                    outs.append(self._fail(seq, error))
+                self._release(seq)
+        self.prefilling = []
         return outs
+
+    def _fail(self, seq: _Sequence, error: Exception) -> GenerationOutput:
+        seq.finish = "error"
+        return self._output(seq, "", [], None, "error", error)
 
     def generate(
         self,
@@ -334,7 +369,15 @@ class Engine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                self.waiting.append(self._new_sequence(msg[1], msg[2]))
+                req = msg[1]
+                try:
+                    self.waiting.append(self._new_sequence(req, msg[2]))
+                except Exception as e:  # e.g. its sampler: this request's fault alone
+                    outs.append(
+                        GenerationOutput(
+                            req.request_id, "", [], None, "error", len(req.prompt), 0, error=e
+                        )
+                    )
             elif msg[0] == "abort":
                 self._abort(msg[1], outs)
             else:
@@ -398,18 +441,31 @@ class Engine:
             outs.extend(self._resolve(result, seqs))  # advances the matchers
         if logits is None or self._all_done():
             return None
-        masks = self._compute_masks(self.running)
+        masks = self._compute_masks(self.running, outs)
         result = sample(logits, [s.sampler for s in self.running], masks)
         mx.async_eval(_arrays(result))
         return result, list(self.running)
 
-    def _compute_masks(self, seqs: Sequence[_Sequence]) -> TokenMasks | None:
+    def _compute_masks(
+        self, seqs: Sequence[_Sequence], outs: list[GenerationOutput]
+    ) -> TokenMasks | None:
         rows = [s.constraint if s.constrained else None for s in seqs]
         if not any(rows):
             return None
         if self._masks is None:
             self._masks = MaskComputer(self.vocab)
-        return self._masks.compute(rows)
+        try:
+            return self._masks.compute(rows)
+        except Exception:  # find the rows whose matcher fails, end them, mask the others
+            for i, row in enumerate(rows):
+                if row is None:
+                    continue
+                try:
+                    self._masks.compute([row])
+                except Exception as e:
+                    outs.append(self._fail(seqs[i], e))
+                    rows[i] = None  # sampled unmasked this once; the token is discarded
+            return self._masks.compute(rows)
 
     def _resolve(self, result: SampleResult, seqs: list[_Sequence]) -> list[GenerationOutput]:
         tokens = _host(result.tokens)
@@ -428,7 +484,10 @@ class Engine:
                     list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids and top_vals and k else []
                 )
                 lp = [TokenLogprob(tok, chosen[i], top)]
-            outs.append(self._accept(seq, tok, lp))
+            try:
+                outs.append(self._accept(seq, tok, lp))
+            except Exception as e:  # its stop rules or constraint: end this row only
+                outs.append(self._fail(seq, e))
         return outs
 
     def _accept(self, seq: _Sequence, tok: int, lp: list[TokenLogprob] | None) -> GenerationOutput:
@@ -458,7 +517,15 @@ class Engine:
     def _text(seq: _Sequence, text: str) -> str:
         return seq.strip.feed(text) if seq.strip is not None else text
 
-    def _output(self, seq, text, tokens, lp, finish) -> GenerationOutput:
+    def _output(
+        self,
+        seq: _Sequence,
+        text: str,
+        tokens: list[int],
+        lp: list[TokenLogprob] | None,
+        finish: str | None,
+        error: Exception | None = None,
+    ) -> GenerationOutput:
         return GenerationOutput(
             seq.req.request_id,
             text,
@@ -468,6 +535,7 @@ class Engine:
             len(seq.req.prompt),
             len(seq.generated),
             seq.cached_tokens,
+            error,
         )
 
     def _drop_finished(self, outs: list[GenerationOutput]) -> None:
@@ -496,7 +564,7 @@ class Engine:
         seqs = self.running + [s for p in self.prefilling for s in p.seqs]
         return sum(len(s.prompt) + s.req.params.max_tokens for s in seqs)
 
-    def _admit(self) -> None:
+    def _admit(self, outs: list[GenerationOutput]) -> None:
         group: list[_Sequence] = []
         used = self._kv_tokens_in_use()
         while self.waiting and self.num_running + len(group) < self.max_num_seqs:
@@ -509,15 +577,27 @@ class Engine:
             ):
                 break  # wait for memory; a lone request is always admitted (it fit the limits)
             if seq.req.adapter is not None:
-                slot = self.adapter_slots.acquire(seq.req.adapter) if self.adapter_slots else None
+                try:
+                    slot = (
+                        self.adapter_slots.acquire(seq.req.adapter) if self.adapter_slots else None
+                    )
+                except Exception as e:  # deleted meanwhile, or unreadable: this request's fault
+                    self.waiting.popleft()
+                    outs.append(self._fail(seq, e))
+                    continue
                 if slot is None:
                     break  # every adapter slot is pinned by running work: wait in the queue
                 seq.slot = slot
             self.waiting.popleft()
             used += need
-            prefix = self.prefix_cache.lookup(
-                seq.req.adapter or "", seq.prompt, self.model.args.sliding_window
-            )
+            try:
+                prefix = self.prefix_cache.lookup(
+                    seq.req.adapter or "", seq.prompt, self.model.args.sliding_window
+                )
+            except Exception as e:  # a row between the queue and a prefill must still end
+                outs.append(self._fail(seq, e))
+                self._release(seq)
+                continue
             if prefix is not None:
                 seq.cached_tokens = prefix.offset
                 rest = np.array([seq.prompt[prefix.offset :]], dtype=np.int32)
@@ -530,9 +610,16 @@ class Engine:
             tokens = np.zeros((len(group), longest), dtype=np.int32)
             for i, s in enumerate(group):
                 tokens[i, pad[i] :] = s.prompt
-            self.prefilling.append(_Prefill(group, self.model.new_cache(len(group), pad), tokens))
+            try:
+                cache = self.model.new_cache(len(group), pad)
+            except Exception as e:  # no memory for this group's cache: it alone ends
+                for s in group:
+                    outs.append(self._fail(s, e))
+                    self._release(s)
+                return
+            self.prefilling.append(_Prefill(group, cache, tokens))
 
-    def _advance_prefills(self) -> None:
+    def _advance_prefills(self, outs: list[GenerationOutput]) -> None:
         budget = self.prefill_budget
         while self.prefilling and budget > 0:
             job = self.prefilling[0]
@@ -541,26 +628,39 @@ class Engine:
                 for s in job.seqs:
                     self._release(s)
                 continue
-            B, L = job.tokens.shape
-            n = min(self.prefill_chunk, L - job.pos, max(1, budget // B))
-            chunk = mx.array(job.tokens[:, job.pos : job.pos + n])
-            self._activate(job.seqs)
-            # Only the last position's logits are ever needed; earlier chunks just fill the cache.
-            logits = self.model(chunk, cache=job.cache, last_only=True)
-            job.pos += n
-            budget -= B * n
-            if job.pos < L:
-                mx.eval(job.cache.keys + job.cache.values)
-                continue
-            self.prefilling.pop(0)
-            if any(s.constrained for s in job.seqs):
-                mx.async_eval(logits)  # the device runs the prompt while the host builds masks
-            masks = self._compute_masks(job.seqs)
-            result = sample(logits[:, -1, :], [s.sampler for s in job.seqs], masks)
-            mx.async_eval(_arrays(result))
-            for row, seq in enumerate(job.seqs):
-                self.prefix_cache.store(seq.req.adapter or "", seq.prompt, job.cache, row)
-            self._join(job, result)
+            try:
+                budget = self._prefill_chunk(job, budget, outs)
+            except Exception as e:  # this group's prompts: the running batch is untouched
+                if job in self.prefilling:
+                    self.prefilling.remove(job)
+                for s in job.seqs:
+                    if not s.finish:
+                        outs.append(self._fail(s, e))
+                    self._release(s)
+
+    def _prefill_chunk(self, job: _Prefill, budget: int, outs: list[GenerationOutput]) -> int:
+        """Feed `job` its next chunk (joining the batch after its last); the budget left."""
+        B, L = job.tokens.shape
+        n = min(self.prefill_chunk, L - job.pos, max(1, budget // B))
+        chunk = mx.array(job.tokens[:, job.pos : job.pos + n])
+        self._activate(job.seqs)
+        # Only the last position's logits are ever needed; earlier chunks just fill the cache.
+        logits = self.model(chunk, cache=job.cache, last_only=True)
+        job.pos += n
+        budget -= B * n
+        if job.pos < L:
+            mx.eval(job.cache.keys + job.cache.values)
+            return budget
+        self.prefilling.pop(0)
+        if any(s.constrained for s in job.seqs):
+            mx.async_eval(logits)  # the device runs the prompt while the host builds masks
+        masks = self._compute_masks(job.seqs, outs)
+        result = sample(logits[:, -1, :], [s.sampler for s in job.seqs], masks)
+        mx.async_eval(_arrays(result))
+        for row, seq in enumerate(job.seqs):
+            self.prefix_cache.store(seq.req.adapter or "", seq.prompt, job.cache, row)
+        self._join(job, result)
+        return budget
 
     def _join(self, job: _Prefill, result: SampleResult) -> None:
         if self.cache is None:

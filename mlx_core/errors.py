@@ -14,8 +14,11 @@ class LoraforgeError(Exception):
     """A failure the user can fix; `str(e)` is one line that says what to do next."""
 
 
-# context_length -> 400 context_length_exceeded; invalid_* -> 400; busy -> 429 (retry).
-EngineErrorKind = Literal["context_length", "invalid_prompt", "invalid_request", "busy"]
+# context_length -> 400 context_length_exceeded; invalid_* -> 400; busy -> 429 (retry);
+# not_found -> 404 (an adapter deleted after the request named it).
+EngineErrorKind = Literal[
+    "context_length", "invalid_prompt", "invalid_request", "busy", "not_found"
+]
 
 
 class EngineError(LoraforgeError, ValueError):

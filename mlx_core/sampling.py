@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from mlx_core.errors import EngineError
 from mlx_core.structured.matcher import TokenMasks, apply_masks
+
+# A row's RNG key is made from its seed as an unsigned 64-bit integer.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -31,23 +35,30 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the setting; the service maps it to a 400."""
+        """Raise EngineError (a ValueError) naming the setting; the service maps it to a 400."""
+
+        def bad(message: str, param: str) -> EngineError:
+            return EngineError(message, kind="invalid_request", param=param)
+
         if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise bad("max_tokens must be at least 1", "max_tokens")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise bad(f"seed must be between 0 and {MAX_SEED}", "seed")
         if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError("temperature must be between 0 and 2")
+            raise bad("temperature must be between 0 and 2", "temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
+            raise bad("top_p must be in (0, 1]", "top_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be between -2 and 2")
+                raise bad(f"{name} must be between -2 and 2", name)
         for token, bias in self.logit_bias:
             if not 0 <= token < vocab_size:
-                raise ValueError(
-                    f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})"
+                raise bad(
+                    f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})",
+                    "logit_bias",
                 )
             if not -100 <= bias <= 100:
-                raise ValueError("logit_bias values must be between -100 and 100")
+                raise bad("logit_bias values must be between -100 and 100", "logit_bias")
 
 
 @dataclass

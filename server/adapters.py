@@ -4,7 +4,8 @@ An adapter is registered from a folder inside the data dir or from an uploaded a
 way it is read with `mlx_core.lora.formats.load_adapter` (ours, mlx-lm, PEFT, the seed's npz),
 checked against the base model's shapes and stored once, in our format, under
 `<data_dir>/adapters/<id>/`. Requests name adapters only by registered name: a path in a
-completion request is never read.
+completion request is never read. `server.adapter_sources` makes both sources safe to read (no
+links, no escaping the data dir, no decompression bombs), in worker threads.
 
 The registry reaches the base model through a `BaseModelHost`: the server's `EngineClient`
 (MLX work on the engine thread, eviction from its slots), or in a standalone job worker a
@@ -16,32 +17,30 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import tarfile
 import tempfile
-import zipfile
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+import anyio.to_thread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mlx_core.config import load_config
+from mlx_core.errors import EngineError
 from mlx_core.lora.formats import load_adapter, save_adapter
 from mlx_core.lora.layers import Adapter, AdapterError
 from server import db as dbm
+from server.adapter_sources import MAX_EXPANSION, adapter_folder, client_message, safe_extract
 from server.db import Database
 from server.engine_client import ModelInfo
 from server.errors import BadRequestError, ConflictError, NotFoundError
 from server.settings import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Archives may not unpack to more than this many times their own size, nor hold too many files.
-MAX_EXPANSION = 20
-MAX_MEMBERS = 1000
-
+# Unpacking is disk- and CPU-bound: two at a time, so uploads cannot take every worker thread.
+_UNPACKERS = anyio.CapacityLimiter(2)
 T = TypeVar("T")
 
 
@@ -136,12 +135,21 @@ class AdapterRegistry:
     def path_of(self, adapter_id: str) -> Path:
         row = self.db.run_sync(lambda s: s.get(dbm.Adapter, adapter_id))
         if row is None:
-            raise AdapterError(f"adapter {adapter_id} is no longer registered")
+            raise _deleted()
         return Path(row.path)
 
     def load_for_engine(self, adapter_id: str) -> Adapter:
-        """The engine's loader (engine thread): weights of a registered adapter."""
-        return load_adapter(self.path_of(adapter_id))
+        """The engine's loader (engine thread): weights of a registered adapter. Raises
+        EngineError (not_found, a 404 for that request alone) for one deleted meanwhile."""
+        path = self.path_of(adapter_id)
+        try:
+            return load_adapter(path)
+        except (OSError, AdapterError) as e:
+            if not path.exists():  # deleted between the lookup and the read
+                raise _deleted() from None
+            # Stored weights that no longer read are the server's fault, not the request's: a
+            # 500 for that request (the log has the path), never the client's 400.
+            raise RuntimeError(f"stored adapter {adapter_id} at {path} cannot be read: {e}") from e
 
     async def list(self) -> list[AdapterInfo]:
         rows = await self.db.run(
@@ -169,21 +177,44 @@ class AdapterRegistry:
 
     # -- changes ----------------------------------------------------------------------------------
     async def register_path(
-        self, name: str, path: str, job_id: str | None = None, replace: bool = False
+        self,
+        name: str,
+        path: str,
+        job_id: str | None = None,
+        replace: bool = False,
+        param: str = "path",
     ) -> AdapterInfo:
         """Register an adapter from a folder or file inside the data dir. With `replace`, an
-        adapter of the same name is swapped out only once the new one has been validated."""
-        src = self._inside_data_dir(path)
-        return await self._register(name, src, job_id, replace)
+        adapter of the same name is swapped out only once the new one has been validated.
+        `param` is the request field that holds `path` (errors name it)."""
+        _check_name(name, allow_ft=job_id is not None)  # first: it needs no filesystem
+        src = await anyio.to_thread.run_sync(
+            adapter_folder, path, self.settings.data_dir.resolve(), param
+        )
+        return await self._register(name, src, job_id, replace, param)
 
     async def register_archive(self, name: str, archive: Path) -> AdapterInfo:
-        """Register an uploaded .tar(.gz) or .zip holding one adapter folder."""
-        with tempfile.TemporaryDirectory(dir=self.settings.adapters_dir, prefix=".upload-") as tmp:
-            root = _safe_extract(archive, Path(tmp), archive.stat().st_size * MAX_EXPANSION)
-            return await self._register(name, root, None)
+        """Register an uploaded .tar(.gz) or .zip holding one adapter folder. Unpacking runs in
+        a worker thread within the --max-adapter-unpacked-mb and --max-adapter-files caps."""
+        s = self.settings
+        limit = min(s.max_adapter_unpacked_bytes, archive.stat().st_size * MAX_EXPANSION)
+        tmp = Path(tempfile.mkdtemp(dir=s.adapters_dir, prefix=".upload-"))
+        try:
+            root = await anyio.to_thread.run_sync(
+                safe_extract, archive, tmp, limit, s.max_adapter_files, limiter=_UNPACKERS
+            )
+            return await self._register(name, root, None, param="file", shown=tmp)
+        finally:
+            await anyio.to_thread.run_sync(shutil.rmtree, tmp, True)
 
     async def _register(
-        self, name: str, src: Path, job_id: str | None, replace: bool = False
+        self,
+        name: str,
+        src: Path,
+        job_id: str | None,
+        replace: bool = False,
+        param: str = "path",
+        shown: Path | None = None,
     ) -> AdapterInfo:
         _check_name(name, allow_ft=job_id is not None)
         if not replace and await self.get(name) is not None:
@@ -201,7 +232,9 @@ class AdapterRegistry:
         dest = self.settings.adapters_dir / adapter_id
         # MLX work (reading, checking, writing the weights) runs where the model's other MLX
         # work runs: on the engine thread, when this process has one.
-        adapter = await host.run_mlx(lambda: self._store(src, dest, model))
+        base = shown or self.settings.data_dir
+        adapter = await host.run_mlx(lambda: self._store(src, dest, model, param, base))
+        fingerprint, size = await anyio.to_thread.run_sync(_fingerprint, dest)
         row = dbm.Adapter(
             id=adapter_id,
             name=name,
@@ -213,8 +246,8 @@ class AdapterRegistry:
             alpha=float(
                 adapter.alpha if adapter.alpha is not None else adapter.scale * adapter.rank
             ),
-            fingerprint=_sha256(dest / "adapters.safetensors"),
-            size_bytes=sum(f.stat().st_size for f in dest.iterdir()),
+            fingerprint=fingerprint,
+            size_bytes=size,
             fine_tuning_job_id=job_id,
         )
         replaced: list[dbm.Adapter] = []
@@ -228,26 +261,28 @@ class AdapterRegistry:
         try:
             await self.db.run(swap)
         except Exception:
-            shutil.rmtree(dest, ignore_errors=True)
+            await anyio.to_thread.run_sync(shutil.rmtree, dest, True)
             raise
         for old in replaced:
             await self._forget(old)
         return AdapterInfo.of(row)
 
-    def _store(self, src: Path, dest: Path, model: ModelInfo) -> Adapter:
+    def _store(self, src: Path, dest: Path, model: ModelInfo, param: str, base: Path) -> Adapter:
         args = model.args
         try:
             adapter = load_adapter(src, args)
             adapter.check_fits(args)
-        except (AdapterError, ValueError, OSError) as e:
+        except (AdapterError, ValueError, OSError, RuntimeError) as e:
             raise BadRequestError(
-                f"cannot use this adapter: {e}", param="lora_path", code="invalid_adapter"
+                f"cannot use this adapter: {client_message(e, base)}",
+                param=param,
+                code="invalid_adapter",
             ) from e
         if adapter.rank > self.settings.max_lora_rank:
             raise BadRequestError(
                 f"adapter rank {adapter.rank} is above this server's --max-lora-rank "
                 f"{self.settings.max_lora_rank}: restart with a larger --max-lora-rank",
-                param="lora_path",
+                param=param,
                 code="invalid_adapter",
             )
         save_adapter(dest, adapter, base_model=model.id)
@@ -266,26 +301,19 @@ class AdapterRegistry:
 
     async def _forget(self, row: dbm.Adapter) -> None:
         if self.host is not None:
-            # Requests in flight keep the resident copy until they finish.
+            # Requests in flight keep the resident copy until they finish (the slots count
+            # them); requests that name it from now on get 404.
             await self.host.unload_adapter(row.id)
-        shutil.rmtree(row.path, ignore_errors=True)
+        await anyio.to_thread.run_sync(shutil.rmtree, row.path, True)
 
-    def _inside_data_dir(self, path: str) -> Path:
-        data = self.settings.data_dir.resolve()
-        p = Path(path)
-        candidate = (p if p.is_absolute() else data / p).resolve()
-        if candidate != data and data not in candidate.parents:
-            raise BadRequestError(
-                f"{path} is outside the server's data dir {data}: copy the adapter "
-                "there, or upload it as an archive (POST /v1/adapters, multipart)",
-                param="lora_path",
-                code="path_not_allowed",
-            )
-        if not candidate.exists():
-            raise BadRequestError(
-                f"{path} does not exist under {data}", param="lora_path", code="path_not_found"
-            )
-        return candidate
+
+def _deleted() -> EngineError:
+    return EngineError(
+        "this adapter was deleted while the request waited: GET /v1/models lists the models "
+        "you can use",
+        kind="not_found",
+        param="model",
+    )
 
 
 def _by_name(s: Session, name: str) -> dbm.Adapter | None:
@@ -318,114 +346,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class _Member:
-    """One archive entry, whichever the archive format."""
-
-    name: str
-    size: int
-    kind: str  # "file" | "dir" | "other" (links, devices: refused)
-    open: Callable[[], IO[bytes]]
-
-
-def _members(archive: Path, stack: ExitStack) -> list[_Member]:
-    if zipfile.is_zipfile(archive):
-        z = stack.enter_context(zipfile.ZipFile(archive))
-
-        def zip_kind(m: zipfile.ZipInfo) -> str:
-            if (m.external_attr >> 16) & 0o170000 == 0o120000:
-                return "other"  # a symlink stored in the zip
-            return "dir" if m.is_dir() else "file"
-
-        def zip_opener(m: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
-            return lambda: z.open(m)
-
-        return [_Member(m.filename, m.file_size, zip_kind(m), zip_opener(m)) for m in z.infolist()]
-    if tarfile.is_tarfile(archive):
-        t = stack.enter_context(tarfile.open(archive))
-
-        def tar_opener(m: tarfile.TarInfo) -> Callable[[], IO[bytes]]:
-            def open_member() -> IO[bytes]:
-                f = t.extractfile(m)
-                assert f is not None  # only regular files ("file") are ever opened
-                return f
-
-            return open_member
-
-        return [
-            _Member(
-                m.name,
-                m.size,
-                "file" if m.isfile() else "dir" if m.isdir() else "other",
-                tar_opener(m),
-            )
-            for m in t.getmembers()
-        ]
-    raise BadRequestError(
-        "the upload is neither a .tar(.gz) nor a .zip archive: pack the adapter "
-        "folder with `tar czf adapter.tgz -C folder .`",
-        param="file",
-        code="invalid_archive",
-    )
-
-
-def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> Path:
-    """Unpack an archive refusing absolute paths, '..', links, devices and decompression bombs;
-    return the folder that holds the adapter files."""
-    with ExitStack() as stack:
-        members = _members(archive, stack)
-        if len(members) > MAX_MEMBERS:
-            raise BadRequestError(
-                f"archive has {len(members)} entries (max {MAX_MEMBERS})", param="file"
-            )
-        total = 0
-        for m in members:  # check everything before writing anything
-            p = Path(m.name)
-            if p.is_absolute() or ".." in p.parts or m.name.startswith(("/", "\\")):
-                raise BadRequestError(
-                    f"archive member {m.name!r} has an unsafe path: archives may only "
-                    "hold relative paths inside one folder",
-                    param="file",
-                    code="unsafe_archive",
-                )
-            if m.kind == "other":
-                raise BadRequestError(
-                    f"archive member {m.name!r} is a link or special file: not allowed",
-                    param="file",
-                    code="unsafe_archive",
-                )
-            total += m.size
-            if total > max_bytes:
-                raise BadRequestError(
-                    f"archive unpacks to more than {MAX_EXPANSION}x its size: refused as "
-                    "a possible decompression bomb",
-                    param="file",
-                    code="unsafe_archive",
-                )
-        for m in members:
-            target = dest / m.name
-            if m.kind == "dir":
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with m.open() as src, target.open("wb") as out:
-                _copy_limited(src, out, m.size)
-    # The adapter is the archive root or its single top-level folder.
-    entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
-    if len(entries) == 1 and entries[0].is_dir():
-        return entries[0]
-    return dest
-
-
-def _copy_limited(src, out, declared: int) -> None:
-    # Trust no header: stop if a member yields more bytes than it declared.
-    written = 0
-    for chunk in iter(lambda: src.read(1 << 20), b""):
-        written += len(chunk)
-        if written > declared:
-            raise BadRequestError(
-                "archive member is larger than its header says: refused",
-                param="file",
-                code="unsafe_archive",
-            )
-        out.write(chunk)
+def _fingerprint(dest: Path) -> tuple[str, int]:
+    """The stored adapter's weights hash and its folder's size (worker thread: it reads it all)."""
+    return _sha256(dest / "adapters.safetensors"), sum(f.stat().st_size for f in dest.iterdir())

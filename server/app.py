@@ -48,8 +48,9 @@ if TYPE_CHECKING:  # the app only passes the registry through to the routes
 log = logging.getLogger("loraforge.app")
 access_log = logging.getLogger("loraforge.access")
 
-# In-flight requests (long SSE streams too) get this long to finish on SIGTERM/Ctrl-C.
-GRACEFUL_SHUTDOWN_S = 30
+# On SIGTERM/Ctrl-C in-flight requests get --shutdown-grace-s to finish; uvicorn waits this
+# much longer, so the streams ended at the deadline can still send their error event and [DONE].
+SHUTDOWN_FLUSH_S = 5
 # Paths that need the API key: the API, the legacy fine-tunes API old clients call without /v1, and
 # vLLM's tokenizer routes (lm-eval calls them at the root; its `auth_token` model arg sends the key).
 PROTECTED_PREFIXES = ("/v1/", "/fine-tunes", "/tokenize", "/detokenize")
@@ -169,7 +170,8 @@ async def ready(engine: Injected[EngineClient | None]) -> HealthStatus:
     )
 
 
-@get("/metrics", sync_to_thread=False, tags=["service"], include_in_schema=False)
+# Rendered in a worker thread: many label sets take a while, and /health must not wait for it.
+@get("/metrics", sync_to_thread=True, tags=["service"], include_in_schema=False)
 def metrics_endpoint(metrics: Injected[Metrics]) -> Response[str]:
     """Prometheus text exposition of the server's metrics."""
     return Response(metrics.render(), media_type=Metrics.CONTENT_TYPE)
@@ -300,10 +302,28 @@ def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicor
         "log_config": logging_config(settings.log_level),
         "access_log": False,  # LoraforgeApp writes the access log, 404s included
         "lifespan": "on",  # a failed migration or model load must stop the server
-        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "timeout_graceful_shutdown": int(settings.shutdown_grace_s) + SHUTDOWN_FLUSH_S,
         "server_header": False,
     }
     return uvicorn.Config(app, **{**options, **overrides})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the engine when shutdown starts: it stops admitting requests
+    and ends the streams still open after --shutdown-grace-s with an error event and [DONE]
+    (uvicorn alone would cut them silently once its own timeout passed)."""
+
+    def __init__(self, config: uvicorn.Config, engine: EngineClient | None, grace_s: float):
+        super().__init__(config)
+        self._engine, self._grace_s = engine, grace_s
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        if self._engine is not None:
+            self._engine.begin_shutdown(self._grace_s)
+        await super().shutdown(sockets)
+        # uvicorn re-raises the SIGTERM it caught once it is done, so the process would die of
+        # it; the shutdown was graceful, so it exits with status 0 instead.
+        self._captured_signals.clear()
 
 
 def run_server(
@@ -314,7 +334,7 @@ def run_server(
     metrics: Metrics | None = None,
     adapter_registry: AdapterRegistry | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get GRACEFUL_SHUTDOWN_S to finish."""
+    """Serve until SIGINT/SIGTERM; in-flight requests get --shutdown-grace-s to finish."""
     app = create_app(
         settings,
         engine=engine,
@@ -322,7 +342,7 @@ def run_server(
         metrics=metrics,
         adapter_registry=adapter_registry,
     )
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = DrainingServer(uvicorn_config(app, settings), engine, settings.shutdown_grace_s)
     server.run()
     if not server.started:
         raise SystemExit(1)  # startup failed; uvicorn has logged why

@@ -7,6 +7,11 @@ client went away) aborts its requests, which frees their batch slots at the next
 prompt and adapter work (storing, unloading) run on the engine thread too, between two steps.
 Nothing else in the server touches the engine, its cache or the model's tensors; engine refusals
 come back as the HTTP errors their `EngineError.kind` calls for.
+
+A row the engine ended with finish_reason "error" fails its own request only: its error becomes
+that request's 4xx (or 500 for an engine fault), raised after the output that carries it, so a
+stream can close its choice before the error event. On shutdown (`begin_shutdown`) new requests
+get 503 with Retry-After, and streams still open after the grace period end with an error.
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ from mlx_core.config import ModelArgs
 from mlx_core.cpu_blas import BlasReport, probe_blas
 from mlx_core.demo import resolve_model_path
 from mlx_core.engine import Engine, EngineError, GenerationOutput, GenerationRequest, TokenLogprob
+from mlx_core.errors import LoraforgeError
 from mlx_core.lora.layers import Adapter
 from mlx_core.lora.slots import AdapterSlots
 from mlx_core.tokenizer import Tokenizer
 from mlx_core.weights import LoadedModel, load_model
-from server.errors import APIError, BadRequestError, RateLimitError, ServiceUnavailableError
+from server.errors import (
+    APIError,
+    BadRequestError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+    ServiceUnavailableError,
+)
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -81,6 +94,7 @@ class EngineClient:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._draining = False  # shutting down: no new requests
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._load_done = threading.Event()
@@ -92,7 +106,12 @@ class EngineClient:
     @property
     def ready(self) -> bool:
         """True once the model is loaded and requests can be served (False again on shutdown)."""
-        return self._engine is not None and not self._stopping
+        return self._engine is not None and not self._stopping and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown has begun: new requests are refused, open ones finish."""
+        return self._draining
 
     @property
     def load_error(self) -> Exception | None:
@@ -182,6 +201,31 @@ class EngineClient:
         if self._thread is not None:
             await anyio.to_thread.run_sync(self._thread.join, 30)
 
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Stop admitting requests (they get 503 with Retry-After) and give the open ones
+        `grace_s` seconds to finish; then each still open ends with a shutdown error (streams:
+        an error event and [DONE]). Call on the event loop when the server starts shutting down."""
+        self._draining = True
+        log.info(
+            "shutting down: %d requests in flight get %.0f s to finish", len(self._streams), grace_s
+        )
+        asyncio.get_running_loop().call_later(grace_s, self._end_open_requests)
+
+    def _end_open_requests(self) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        if streams:
+            log.warning(
+                "ending %d requests still open after the shutdown grace period", len(streams)
+            )
+        error = ServiceUnavailableError(
+            "the server shut down before this answer was finished: retry the request",
+            retry_after_s=5,
+            code="server_shutdown",
+        )
+        for q in {id(s.queue): s.queue for s in streams}.values():
+            q.put_nowait(error)  # _outputs raises it and aborts the rows
+
     def _waiting(self) -> float:
         with self._lock:
             n = len(self._streams)
@@ -199,9 +243,11 @@ class EngineClient:
             try:
                 outs = engine.step()
             except Exception as e:  # a bug must not take the service down: fail what was running
-                log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(engine, e)
-                continue
+                log.exception("engine step failed; failing the running requests, keeping the queue")
+                outs = engine.fail_in_flight(e)
+            for out in outs:
+                if out.error is not None and not isinstance(out.error, LoraforgeError):
+                    log.error("request %s failed in the engine: %r", out.request_id, out.error)
             self._deliver(outs)
 
     def _deliver(self, outs: Sequence[GenerationOutput]) -> None:
@@ -216,13 +262,6 @@ class EngineClient:
                 self._metrics.time_to_first_token.observe(now - stream.submitted)
             self._metrics.generation_tokens.inc(len(out.tokens), model=self.model_id)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-
-    def _fail_all(self, engine: Engine, error: Exception) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-        engine.reset()
-        for s in streams:
-            s.loop.call_soon_threadsafe(s.queue.put_nowait, error)
 
     async def _run_on_engine(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between two steps and wait for its result."""
@@ -271,6 +310,13 @@ class EngineClient:
                 code="model_load_failed",
             )
         model = self.model
+        if self.draining:
+            raise ServiceUnavailableError(
+                "the server is shutting down: retry shortly (another replica, or this one once "
+                "it is back)",
+                retry_after_s=5,
+                code="server_shutdown",
+            )
         if not self.ready or model is None:
             raise ServiceUnavailableError(
                 "the model is not loaded yet (or the server is shutting down): retry shortly",
@@ -338,13 +384,13 @@ class EngineClient:
         try:
             while pending:
                 out = await queue.get()
-                if isinstance(out, Exception):
-                    raise ServiceUnavailableError(
-                        f"generation failed ({out}); retry the request"
-                    ) from out
+                if isinstance(out, APIError):
+                    raise out
                 if out.finish_reason:
                     pending.discard(out.request_id)
                 yield index[out.request_id], out
+                if out.error is not None:  # after its output: a stream closes the choice first
+                    raise row_error(out.error) from out.error
         finally:
             for rid in pending:  # the client left early: free the slots now
                 engine.abort(rid)
@@ -365,6 +411,13 @@ class EngineClient:
         """Each prompt token's logprob given the ones before it (None for the first) and its
         `top` alternatives, under `adapter` (an id resident-able in the slots) or the base."""
         engine = self._require_engine()
+        if len(tokens) > engine.max_model_len:  # scored in one forward: refuse it before that
+            raise BadRequestError(
+                f"This model's maximum context length is {engine.max_model_len} tokens; the "
+                f"prompt to score has {len(tokens)}. Please reduce the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         try:
             return await self._run_on_engine(lambda: engine.score_prompt(tokens, top, adapter))
         except EngineError as e:
@@ -398,8 +451,25 @@ class EngineClient:
         return self._slots.resident() if self._slots is not None else []
 
 
+def row_error(e: Exception) -> APIError:
+    """The HTTP error for a request whose row the engine ended with `e`: 4xx for what the request
+    asked (a deleted adapter, a bad setting), 500 for an engine fault (never 503: retrying the
+    same request elsewhere is no cure, and for a fault of the request it would only repeat)."""
+    if isinstance(e, EngineError):
+        return _api_error(e)
+    if isinstance(e, LoraforgeError):
+        return BadRequestError(str(e))
+    return ServerError(
+        "the engine failed while generating this answer; other requests go on. Retry it once, "
+        "and report it if it fails again",
+        code="engine_error",
+    )
+
+
 def _api_error(e: EngineError) -> APIError:
     """The HTTP error for a request the engine refused, chosen by its kind (not its message)."""
+    if e.kind == "not_found":
+        return NotFoundError(str(e), param=e.param or "model", code="model_not_found")
     if e.kind == "busy":
         return RateLimitError(str(e), retry_after_s=1)
     if e.kind == "context_length":

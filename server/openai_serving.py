@@ -5,20 +5,24 @@ The routes stay thin: they call `complete()` / `chat()` here with the decoded re
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
+import anyio
+import anyio.to_thread
 import msgspec
 from litestar.response import Stream
 
 from mlx_core.engine import GenerationOutput, GenerationRequest, TokenLogprob
-from mlx_core.sampling import SamplingParams
+from mlx_core.sampling import MAX_SEED, SamplingParams
 from mlx_core.tokenizer import ChatMessage as EngineChatMessage
 from mlx_core.tokenizer import Tokenizer
 from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
-from server.errors import BadRequestError
+from server.errors import APIError, BadRequestError
 from server.schemas.chat import (
     ChatChoice,
     ChatChunkChoice,
@@ -42,11 +46,23 @@ from server.schemas.completions import (
 )
 from server.structured_outputs import requested_constraint
 
+log = logging.getLogger("loraforge.serving")
+
 MAX_N = 128
 MAX_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
 _encoder = msgspec.json.Encoder()
+# Tokenizing a large prompt takes seconds: it runs in worker threads, a few at a time, so the
+# event loop (and /health) keeps answering and the other thread users keep their threads.
+_TOKENIZERS = anyio.CapacityLimiter(4)
+FinishReason = Literal["stop", "length", "error"]
+_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "error": "error"}
+
+
+def _finish_reason(reason: str | None) -> FinishReason | None:
+    """OpenAI's finish_reason for an engine row's ("abort" only reaches a client that left)."""
+    return _FINISH_REASONS.get(reason) if reason else None
 
 
 def reject_unsupported(body: RequestBody) -> None:
@@ -77,9 +93,16 @@ def _check_common(
     frequency: float,
     logit_bias: dict[str, float] | None,
     vocab: int,
+    seed: int | None,
 ) -> tuple[tuple[str, ...], tuple]:
     if not 1 <= n <= MAX_N:
         raise BadRequestError(f"n must be between 1 and {MAX_N}", param="n")
+    # Choice j is sampled with seed + j: every one of them must be a valid 64-bit seed.
+    if seed is not None and not 0 <= seed <= MAX_SEED - (n - 1):
+        raise BadRequestError(
+            f"seed must be between 0 and {MAX_SEED - (n - 1)} (with n={n}, choice j uses seed + j)",
+            param="seed",
+        )
     if not 0 <= temperature <= 2:
         raise BadRequestError("temperature must be between 0 and 2", param="temperature")
     if not 0 < top_p <= 1:
@@ -155,8 +178,14 @@ def _prompts(req: CompletionRequest, tok: Tokenizer) -> list[_Prompt]:
         items: list = [p]
     elif p and all(isinstance(x, int) for x in p):
         items = [p]
-    else:
+    elif all(isinstance(x, str) for x in p) or all(isinstance(x, list) for x in p):
         items = list(p)
+    else:
+        raise BadRequestError(
+            "prompt mixes strings, token ids and lists: send a string, a list of strings, a "
+            "list of token ids or a list of token-id lists",
+            param="prompt",
+        )
     if not items:
         raise BadRequestError(
             "prompt is empty: send a string, a list of strings or token ids", param="prompt"
@@ -204,10 +233,11 @@ async def complete(req: CompletionRequest, engine: EngineClient, registry: Adapt
         req.frequency_penalty,
         req.logit_bias,
         tok.vocab_size,
+        req.seed,
     )
     adapter = await registry.resolve(req.model, model.id)
     adapter_id = adapter.id if adapter else None
-    prompts = _prompts(req, tok)
+    prompts = await anyio.to_thread.run_sync(_prompts, req, tok, limiter=_TOKENIZERS)
     limit = model.max_model_len
     requests, echoes = [], []
     rid = engine.new_request_id("cmpl")
@@ -270,7 +300,9 @@ async def complete(req: CompletionRequest, engine: EngineClient, registry: Adapt
     result = []
     for idx, c in enumerate(choices):
         lp = logprobs[idx].take(c.logprobs) if logprobs else None
-        result.append(CompletionChoice(idx, echoes[idx] + "".join(c.text), lp, c.finish))
+        result.append(
+            CompletionChoice(idx, echoes[idx] + "".join(c.text), lp, _finish_reason(c.finish))
+        )
     return CompletionResponse(
         id=rid, created=created, model=req.model, choices=result, usage=_usage(choices, req.n)
     )
@@ -395,7 +427,7 @@ async def _completion_chunks(
             id=rid,
             created=created,
             model=req.model,
-            choices=[CompletionChoice(idx, text, lp, out.finish_reason)],
+            choices=[CompletionChoice(idx, text, lp, _finish_reason(out.finish_reason))],
         )
         yield _event(chunk)
     if include_usage:
@@ -461,11 +493,12 @@ async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: Adapt
         req.frequency_penalty,
         req.logit_bias,
         tok.vocab_size,
+        req.seed,
     )
     if not req.messages:
         raise BadRequestError("messages is empty: send at least one user message", param="messages")
     try:
-        ids = tok.encode_chat(messages)
+        ids = await anyio.to_thread.run_sync(tok.encode_chat, messages, limiter=_TOKENIZERS)
     except ValueError as e:
         raise BadRequestError(str(e), param="messages") from e
     adapter = await registry.resolve(req.model, model.id)
@@ -511,7 +544,7 @@ async def chat(req: ChatCompletionRequest, engine: EngineClient, registry: Adapt
             i,
             ChatResponseMessage("".join(c.text)),
             _chat_logprobs(tok, c.logprobs, top) if top is not None else None,
-            c.finish,
+            _finish_reason(c.finish),
         )
         for i, c in enumerate(choices)
     ]
@@ -566,7 +599,7 @@ async def _chat_chunks(
                 id=rid,
                 created=created,
                 model=req.model,
-                choices=[ChatChunkChoice(idx, delta, lp, out.finish_reason)],
+                choices=[ChatChunkChoice(idx, delta, lp, _finish_reason(out.finish_reason))],
             )
         )
     if include_usage:
@@ -584,18 +617,22 @@ def _event(obj) -> bytes:
 
 
 def _sse(chunks: AsyncGenerator[bytes, None]) -> Stream:
+    """The stream's events, then `data: [DONE]`. A failure after the headers went out (a row
+    the engine ended with an error, or the shutdown grace running out) becomes an OpenAI error
+    event before [DONE], so a client can tell a cut answer from a finished one."""
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
                 yield chunk
         except Exception as e:  # headers are sent: report in-band, as OpenAI does
-            from server.errors import APIError
-
             err = e if isinstance(e, APIError) else None
+            if err is None:  # the client gets a generic message; the log keeps the traceback
+                log.exception("a stream failed after its headers were sent")
             detail = ErrorDetail(
                 err.message if err else "generation failed; retry the request",
                 err.type if err else "server_error",
-                None,
+                err.param if err else None,
                 err.code if err else None,
             )
             yield _event(ErrorBody(detail))

@@ -89,6 +89,15 @@ class Settings:
     max_body_mb: float = _opt(
         16.0, "largest JSON request body, in MB (completions, chat, jobs; uploads: max-upload-mb)"
     )
+    max_adapter_unpacked_mb: float = _opt(
+        4096.0, "largest total size an uploaded adapter archive may unpack to, in MB"
+    )
+    max_adapter_files: int = _opt(1000, "most entries an uploaded adapter archive may hold")
+    shutdown_grace_s: float = _opt(
+        30.0,
+        "seconds running requests get to finish on SIGTERM/Ctrl-C; streams still open then end "
+        "with an error event",
+    )
     start_worker: bool = _opt(True, "run the fine-tune job worker inside the server process")
     log_level: str = _opt("info", "log level", choices=LOG_LEVELS)
 
@@ -105,7 +114,13 @@ class Settings:
     def _validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SettingsError(_bad("port", self.port, "use 1..65535 (0 = any free port)"))
-        for name in ("max_loaded_adapters", "max_lora_rank", "max_num_seqs", "max_queue"):
+        for name in (
+            "max_loaded_adapters",
+            "max_lora_rank",
+            "max_num_seqs",
+            "max_queue",
+            "max_adapter_files",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(_bad(name, getattr(self, name), "use 1 or more"))
         for name in ("max_concurrent_jobs", "prefix_cache_mb"):
@@ -125,9 +140,11 @@ class Settings:
             raise SettingsError(
                 _bad("kv_cache_memory_gb", self.kv_cache_memory_gb, "use a size > 0, or unset it")
             )
-        for name in ("max_upload_mb", "max_body_mb"):
+        for name in ("max_upload_mb", "max_body_mb", "max_adapter_unpacked_mb"):
             if getattr(self, name) <= 0:
                 raise SettingsError(_bad(name, getattr(self, name), "use a size > 0"))
+        if self.shutdown_grace_s < 0:
+            raise SettingsError(_bad("shutdown_grace_s", self.shutdown_grace_s, "use 0 or more"))
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(_bad("log_level", self.log_level, f"use one of {LOG_LEVELS}"))
 
@@ -152,6 +169,10 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * MIB)
+
+    @property
+    def max_adapter_unpacked_bytes(self) -> int:
+        return int(self.max_adapter_unpacked_mb * MIB)
 
     def base_model_id(self) -> str:
         """The id the base model is served as, known without loading it: --served-model-name,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_core.errors import EngineError
 from mlx_core.lora.layers import (
     Adapter,
     AdapterError,
@@ -106,7 +107,8 @@ class AdapterSlots:
     """Adapters resident in the model, one per slot, least recently used evicted first.
 
     `acquire` pins a slot for a request, `release` unpins it: a pinned slot is never evicted, so
-    requests in flight keep their adapter through an unload or a replacement.
+    requests in flight keep their adapter through an unload or a replacement (reference counted:
+    the slot is freed at the last release), while new requests for an unloaded one are refused.
     """
 
     def __init__(
@@ -140,6 +142,15 @@ class AdapterSlots:
         return list(self._resident)
 
     def acquire(self, adapter_id: str) -> int | None:
+        """The adapter's slot, pinned until `release`; None while every slot is pinned. Raises
+        EngineError (not_found) for an adapter unloaded while others still use it."""
+        if adapter_id in self._doomed:
+            raise EngineError(
+                "this adapter was deleted while the request waited: GET /v1/models lists "
+                "the models you can use",
+                kind="not_found",
+                param="model",
+            )
         slot = self._resident.get(adapter_id)
         if slot is None:
             slot = self._free_slot()

@@ -147,7 +147,9 @@ async def load_lora_adapter(
     data: JSONBody[LoadLoraAdapterRequest], adapter_registry: Injected[AdapterRegistry]
 ) -> Response[str]:
     """vLLM's shape: plain-text success message."""
-    await adapter_registry.register_path(data.lora_name, data.lora_path, replace=data.load_inplace)
+    await adapter_registry.register_path(
+        data.lora_name, data.lora_path, replace=data.load_inplace, param="lora_path"
+    )
     return Response(
         f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain"
     )

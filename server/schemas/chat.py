@@ -125,7 +125,7 @@ class ChatChoice(Struct):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "error"] | None = None
 
 
 class ChatCompletionResponse(Struct, kw_only=True):
@@ -148,7 +148,7 @@ class ChatChunkChoice(Struct):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "error"] | None = None
 
 
 class ChatCompletionChunk(Struct, kw_only=True):

@@ -56,7 +56,7 @@ class CompletionChoice(Struct):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "error"] | None = None
 
 
 class CompletionResponse(Struct, kw_only=True):

@@ -188,9 +188,11 @@ def test_unload_while_streaming(server):
     "body, status, param",
     [
         ({"name": "bad name!", "path": "incoming/mlp"}, 400, "name"),
-        ({"name": "escape", "path": "/etc"}, 400, "lora_path"),
-        ({"name": "mlp2", "path": "../"}, 400, "lora_path"),
-        ({"name": "missing", "path": "incoming/none"}, 400, "lora_path"),
+        ({"name": "escape", "path": "/etc"}, 400, "path"),
+        ({"name": "mlp2", "path": "../"}, 400, "path"),
+        ({"name": "missing", "path": "incoming/none"}, 400, "path"),
+        ({"name": "nul", "path": "incoming/\u0000mlp"}, 400, "path"),
+        ({"name": "deep", "path": "a/" * 50_000}, 400, "path"),
         ({"name": "mlp", "path": "incoming/mlp"}, 409, "name"),
     ],
 )

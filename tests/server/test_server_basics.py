@@ -67,7 +67,7 @@ class FakeLoadingEngine:
     require_ready = EngineClient.require_ready  # the real readiness rule, on this fake's state
 
     def __init__(self) -> None:
-        self.ready = False
+        self.ready = self.draining = False
         self.model: ModelInfo | None = None
         self.load_error = None
         self.blas = None  # not measured: /ready then says only "ready"

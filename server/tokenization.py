@@ -10,7 +10,7 @@ as literal text.
 
 from __future__ import annotations
 
-from mlx_core.tokenizer import CHAT_TEMPLATE, Tokenizer, TokenizerError
+from mlx_core.tokenizer import CHAT_TEMPLATE, Tokenizer
 from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
 from server.errors import BadRequestError
@@ -80,16 +80,17 @@ async def detokenize(
     model = engine.require_ready()
     if req.model is not None:
         await registry.resolve(req.model, model.id)
-    try:
-        return DetokenizeResponse(engine.tokenizer.decode(req.tokens))
-    except TokenizerError:
-        vocab = engine.tokenizer.vocab_size
-        bad = next(t for t in req.tokens if not 0 <= t < vocab)
+    # Checked here, not by catching the decoder's error: sentencepiece raises a bare TypeError
+    # for ids beyond 64 bits, which would be a 500.
+    vocab = engine.tokenizer.vocab_size
+    bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
         raise BadRequestError(
             f"token id {bad} is outside the vocabulary (0..{vocab - 1}): send ids that "
             "/tokenize returned",
             param="tokens",
-        ) from None
+        )
+    return DetokenizeResponse(engine.tokenizer.decode(req.tokens))
 
 
 def tokenizer_info(engine: EngineClient) -> TokenizerInfo:

@@ -93,6 +93,14 @@ class _Row:
     strip: PrefixStripper | None = None  # drops the healed text from what the row returns
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request the engine has checked, with the row it will run as (see Engine.prepare)."""
+
+    req: GenerationRequest
+    row: _Row
+
+
 @dataclass
 class _Sequence:
     req: GenerationRequest
@@ -181,14 +189,18 @@ class Engine:
     def add_request(self, req: GenerationRequest) -> None:
         """Queue `req`. Raises EngineError, or ConstraintError for a constraint that cannot be
         used, on the caller's thread before anything is queued."""
-        self._check_limits(req)
-        self._inbox.put(("add", req, self._row(req)))
+        self.submit(self.prepare(req))
 
-    def check_request(self, req: GenerationRequest) -> None:
-        """Raise what add_request would (EngineError, ConstraintError), queueing nothing."""
+    def prepare(self, req: GenerationRequest) -> PreparedRequest:
+        """Check `req` once (EngineError, ConstraintError) and build its row, queueing nothing:
+        callers that submit several requests together prepare them all first, so a bad one
+        leaves the engine untouched."""
         self._check_limits(req)
-        if req.constraint is not None:
-            self._row(req)
+        return PreparedRequest(req, self._row(req))
+
+    def submit(self, prepared: PreparedRequest) -> None:
+        """Queue a request `prepare` checked."""
+        self._inbox.put(("add", prepared.req, prepared.row))
 
     def _check_limits(self, req: GenerationRequest) -> None:
         n = len(req.prompt)

@@ -337,11 +337,10 @@ class EngineClient:
         iterator early aborts what is still running."""
         engine = self._require_engine()
         s = self._settings
-        for r in requests:
-            try:
-                engine.check_request(r)
-            except EngineError as e:
-                raise _api_error(e) from e
+        try:  # each request checked once, all before any is queued
+            prepared = [engine.prepare(r) for r in requests]
+        except EngineError as e:
+            raise _api_error(e) from e
         capacity = s.max_num_seqs + s.max_queue
         if len(requests) > capacity:
             raise BadRequestError(
@@ -371,8 +370,8 @@ class EngineClient:
             for i, r in enumerate(requests):
                 self._streams[r.request_id] = _Stream(loop, queue, i, now)
         self._metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests), model=self.model_id)
-        for r in requests:
-            engine.add_request(r)
+        for p in prepared:
+            engine.submit(p)
         self._wake.set()
         return self._outputs(engine, requests, queue)
 

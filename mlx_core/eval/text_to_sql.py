@@ -184,15 +184,16 @@ def generate_all(
         )
         for i, c in enumerate(cases)
     ]
+    prepared = []
     for req, case in zip(requests, cases):
         try:  # check them all before queueing any, so a bad one leaves the engine empty
-            engine.check_request(req)
+            prepared.append(engine.prepare(req))
         except EngineError as e:
             raise EngineError(
                 f"example {int(req.request_id) + 1} (table {case.example.table}): {e}"
             ) from None
-    for req in requests:
-        engine.add_request(req)
+    for p in prepared:
+        engine.submit(p)
     texts: list[list[str]] = [[] for _ in cases]
     ends: dict[int, Generation] = {}
     eos = engine.tokenizer.eos_id

@@ -18,6 +18,7 @@ from server.db import Database, FineTuningJob, UploadedFile
 from server.jobs.spec import auto_lr_multiplier
 from server.jobs.worker import MEMORY_LIMIT_ENV
 from server.settings import Settings
+from tests.models import TINY
 from tests.serving import start_model_server, start_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -199,7 +200,7 @@ def test_legacy_fine_tune_is_the_same_job_in_both_apis(server, client, train_fil
     assert created["hyperparams"] == {
         "n_epochs": 2,
         "batch_size": 1,
-        "learning_rate_multiplier": 10.0,
+        "learning_rate_multiplier": auto_lr_multiplier(TINY["hidden_size"]),  # "auto"
         "prompt_loss_weight": 1.0,
     }
     job_id = "ftjob-" + created["id"].removeprefix("ft-")

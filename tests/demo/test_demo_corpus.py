@@ -36,6 +36,7 @@ def domain_of(columns: tuple[str, ...]) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_every_example_parses_and_its_sql_runs(corpus: list[str]) -> None:
     assert len(corpus) == N
     for text in corpus:

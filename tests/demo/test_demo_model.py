@@ -56,6 +56,7 @@ def test_loads_as_a_mistral_model_folder(demo_model, build_record) -> None:
     assert build_record["held_out_domain"] not in ("", None)
 
 
+@pytest.mark.slow
 def test_writes_sql_that_runs_on_unseen_tables_and_stops(demo_model, build_record) -> None:
     held_out = build_record["held_out_domain"]
     examples = generate_examples(30, seed=FRESH_SEED, exclude_domains=(held_out,))
@@ -64,6 +65,7 @@ def test_writes_sql_that_runs_on_unseen_tables_and_stops(demo_model, build_recor
     assert quality.execution >= 0.9, quality
 
 
+@pytest.mark.slow
 def test_answers_through_the_chat_template_too(demo_model, build_record) -> None:
     # /v1/chat/completions renders one user turn with the Mistral template; the model must
     # answer that as it answers "...\nA:".

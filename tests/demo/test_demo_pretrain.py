@@ -87,6 +87,7 @@ def _params(model: Mistral) -> dict[str, mx.array]:
     return dict(tree_flatten(model.parameters()))
 
 
+@pytest.mark.slow
 def test_pretraining_learns_and_resumes_bit_for_bit(tmp_path, tokenizer, examples) -> None:
     args, identity = tiny_args(tokenizer.vocab_size), {"corpus": "test"}
     lines: list[str] = []

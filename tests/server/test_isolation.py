@@ -174,6 +174,7 @@ def test_an_adapter_deleted_mid_stream_finishes_and_new_requests_get_404(server)
     assert_finished(rest)
 
 
+@pytest.mark.slow
 def test_adapter_churn_gives_no_5xx(server):
     """Register and delete one adapter in a loop while requests name it and the base model."""
     url, _, _ = server
@@ -322,6 +323,7 @@ def test_a_broken_adapter_file_names_it_relative_to_the_data_dir(server):
     assert str(data) not in message and "[load" not in message, message
 
 
+@pytest.mark.slow
 def test_health_answers_fast_under_a_tar_bomb_and_a_10_mb_prompt(server):
     url, _, _ = server
     latencies: list[float] = []

@@ -127,6 +127,7 @@ def test_metrics_count_requests_by_route_and_status(base_url):
     assert "loraforge_num_requests_running 0" in text
 
 
+@pytest.mark.slow
 def test_made_up_methods_do_not_grow_the_metrics(base_url):
     before = len(httpx.get(f"{base_url}/metrics").text)
     for i in range(300):

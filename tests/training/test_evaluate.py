@@ -328,6 +328,7 @@ def direct_loss(model, tokenizer, lines: list[str]) -> tuple[float, int]:
     return total / n, n
 
 
+@pytest.mark.slow
 def test_test_loss_is_the_mean_cross_entropy_over_target_tokens(tiny_model, wikisql_lines):
     lines = texts(wikisql_lines)
     want, n = direct_loss(tiny_model.model, tiny_model.tokenizer, lines)
@@ -355,6 +356,7 @@ def test_test_loss_is_the_mean_cross_entropy_over_target_tokens(tiny_model, wiki
     assert masked.n_tokens < n / 2  # the answers (plus EOS) are the short part
 
 
+@pytest.mark.slow
 def test_test_loss_with_an_adapter_is_the_lora_models_loss(
     tiny_hf_model, tiny_model, wikisql_lines
 ):

@@ -90,6 +90,7 @@ def _config(tmp: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_reports_and_saves(tiny_hf_model, wikisql_slice, tmp_path, capsys):
     events: list[TrainerEvent] = []
     jsonl = tmp_path / "events.jsonl"
@@ -179,6 +180,7 @@ def straight_run(tiny_hf_model, short_qa, tmp_path_factory):
     return train(tiny_hf_model, short_qa, _resume_config(tmp))
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(tiny_hf_model, short_qa, straight_run, tmp_path):
     config = _resume_config(tmp_path)
     with pytest.raises(_Killed):
@@ -244,6 +246,7 @@ def test_grad_accumulation_trains_like_the_bigger_batch(tiny_hf_model, short_qa,
     _assert_same_grads(g_acc[1], g_big[1])
 
 
+@pytest.mark.slow
 def test_grad_checkpoint_gives_the_same_training(tiny_hf_model, short_qa, tmp_path):
     plain = _losses(tiny_hf_model, short_qa, tmp_path / "a")
     checkpointed = _losses(tiny_hf_model, short_qa, tmp_path / "b", grad_checkpoint=True)

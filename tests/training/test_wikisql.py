@@ -221,6 +221,7 @@ def mutations(query: Query, columns: tuple[str, ...]) -> dict[str, Query]:
     return found
 
 
+@pytest.mark.slow
 def test_obviously_wrong_predictions_are_judged_false(wikisql: list[str]) -> None:
     judged = 0
     for text in wikisql:

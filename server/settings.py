@@ -64,6 +64,11 @@ class Settings:
     max_loaded_adapters: int = _opt(8, "LoRA adapters resident in memory at once (LRU beyond)")
     max_lora_rank: int = _opt(64, "largest LoRA rank an adapter may have")
     max_concurrent_jobs: int = _opt(1, "fine-tune jobs this worker trains at the same time")
+    job_devices: int = _opt(
+        1,
+        "processes each fine-tune job trains on, data-parallel: above 1 the trainer starts under "
+        "mlx.launch (NCCL, one process per GPU, on CUDA; the ring backend elsewhere)",
+    )
     job_max_attempts: int = _opt(
         3,
         "runs in a row that may stop (lost worker, killed trainer) without saving a new "
@@ -120,6 +125,7 @@ class Settings:
             "max_num_seqs",
             "max_queue",
             "max_adapter_files",
+            "job_devices",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(_bad(name, getattr(self, name), "use 1 or more"))

@@ -36,20 +36,42 @@ _MEMORY_HINT = (
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Exit when the process that started this one exits, however it ends (kill -9 too)."""
-    if sys.platform.startswith("linux"):
+    """Exit when the worker that started this run exits, however it ends (kill -9 too).
+
+    The worker is the direct parent of a one-process run, and the grandparent of each rank of a
+    run under mlx.launch: ranks watch the worker's pid itself, not their parent's.
+    """
+    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills us when the parent dies
 
+    direct = os.getppid() == parent_pid
+
+    def alive() -> bool:
+        if direct:  # reparented the moment the worker exits, even before it is reaped
+            return os.getppid() == parent_pid
+        try:  # a rank: the worker is its grandparent
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's (not our own worker, but not dead)
+            return True
+        try:  # a killed worker nobody reaped yet is a zombie: as good as dead
+            stat = Path(f"/proc/{parent_pid}/stat").read_text()
+            return stat.rpartition(")")[2].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True  # no /proc (macOS): kill(0) said it exists
+
     def watch() -> None:
-        # Where prctl does not exist (macOS), and for a parent that died before prctl ran.
-        while os.getppid() == parent_pid:
+        # Where prctl does not exist (macOS), for ranks (their parent is the launcher), and for
+        # a worker that died before prctl ran.
+        while alive():
             time.sleep(1.0)
         os._exit(3)
 
-    if os.getppid() != parent_pid:
+    if not alive():
         os._exit(3)
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 

@@ -30,6 +30,7 @@ WORKER_SETTINGS = [
     "data_dir",
     "database_url",
     "max_concurrent_jobs",
+    "job_devices",
     "job_max_attempts",
     "job_retry_backoff_s",
     "max_lora_rank",
@@ -46,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "use the same --model/--data-dir as the server",
     )
     Settings.add_arguments(w, WORKER_SETTINGS)
+    w.add_argument(
+        "--devices",
+        dest="job_devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the same as --job-devices: processes (GPUs) each job trains on",
+    )
     w.set_defaults(run=run_worker, reports_blas=True)
 
     client = argparse.ArgumentParser(add_help=False)

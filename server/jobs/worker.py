@@ -312,14 +312,7 @@ class _JobRun(threading.Thread):
     # -- the child process ----------------------------------------------------------------------
     def _train(self, progress: RunProgress) -> int | None:
         """Run the trainer: its exit code, or None when this worker stopped it first."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlx_core.train",
-            str(self.dir / "spec.json"),
-            "--parent-pid",
-            str(os.getpid()),
-        ]
+        cmd = trainer_command(self.dir / "spec.json", os.getpid(), self.worker.settings.job_devices)
         with (self.dir / "train.log").open("ab") as out:
             # Own session: a Ctrl-C in the server's terminal reaches the worker, which decides.
             proc = subprocess.Popen(
@@ -347,6 +340,7 @@ class _JobRun(threading.Thread):
                     self._requeue(progress)
                     return None
                 if exited:
+                    _reap(proc)  # ranks of a launched run outlive a launcher that was killed
                     return proc.returncode
                 time.sleep(TICK_S)
         finally:
@@ -509,6 +503,58 @@ def _signal_text(number: int) -> str:
     if number == signal.SIGKILL:
         notes.append("often the system running out of memory")
     return f"was killed by signal {number}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+_LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
+
+
+def trainer_command(spec: Path, parent_pid: int, devices: int) -> list[str]:
+    """How a job's trainer is started: one process, or `devices` data-parallel ranks under MLX's
+    launcher (NCCL with one process per GPU on CUDA, the ring backend elsewhere). Every rank
+    watches `parent_pid` (the worker) and exits with it; only rank 0 writes events."""
+    trainer = [sys.executable, "-m", "mlx_core.train", str(spec), "--parent-pid", str(parent_pid)]
+    if devices == 1:
+        return trainer
+    import mlx.core as mx
+
+    backend = "nccl" if mx.default_device() == mx.gpu and sys.platform == "linux" else "ring"
+    ports = ["--starting-port", str(_free_ports(devices))] if backend == "ring" else []
+    # The `mlx.launch` console script's entry point, run by this interpreter: the script itself
+    # may not be on PATH, and its module has no __main__ guard (`python -m` would do nothing).
+    launcher = [sys.executable, "-c", _LAUNCH]
+    return [*launcher, "-n", str(devices), "--backend", backend, *ports, *trainer]
+
+
+def _free_ports(n: int) -> int:
+    """A first port of `n` consecutive free ones on localhost (the ring backend's ranks)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + n > 65535:
+            continue
+        try:
+            held = []
+            for port in range(first, first + n):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError("no run of free local ports for the ring backend; retry the job")
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    # The trainer runs in its own process group (start_new_session): whatever of it is left once
+    # its leader exited (a launched run's ranks) goes too, so no orphan keeps training.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _stop(proc: subprocess.Popen) -> None:

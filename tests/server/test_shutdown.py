@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.test_jobs_crash import free_port, loraforge
+from tests.jobs.test_jobs_crash import free_port, loraforge
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -40,7 +40,7 @@ from server.db import (
 from server.jobs.queue import RetryPolicy, claim_next_job, recover_lost_jobs, retry_stopped_run
 from server.jobs.worker import JobWorker
 from server.settings import Settings
-from tests.server.test_jobs import PROMPT, messages, process_running, wait_for_job, wikisql_file
+from tests.jobs.test_jobs import PROMPT, messages, process_running, wait_for_job, wikisql_file
 from tests.serving import start_model_server, start_server
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # starts servers and workers as processes

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from server.settings import Settings
-from tests.server.test_jobs import wait_for_job, wikisql_file
+from tests.jobs.test_jobs import wait_for_job, wikisql_file
 from tests.serving import start_model_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # real trainer processes

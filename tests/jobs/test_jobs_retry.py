@@ -25,8 +25,8 @@ from server.db import Database, FineTuningJob, JobEvent, now, upgrade_database
 from server.jobs.events import ingest_dead_run
 from server.jobs.queue import RetryPolicy, claim_next_job, recover_lost_jobs
 from server.settings import Settings, SettingsError
-from tests.server.test_jobs import messages, process_running, wait_for_job, wikisql_file
-from tests.server.test_jobs_crash import job_row, serve, trainer_pid, wait_until
+from tests.jobs.test_jobs import messages, process_running, wait_for_job, wikisql_file
+from tests.jobs.test_jobs_crash import job_row, serve, trainer_pid, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 FAST_RETRY = ("--job-retry-backoff-s", "0")

@@ -6,6 +6,11 @@ its own process (this script with --worker), so peak memory is per trainer and n
     python benchmarks/train.py --random-shapes 512,4,8,2,1408,32000 --iters 6      # tiny, CPU
     python benchmarks/train.py --random-7b --batch-size 4 --seq-len 512            # H200
     python benchmarks/train.py --model PATH --data ../shared/data/wikisql
+    python benchmarks/train.py --random-7b --batch-size 8 --launch 2 --no-mlx-lm   # two GPUs
+
+With --launch N our trainer also runs data-parallel on N processes (mlx.launch: NCCL on CUDA, the
+ring backend elsewhere) at the same global batch, and the output adds its tokens/s, the scaling
+over one process, and the largest difference between the two loss curves.
 
 Data: "random" is fixed batch-size x seq-len batches of random tokens (every position a target);
 a folder is tokenized once with our tokenizer and both trainers get the same token lists.
@@ -57,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the timing")
     p.add_argument("--no-mlx-lm", action="store_true", help="run only loraforge's trainer")
+    p.add_argument(
+        "--launch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run ours on N data-parallel processes (mlx.launch) at the same global batch",
+    )
     p.add_argument("--worker", choices=["loraforge", "mlx_lm"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -178,6 +190,8 @@ def run_loraforge(spec: dict) -> dict:
             steps.append(event)
 
     train(loaded, TrainData(rows), config, on_event=on_event)
+    if not steps:  # a rank other than 0 of a launched run: rank 0 reports for all
+        return {}
     timed = steps[spec["skip"] :] or steps
     return {
         "it_per_sec": statistics.median(e.it_per_sec for e in timed),
@@ -241,18 +255,14 @@ def run_mlx_lm(spec: dict) -> dict:
     }
 
 
-def _worker(kind: str, spec: dict) -> dict:
+def _worker(kind: str, spec: dict, ranks: int = 1) -> dict:
+    from mlx_core.train.launch import launch_command
+
     spec_file = Path(spec["out"] + ".spec.json")  # token lists are too long for a command line
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec))
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        kind,
-        "--spec",
-        str(spec_file),
-    ]
+    script = [sys.executable, str(Path(__file__).resolve()), "--worker", kind]
+    cmd = launch_command(ranks, [*script, "--spec", str(spec_file)])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -269,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.worker:
         spec = json.loads(Path(ns.spec).read_text())
         result = run_loraforge(spec) if ns.worker == "loraforge" else run_mlx_lm(spec)
-        print("RESULT " + json.dumps(result), flush=True)
+        if result:
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     import mlx.core as mx
 
@@ -297,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         theirs = (
             None if ns.no_mlx_lm else _worker("mlx_lm", {**spec, "out": str(Path(tmp) / "mlx_lm")})
         )
+        launched = (
+            _worker("loraforge", {**spec, "out": str(Path(tmp) / "launched")}, ns.launch)
+            if ns.launch > 1
+            else None
+        )
     out = {
         "benchmark": "train",
         "device": mx.default_device().type.name
@@ -320,11 +336,21 @@ def main(argv: list[str] | None = None) -> int:
                 "skip",
                 "dtype",
                 "pack",
+                "launch",
             )
         },
         "loraforge": ours,
         "mlx_lm": theirs,
     }
+    if launched is not None:
+        out[f"loraforge_{ns.launch}_processes"] = launched
+        if "error" not in ours and "error" not in launched:
+            out["scaling_tokens_per_sec"] = round(
+                launched["tokens_per_sec"] / ours["tokens_per_sec"], 3
+            )
+            out["loss_max_abs_diff"] = max(
+                abs(a - b) for a, b in zip(ours["losses"], launched["losses"], strict=True)
+            )
     if theirs and "error" not in ours and "error" not in theirs:
         out["speedup_tokens_per_sec"] = round(ours["tokens_per_sec"] / theirs["tokens_per_sec"], 3)
         out["peak_memory_ratio"] = round(ours["peak_memory_gb"] / theirs["peak_memory_gb"], 3)

@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from mlx_core.train.config import TrainSpec
 from mlx_core.train.events import DoneEvent, StartEvent
+from mlx_core.train.launch import launch_command
 from server.db import Database, FineTuningJob, UploadedFile, new_id, now
 from server.errors import APIError
 from server.jobs.events import (
@@ -505,47 +506,12 @@ def _signal_text(number: int) -> str:
     return f"was killed by signal {number}" + (f" ({', '.join(notes)})" if notes else "")
 
 
-_LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
-
-
 def trainer_command(spec: Path, parent_pid: int, devices: int) -> list[str]:
     """How a job's trainer is started: one process, or `devices` data-parallel ranks under MLX's
-    launcher (NCCL with one process per GPU on CUDA, the ring backend elsewhere). Every rank
-    watches `parent_pid` (the worker) and exits with it; only rank 0 writes events."""
+    launcher (mlx_core.train.launch). Every rank watches `parent_pid` (the worker) and exits with
+    it; only rank 0 writes events."""
     trainer = [sys.executable, "-m", "mlx_core.train", str(spec), "--parent-pid", str(parent_pid)]
-    if devices == 1:
-        return trainer
-    import mlx.core as mx
-
-    backend = "nccl" if mx.default_device() == mx.gpu and sys.platform == "linux" else "ring"
-    ports = ["--starting-port", str(_free_ports(devices))] if backend == "ring" else []
-    # The `mlx.launch` console script's entry point, run by this interpreter: the script itself
-    # may not be on PATH, and its module has no __main__ guard (`python -m` would do nothing).
-    launcher = [sys.executable, "-c", _LAUNCH]
-    return [*launcher, "-n", str(devices), "--backend", backend, *ports, *trainer]
-
-
-def _free_ports(n: int) -> int:
-    """A first port of `n` consecutive free ones on localhost (the ring backend's ranks)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first + n > 65535:
-            continue
-        try:
-            held = []
-            for port in range(first, first + n):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise RuntimeError("no run of free local ports for the ring backend; retry the job")
+    return launch_command(devices, trainer)
 
 
 def _reap(proc: subprocess.Popen) -> None:

@@ -16,13 +16,15 @@ from sqlglot.errors import ParseError
 from mlx_core.engine import GenerationRequest
 from mlx_core.eval.wikisql import SqlParseError, parse_query, to_sqlite
 from mlx_core.sampling import SamplingParams
-from mlx_core.structured import Constraint
-from mlx_core.structured.sql import TableSchema, schema_from_prompt, sqlite_grammar, wikisql_grammar
+from mlx_core.structured import ConstraintError
+from mlx_core.structured.sql import TableSchema, schema_from_prompt
 from server.adapters import AdapterRegistry
 from server.engine_client import EngineClient
 from server.errors import BadRequestError
 from server.schemas.common import PromptTokensDetails, Usage
 from server.schemas.sql import SqlRequest, SqlResponse
+from server.schemas.structured import SqlSchema
+from server.structured_outputs import sql_constraint
 
 MAX_SQL_TOKENS = 512
 
@@ -81,14 +83,16 @@ async def answer_sql(
     adapter = await registry.resolve(req.model, model.id)
     prompt = _prompt(tables, req.question)
     constraint = None
-    if req.constrained:
+    if req.constrained:  # the same grammar as `structured_outputs.sql` builds for this schema
         if single:
             table, columns = next(iter(tables.items()))
-            spans = req.question if req.values == "from_question" else None
-            grammar = wikisql_grammar(table, columns, values_from=spans)
+            spec = SqlSchema(table=table, columns=columns, values=req.values)
         else:
-            grammar = sqlite_grammar(tables)
-        constraint = Constraint("grammar", grammar)
+            spec = SqlSchema(dialect="sqlite", tables=tables)
+        try:
+            constraint = sql_constraint(spec, prompt)
+        except ConstraintError as e:
+            raise BadRequestError(str(e), param="schema") from None
     ids = engine.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, stop=("\n",))
     request = GenerationRequest(

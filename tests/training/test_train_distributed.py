@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from mlx_core.lora.formats import load_adapter
+from mlx_core.train.launch import free_ports
 from tests.training.test_train import _data_dir
 
 pytestmark = pytest.mark.slow  # starts other processes
@@ -32,22 +32,6 @@ def _launcher() -> list[str]:
         return [found]
     # The console script's target: mlx has no `python -m mlx.launch`.
     return [sys.executable, "-m", "mlx._distributed_utils.launch"]
-
-
-def _free_port_pair() -> int:
-    # The ring backend listens on port, port + 1, ... (one per rank): find two free in a row.
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
 def _spec(tmp: Path, model: Path, data: Path, name: str) -> tuple[Path, Path]:
@@ -97,7 +81,7 @@ def test_two_processes_train_like_one(tiny_hf_model, tmp_path):
         "--backend",
         "ring",
         "--starting-port",
-        str(_free_port_pair()),
+        str(free_ports(2)),
         sys.executable,
         "-m",
         "mlx_core.train",

@@ -25,6 +25,8 @@ from mlx_core.tokenizer import Tokenizer
 from tests.engine.test_structured import generate
 
 WIKISQL = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikisql" / "test.jsonl"
+if not WIKISQL.exists():  # a checkout outside the workspace: the shared copy, as other tests do
+    WIKISQL = Path("/work/shared/data/wikisql/test.jsonl")
 PROMPT = (
     "table: 1-10015132-16\n"
     "columns: Player, No., Nationality, Position, Years in Toronto, School/Club Team\n"

@@ -300,6 +300,11 @@ class Database:
         engine = make_engine(url)
         return cls(engine, sessionmaker(engine, expire_on_commit=False))
 
+    @property
+    def dialect(self) -> str:
+        """ "sqlite" or "postgresql" (the two databases the migrations are tested on)."""
+        return self.engine.dialect.name
+
     def run_sync(self, fn: Callable[[Session], T]) -> T:
         """`fn(session)` in one transaction: committed if it returns, rolled back if it raises."""
         with self.sessions.begin() as session:

@@ -353,8 +353,8 @@ class _JobRun(threading.Thread):
         events, offset = read_events(self.events, self._offset())
 
         def tick(session: Session) -> bool:
-            job = session.get(FineTuningJob, self.job.id)
-            if job is None or job.status != "running" or job.worker_id != self.worker.worker_id:
+            job = self._ours(session)
+            if job is None:
                 return False
             job.lease_expires_at, job.pid = now() + LEASE_S, pid
             for event in events:
@@ -412,7 +412,8 @@ class _JobRun(threading.Thread):
             )
 
     def _ours(self, session: Session) -> FineTuningJob | None:
-        job = session.get(FineTuningJob, self.job.id)
+        """The job, locked for this transaction, while it is still running under this worker."""
+        job = session.get(FineTuningJob, self.job.id, with_for_update=True)
         ours = job and job.status == "running" and job.worker_id == self.worker.worker_id
         return job if ours else None
 

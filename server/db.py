@@ -23,6 +23,7 @@ The schema changes only through the Alembic migrations in `migrations/` (`upgrad
 from __future__ import annotations
 
 import importlib
+import logging
 import secrets
 import sqlite3
 import threading
@@ -47,10 +48,12 @@ from sqlalchemy import (
     create_engine,
     event,
     make_url,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 T = TypeVar("T")
+log = logging.getLogger("loraforge.db")
 
 SQLITE_BUSY_TIMEOUT_S = 30
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
@@ -207,6 +210,10 @@ class Adapter(Base):
 def make_engine(url: str) -> Engine:
     """An Engine for `url`; SQLite files get WAL, busy_timeout, foreign keys, BEGIN IMMEDIATE."""
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
+        # A database that went away must fail /ready in seconds, not hang it (libpq's default
+        # is to wait forever).
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
@@ -304,6 +311,21 @@ class Database:
     def dialect(self) -> str:
         """ "sqlite" or "postgresql" (the two databases the migrations are tested on)."""
         return self.engine.dialect.name
+
+    def ping(self) -> str | None:
+        """None when a query reaches the database; else what failed and what to check (for
+        /ready). Blocking: call it in a worker thread."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+        except Exception as e:
+            log.warning("the database cannot be reached: %s", e)
+            return (
+                f"the {self.dialect} database cannot be reached ({type(e).__name__}): check "
+                "that it is running and that --database-url points at it (the server log has "
+                "the details)"
+            )
+        return None
 
     def run_sync(self, fn: Callable[[Session], T]) -> T:
         """`fn(session)` in one transaction: committed if it returns, rolled back if it raises."""

@@ -38,10 +38,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     Engine,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     UniqueConstraint,
@@ -59,6 +61,9 @@ SQLITE_BUSY_TIMEOUT_S = 30
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 JOB_APIS = ("fine_tuning", "fine-tunes")
 EVENT_LEVELS = ("info", "warn", "error")
+# Byte and token counts: 64 bits on PostgreSQL (INTEGER there stops at 2 GiB); SQLite's INTEGER
+# already has 64 (and the migrations leave it as it is).
+BigCount = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def now() -> int:
@@ -99,7 +104,7 @@ class UploadedFile(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("file"))
     filename: Mapped[str]
     purpose: Mapped[str] = mapped_column(String(32))
-    bytes: Mapped[int]
+    bytes: Mapped[int] = mapped_column(BigCount)
     path: Mapped[str]
     created_at: Mapped[int] = mapped_column(default=now)
     status: Mapped[str] = mapped_column(String(16), default="processed")
@@ -127,7 +132,7 @@ class FineTuningJob(Base):
     seed: Mapped[int]
     status: Mapped[str] = mapped_column(String(32), default="queued")
     fine_tuned_model: Mapped[str | None]
-    trained_tokens: Mapped[int | None]
+    trained_tokens: Mapped[int | None] = mapped_column(BigCount)
     # {"code", "message", "param"} as in OpenAI's job.error; None while nothing failed.
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[int] = mapped_column(default=now)
@@ -200,7 +205,7 @@ class Adapter(Base):
     targets: Mapped[list[str]]
     # sha256 of the weights: re-registering identical weights is a no-op, changed ones are not.
     fingerprint: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int]
+    size_bytes: Mapped[int] = mapped_column(BigCount)
     created_at: Mapped[int] = mapped_column(default=now)
     fine_tuning_job_id: Mapped[str | None] = mapped_column(
         ForeignKey("fine_tuning_jobs.id", ondelete="SET NULL")

@@ -12,7 +12,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from server.db import Base, Database, FineTuningJob, JobEvent, now, upgrade_database
+from server.db import (
+    Base,
+    Database,
+    FineTuningJob,
+    JobEvent,
+    UploadedFile,
+    now,
+    upgrade_database,
+)
 from server.jobs.queue import RetryPolicy, cancel_job, claim_next_job, recover_lost_jobs
 from tests.jobs.test_jobs_crash import CLAIMER, REPO
 
@@ -36,6 +44,9 @@ def test_migrations_from_empty_give_the_models_schema(pg_url):
         assert tables == {*Base.metadata.tables, "alembic_version"}
         assert drift == []  # the migrations build exactly what the models declare
         assert db.dialect == "postgresql"
+        big = UploadedFile(filename="big.jsonl", purpose="fine-tune", bytes=3 * 2**30, path="x")
+        db.run_sync(lambda s: s.add(big))  # past PostgreSQL's INTEGER: byte counts are BIGINT
+        assert db.run_sync(lambda s: s.get(UploadedFile, big.id)).bytes == 3 * 2**30
     finally:
         db.close()
 

@@ -58,6 +58,14 @@ T = TypeVar("T")
 log = logging.getLogger("loraforge.db")
 
 SQLITE_BUSY_TIMEOUT_S = 30
+PSYCOPG_CONNECT_ARGS = {
+    # A database that went away must fail /ready in seconds, not hang it (libpq's default is to
+    # wait forever).
+    "connect_timeout": 10,
+    # psycopg hands back bytes, not str, for text from a SQL_ASCII database (what initdb makes
+    # under the C locale unless told -E UTF8): ask for UTF-8 and every value is a str.
+    "client_encoding": "utf8",
+}
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 JOB_APIS = ("fine_tuning", "fine-tunes")
 EVENT_LEVELS = ("info", "warn", "error")
@@ -216,9 +224,7 @@ def make_engine(url: str) -> Engine:
     """An Engine for `url`; SQLite files get WAL, busy_timeout, foreign keys, BEGIN IMMEDIATE."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
-        # A database that went away must fail /ready in seconds, not hang it (libpq's default
-        # is to wait forever).
-        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        return create_engine(url, pool_pre_ping=True, connect_args=PSYCOPG_CONNECT_ARGS)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":

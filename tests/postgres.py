@@ -41,11 +41,14 @@ class Cluster:
         """The SQLAlchemy URL of `database` in this cluster (trust auth: no password)."""
         return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, name: str) -> str:
+    def create_database(self, name: str, encoding: str = "UTF8") -> str:
         """A fresh, empty database `name` (dropped first if a test left one); its URL."""
         with psycopg.connect(self.url().replace("+psycopg", ""), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(
+                f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' TEMPLATE template0 "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
         return self.url(name)
 
 

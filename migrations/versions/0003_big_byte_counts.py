@@ -20,8 +20,11 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-COLUMNS = (("files", "bytes", False), ("adapters", "size_bytes", False))
-COLUMNS += (("fine_tuning_jobs", "trained_tokens", True),)
+COLUMNS = (  # table, column, nullable
+    ("files", "bytes", False),
+    ("adapters", "size_bytes", False),
+    ("fine_tuning_jobs", "trained_tokens", True),
+)
 
 
 def upgrade() -> None:

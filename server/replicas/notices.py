@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import make_url, text
 from sqlalchemy.orm import Session
 
+from server.db import PSYCOPG_CONNECT_ARGS
+
 if TYPE_CHECKING:  # the postgres extra: imported only when a PostgreSQL URL is used
     import psycopg
 
@@ -49,9 +51,13 @@ class ChangeListener:
     def __init__(self, database_url: str, channels: Sequence[str]) -> None:
         url = make_url(database_url)
         self.channels = tuple(channels)
-        # libpq's own URI (no "+psycopg"), with the same user, password, host and options.
+        # libpq's own URI (no "+psycopg"), with the same user, password, host and options as
+        # the service's connections.
+        options = {name: str(value) for name, value in PSYCOPG_CONNECT_ARGS.items()}
         self._dsn = (
-            url.set(drivername="postgresql").render_as_string(hide_password=False)
+            url.set(drivername="postgresql")
+            .update_query_dict(options)
+            .render_as_string(hide_password=False)
             if url.get_backend_name() == "postgresql"
             else None
         )
@@ -86,7 +92,7 @@ class ChangeListener:
         import psycopg  # an optional dependency (the postgres extra): only PostgreSQL needs it
 
         try:
-            conn = psycopg.connect(self._dsn or "", autocommit=True, connect_timeout=5)
+            conn = psycopg.connect(self._dsn or "", autocommit=True)
             for channel in self.channels:
                 conn.execute(f'LISTEN "{channel}"')
         except psycopg.Error as e:

@@ -51,6 +51,18 @@ def test_migrations_from_empty_give_the_models_schema(pg_url):
         db.close()
 
 
+def test_a_sql_ascii_database_works_too(postgres):
+    """initdb under the C locale makes SQL_ASCII databases, whose text psycopg would return as
+    bytes: the service asks for UTF-8, so they work like any other."""
+    url = postgres.create_database("sql_ascii", encoding="SQL_ASCII")
+    upgrade_database(url)
+    db = Database.open(url)
+    row = UploadedFile(filename="données.jsonl", purpose="fine-tune", bytes=1, path="x")
+    db.run_sync(lambda s: s.add(row))
+    assert db.run_sync(lambda s: s.get(UploadedFile, row.id)).filename == "données.jsonl"
+    db.close()
+
+
 def test_replicas_starting_together_migrate_once(pg_url):
     procs = [
         subprocess.Popen(

@@ -31,7 +31,7 @@ from tests.jobs.test_jobs_crash import _events, free_port, loraforge, wait_until
 from tests.postgres import Cluster
 
 # Not `slow`: each test takes well under 30 s on a 2-core machine (the fleet starts once, ~6 s).
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SYNC_S = 2.0  # the promise: a change on one replica reaches the others this fast
 

@@ -180,6 +180,7 @@ class Engine:
         self._pending: list[tuple[SampleResult, list[_Sequence]]] = []
         self._aborted: set[str] = set()
         self._masks: MaskComputer | None = None  # built with the first constrained row
+        self._device_is_host = mx.default_device() == mx.cpu
 
     @property
     def vocab(self) -> Vocabulary:
@@ -450,14 +451,19 @@ class Engine:
         queued first (on the previous tokens still on the device), then the host reads those
         tokens, advances the matchers and has the next masks computed on the mask thread while it
         turns the tokens into text; the masked sampling is a small graph of its own."""
-        logits = None
-        if not self._all_done():
+        logits, pending = None, None
+        if not self._device_is_host and not self._all_done():
             logits = self._forward_pending()
             mx.async_eval(logits)  # the device runs the forward while the host does the rest
         taken = [t for result, seqs in self._pending for t in self._take(result, seqs, outs)]
-        pending = None
-        if logits is not None and not self._all_done():
+        if not self._all_done():
             pending = self._submit_masks(self.running)
+            if logits is None:
+                # MLX's CPU backend computes the graph inside async_eval (it lets only a few tasks
+                # be in flight), so there the forward overlaps the masks only when they are on
+                # the mask thread first; the tokens it waits for are ready by then anyway.
+                logits = self._forward_pending()
+                mx.async_eval(logits)
         outs.extend(self._emit(*t) for t in taken)
         # (No future: the constrained rows just ended, the others still sample.)
         masks = self._collect_masks(self.running, pending.result() if pending else None, outs)

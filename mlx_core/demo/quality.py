@@ -80,12 +80,16 @@ def sql_quality(
     examples: Sequence[str],
     batch_size: int = 64,
     chat: bool = False,
+    prompt_suffix: str = "",
 ) -> SqlQuality:
     """Execution/exact accuracy and stop rate of greedy SQL for WikiSQL-format examples,
-    prompted as text ("...\nA:") or, with `chat`, through the chat template."""
+    prompted as text ("...\nA:" + `prompt_suffix`, say " ") or, with `chat`, through the chat
+    template."""
     if not examples:
         raise ValueError("no examples to evaluate: pass WikiSQL-format texts with their answers")
-    prompts = [chat_prompt(tokenizer, e) if chat else prompt_of(e) for e in examples]
+    prompts = [
+        chat_prompt(tokenizer, e) if chat else prompt_of(e) + prompt_suffix for e in examples
+    ]
     completions = complete(model, tokenizer, prompts, batch_size=batch_size)
     executed = exact = 0
     for text, done in zip(examples, completions, strict=True):

@@ -395,8 +395,8 @@ def test_demo_data_writes_splits_that_share_no_table(tmp_path, capsys):
         "10",
         "--n-test",
         "12",
-        "--domains",
-        "films,schools",
+        "--part",
+        "french",
         "--seed",
         "3",
     )
@@ -445,9 +445,9 @@ def test_demo_data_puts_chat_lines_in_their_own_files(tmp_path, tiny_hf_model, c
     assert not sample["prompt"].endswith("A:") and sample["gold"].startswith("SELECT ")
 
 
-def test_demo_data_refuses_an_unknown_domain(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "demo-data", "--out", str(tmp_path / "x"), "--domains", "nope")
-    assert code == 2 and "unknown domain 'nope'" in err and "choose from" in err
+def test_demo_data_refuses_an_unknown_part(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "demo-data", "--out", str(tmp_path / "x"), "--part", "nope")
+    assert code == 2 and "invalid choice: 'nope'" in err and "french" in err
 
 
 def test_missing_split_names_the_ones_there(tiny_hf_model, wikisql_lines, capsys):

@@ -55,6 +55,20 @@ class Vocabulary:
 class Column:
     name: str
     kind: str  # TEXT or NUMBER: what its values look like, and so which questions it allows
+    typed: str | None = None  # a key of TYPED: the name says what its values are
+
+
+# WikiSQL's questions often leave the condition's column unsaid ("Where was Assen held?": the
+# Circuit); the value's kind points to it. Columns named for a kind hold values of that kind, so
+# such questions can be answered by a column whose name says people, places, dates or scores.
+TYPED: dict[str, tuple[str, ...]] = {
+    "person": ("player", "name", "driver", "winner", "artist", "director", "coach", "candidate",
+               "incumbent", "captain", "opponent", "race winner", "pole position", "author"),
+    "place": ("venue", "city", "location", "circuit", "hometown", "country", "nationality",
+              "birthplace", "home ground", "destination"),
+    "date": ("date", "air date", "release date", "original air date", "opened", "founded date"),
+    "score": ("score", "result", "final score", "record"),
+}  # fmt: skip
 
 
 # -- case -------------------------------------------------------------------------------------
@@ -150,11 +164,16 @@ def table_columns(rng: random.Random, v: Vocabulary) -> list[Column]:
     """3-10 columns with distinct names (case-insensitively), about 40 % of them numeric."""
     n = rng.choices(range(3, 11), weights=(6, 10, 12, 10, 8, 6, 4, 3))[0]
     chosen: dict[str, Column] = {}
+    for kind in rng.sample(list(TYPED), rng.choices((0, 1, 2), (45, 40, 15))[0]):
+        name = styled(rng.choice(TYPED[kind]), rng)
+        chosen[name.lower()] = Column(name, TEXT, kind)
     while len(chosen) < n:
         name = column_name(rng, v)
         if _clean(name) and name.lower() not in chosen:
             chosen[name.lower()] = Column(name, NUMBER if rng.random() < 0.4 else TEXT)
-    return list(chosen.values())
+    columns = list(chosen.values())
+    rng.shuffle(columns)
+    return columns
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -185,9 +204,13 @@ def date(rng: random.Random) -> str:
     return f"{month} {day}, {year}"  # WikiSQL's lower-cased questions
 
 
-def text_value(rng: random.Random, v: Vocabulary) -> str:
-    """A text value of some kind: a person, place, date, score, code, phrase or made-up name."""
+def text_value(rng: random.Random, v: Vocabulary, typed: str | None = None) -> str:
+    """A text value of some kind: a person, place, date, score, code, phrase or made-up name;
+    of the `typed` kind (a key of TYPED) when given."""
+    typed_kinds = {"person": 0, "place": 1, "date": 2, "score": 3}
     kind = rng.choices(range(10), weights=(18, 14, 10, 8, 8, 10, 10, 8, 8, 6))[0]
+    if typed is not None:
+        kind = typed_kinds[typed]
     if kind == 0:
         return person(rng, v)
     if kind == 1:

@@ -25,6 +25,10 @@ class Phrasing:
     greater: tuple[str, ...]
     less: tuple[str, ...]
     joiners: tuple[str, ...]  # between two conditions
+    # The condition's column unsaid: "{x}" the value alone (its column is the one named for
+    # the value's kind); plain and COUNT questions.
+    implicit: tuple[str, ...] = ()
+    implicit_count: tuple[str, ...] = ()
 
 
 # fmt: off
@@ -87,10 +91,20 @@ _LESS = (
 _LESS_HELD = ("{p} not reaching {x}", "{p} short of {x}")
 _JOINERS = (" and ", " and ", " and the ", ", and ", " and when ", " with ")
 _JOINERS_HELD = (" as well as ", " plus ")
+_IMPLICIT = (
+    "what is the {s} of {x}", "what was the {s} for {x}", "what {s} did {x} have",
+    "name the {s} for {x}", "tell me the {s} of {x}", "which {s} has {x}",
+    "what is the {s} for {x}", "what {s} is {x}", "what was the {s} of {x}",
+    "what {s} was {x} in", "give the {s} for {x}",
+)
+_IMPLICIT_COUNT = (
+    "how many {s} did {x} have", "how many {s} for {x}", "what is the number of {s} for {x}",
+    "how many {s} have {x}", "how many different {s} does {x} have",
+)
 
 TRAIN = Phrasing(
     _SELECT, _COUNT, _AGGREGATE, _NO_CONDITION, _COUNT_ALL, _AGG_WORDS, _EQUALS, _GREATER,
-    _LESS, _JOINERS,
+    _LESS, _JOINERS, _IMPLICIT, _IMPLICIT_COUNT,
 )
 # Held out: every question takes a held-out template; its conditions mostly held-out forms.
 HELD_OUT = Phrasing(

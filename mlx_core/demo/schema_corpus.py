@@ -90,7 +90,7 @@ def _conditions(
             # WikiSQL quotes the numbers it compares with "=" and leaves the others bare
             conditions.append(Condition(column.name, op, show(value) if op == "=" else value))
         else:
-            conditions.append(Condition(column.name, "=", text_value(rng, v)))
+            conditions.append(Condition(column.name, "=", text_value(rng, v, column.typed)))
     return conditions
 
 
@@ -109,6 +109,12 @@ def _condition_text(cond: Condition, table: Table, style: Phrasing, rng: random.
     forms = {"=": style.equals, ">": style.greater, "<": style.less}[cond.op]
     template = rng.choice(forms)
     return template.replace("{p}", said(cond.column, table, rng)).replace("{x}", show(cond.value))
+
+
+def _unsaid(cond: Condition, table: Table) -> bool:
+    """Whether the condition's column may go unsaid: the one column named for its value's kind."""
+    typed = next(c.typed for c in table.columns if c.name == cond.column)
+    return typed is not None and sum(c.typed == typed for c in table.columns) == 1
 
 
 def question(table: Table, v: Vocabulary, style: Phrasing, rng: random.Random) -> tuple[str, Query]:
@@ -130,6 +136,10 @@ def question(table: Table, v: Vocabulary, style: Phrasing, rng: random.Random) -
         templates = {None: style.select, "COUNT": style.count}.get(agg, style.aggregate)
         template = rng.choice(templates)
     c = rng.choice(style.joiners).join(_condition_text(k, table, style, rng) for k in conditions)
+    implicit = {None: style.implicit, "COUNT": style.implicit_count}.get(agg, ())
+    if implicit and len(conditions) == 1 and _unsaid(conditions[0], table) and rng.random() < 0.5:
+        template, c = rng.choice(implicit), show(conditions[0].value)
+        template = template.replace("{x}", "{c}")
     text = template.replace("{s}", s).replace("{a}", a).replace("{c}", c)
     text = re.sub(r" {2,}", " ", text).strip()
     # WikiSQL's questions are typed every which way: capitalised or not, with "?" or without.

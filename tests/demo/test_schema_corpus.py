@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_core.demo.columns import Vocabulary, show
+from mlx_core.demo.columns import TYPED, Vocabulary, show
 from mlx_core.demo.phrasings import HELD_OUT, TRAIN
 from mlx_core.demo.schema_corpus import HELD_OUT_FRACTION, PARTS, generate_examples, write_dataset
 from mlx_core.demo.wikisql_mix import copy_values
@@ -79,8 +79,10 @@ def test_held_out_words_never_reach_the_training_part() -> None:
     def words(texts: Iterable[str]) -> set[str]:
         return {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
 
-    # words only held-out entries have, less the decorations any name may take ("of", "No.")
-    held_words = words(held.words) - words(train.words) - words([*CONNECTORS, *UNITS, "no"])
+    # words only held-out entries have, less what any table may have: decorations ("of",
+    # "No.") and the names of typed columns ("Date", "Venue")
+    shared = [*CONNECTORS, *UNITS, "no", *(n for names in TYPED.values() for n in names)]
+    held_words = words(held.words) - words(train.words) - words(shared)
     train_names = {
         c.lower() for t in generate_examples(N, seed=0) for c in parse_example(t).columns
     }
@@ -125,3 +127,19 @@ def test_wikisql_values_are_respelled_as_the_question_writes_them() -> None:
     assert copy_values(text).endswith("WHERE Current slogan = 'South Australia'")
     unchanged = text.replace("for South Australia", "for the south")
     assert copy_values(unchanged) == unchanged
+
+
+def test_a_column_goes_unsaid_only_when_its_name_says_the_value_kind() -> None:
+    """ "how many border brindgea for Phoenix" -> WHERE Hometown = 'Phoenix', as WikiSQL asks."""
+    unsaid = 0
+    for text in generate_examples(N, seed=0):
+        e = parse_example(text)
+        assert e.answer is not None
+        q = parse_query(e.answer, e.columns, e.table)
+        if len(q.conditions) != 1:
+            continue
+        column = q.conditions[0].column.lower()
+        if not any(part in e.question.lower() for part in column.replace("/", " ").split()):
+            unsaid += 1
+            assert any(column == n for names in TYPED.values() for n in names), text
+    assert unsaid > 0.03 * N

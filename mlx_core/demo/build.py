@@ -88,6 +88,7 @@ class BuildConfig:
     # /v1/chat/completions works) and with the prompt ending "A: " (as many clients send it).
     chat_fraction: float = 0.25
     space_fraction: float = 0.25
+    question_loss: bool = True  # the "A:" examples learn their question too (training_set.py)
     dtype: str = (
         "f32"  # shipped in fp32: on a Linux CPU only fp32 matmuls get a fast BLAS (cpu_blas.py)
     )
@@ -192,7 +193,10 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
 
     max_len = config.pretrain.max_seq_len
     shapes = (config.chat_fraction, config.space_fraction)
-    train_set = training_examples(train_texts, tokenizer, max_len, *shapes, config.seed)
+    train_set = training_examples(
+        train_texts, tokenizer, max_len, *shapes, config.seed, config.question_loss
+    )
+    # valid loss: the answers alone, the number that says how well SQL is written
     valid_set = training_examples(valid_texts, tokenizer, max_len, *shapes, config.seed + 1)
     n_tokens = sum(len(e.tokens) for e in train_set)
     log(f"tokenized: {n_tokens} training tokens ({n_tokens / len(train_set):.1f} per example)")
@@ -200,7 +204,7 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
     args = config.model.args(tokenizer.vocab_size)
     # What the checkpoints depend on (pretrain() adds its own config and the model's shape).
     identity = {
-        "corpus": [config.seed, config.n_train, wikisql_note, *shapes],
+        "corpus": [config.seed, config.n_train, wikisql_note, *shapes, config.question_loss],
         "tokenizer_sha256": _sha256(tok_path),
     }
     held = config.seed + 1  # held-out sets: other tables than the training stream's

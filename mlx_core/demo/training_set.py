@@ -3,7 +3,7 @@
 A text prompt ending "A:" (the WikiSQL seed format), one ending "A: " (a lone-space piece, as
 many clients type it), and a chat (the Mistral template, for /v1/chat/completions). The loss is
 on the SQL answer and its EOS only: predicting random table ids and values in the prompt teaches
-nothing, and the answer is what the model is for.
+nothing, and the answer is what the model is for (the question may be learned too).
 """
 
 from __future__ import annotations
@@ -23,9 +23,15 @@ def training_examples(
     chat_fraction: float,
     space_fraction: float,
     seed: int,
+    question_loss: bool = False,
 ) -> list[TokenizedExample]:
     """`texts` tokenized, a `chat_fraction` share as chats and a `space_fraction` share with
-    the prompt ending "A: " (chosen by `seed`), the rest ending "A:"."""
+    the prompt ending "A: " (chosen by `seed`), the rest ending "A:".
+
+    With `question_loss`, the "A:" examples learn their question as well as the answer: a
+    question names its columns as the header spells them, so predicting it is copying practice
+    from the first steps on (the answer alone gives a fresh model few tokens to learn that from).
+    """
     chooser = random.Random(f"prompt-shapes:{seed}")
     examples: list[Example] = []
     spaced: list[TokenizedExample] = []
@@ -43,6 +49,9 @@ def training_examples(
                 raise ValueError(f"an example of {len(ids) + len(answer)} tokens: {text[:80]!r}")
             mask = (False,) * len(ids) + (True,) * len(answer)
             spaced.append(TokenizedExample(tuple(ids + answer), mask))
+        elif question_loss:
+            header, _, asked = prompt.partition("\nQ:")
+            examples.append(PromptCompletionExample(header + "\nQ:", f"{asked}\nA: {sql}"))
         else:
             examples.append(PromptCompletionExample(prompt + "\nA:", " " + sql))
     tokenized, report = tokenize_examples(examples, tokenizer, max_seq_len, mask_prompt=True)

@@ -446,8 +446,10 @@ def test_demo_data_puts_chat_lines_in_their_own_files(tmp_path, tiny_hf_model, c
 
 
 def test_demo_data_refuses_an_unknown_part(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "demo-data", "--out", str(tmp_path / "x"), "--part", "nope")
-    assert code == 2 and "invalid choice: 'nope'" in err and "french" in err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["demo-data", "--out", str(tmp_path / "x"), "--part", "mountains"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice: 'mountains'" in err and "french" in err
 
 
 def test_missing_split_names_the_ones_there(tiny_hf_model, wikisql_lines, capsys):

@@ -108,7 +108,7 @@ class BuildConfig:
     )
 
 
-# A CPU check of the whole build in ~15 minutes on 2 cores: a 4-layer model on a smaller corpus.
+# A CPU check of the whole build, 25-40 minutes on 2 busy cores: a 4-layer model, fewer steps.
 SMOKE = {
     "n_train": 60_000,
     "n_test": 300,
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="a small model and run for checking the build on a CPU in ~15 minutes "
+        help="a small model and run for checking the build on a CPU in 25-40 minutes "
         "(explicit flags still win); never ship its assets",
     )
     p.add_argument("--steps", type=int, default=None)

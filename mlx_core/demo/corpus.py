@@ -23,6 +23,7 @@ from mlx_core.demo.domains import (
     ColumnSpec,
     Domain,
 )
+from mlx_core.demo.schema_corpus import to_chat
 from mlx_core.eval.wikisql import Condition, Query, to_wikisql
 
 DOMAINS: tuple[str, ...] = tuple(d.name for d in DOMAINS_DATA)
@@ -299,17 +300,6 @@ def generate_examples(
 ) -> list[str]:
     """``n`` examples in the seed format ``table: ...\\ncolumns: ...\\nQ: ...\\nA: SELECT ...``."""
     return _take(_stream(seed, domains, exclude_domains), n)
-
-
-def to_chat(example: str) -> dict[str, list[dict[str, str]]]:
-    """An example as a chat: the user sends table, columns and question; the assistant the SQL."""
-    prompt, _, sql = example.rpartition("\nA: ")
-    return {
-        "messages": [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": sql},
-        ]
-    }
 
 
 def generate_chat_examples(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mlx_core.demo.corpus import to_chat
+from mlx_core.demo.schema_corpus import to_chat
 from mlx_core.engine import Engine, GenerationRequest
 from mlx_core.eval.sql_scoring import execution_match
 from mlx_core.eval.wikisql import exact_match, parse_example, prompt_of

@@ -31,7 +31,6 @@ from mlx_core.demo.columns import (
     table_id,
     text_value,
 )
-from mlx_core.demo.corpus import to_chat
 from mlx_core.demo.phrasings import STYLES, Phrasing
 from mlx_core.eval.wikisql import Condition, Query, to_wikisql
 
@@ -192,6 +191,17 @@ def _take(tables: Iterator[list[str]], n: int) -> list[str]:
 def generate_examples(n: int, seed: int, part: str = "train") -> list[str]:
     """`n` examples of `part` in the seed format ``table: ...\\ncolumns: ...\\nQ: ...\\nA: ...``."""
     return _take(_stream(seed, part), n)
+
+
+def to_chat(example: str) -> dict[str, list[dict[str, str]]]:
+    """An example as a chat: the user sends table, columns and question; the assistant the SQL."""
+    prompt, _, sql = example.rpartition("\nA: ")
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": sql},
+        ]
+    }
 
 
 def write_dataset(

@@ -12,7 +12,7 @@ import random
 
 from mlx_core.data.batches import TokenizedExample, tokenize_examples
 from mlx_core.data.formats import Example, PromptCompletionExample, parse_example
-from mlx_core.demo.corpus import to_chat
+from mlx_core.demo.schema_corpus import to_chat
 from mlx_core.tokenizer import Tokenizer
 
 

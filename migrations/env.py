@@ -10,10 +10,13 @@ against a database upgraded to head, then review the generated file by hand.
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from server.db import Base, make_engine
 
 config = context.config
+# Any fixed number: the PostgreSQL advisory lock every loraforge process takes to migrate.
+MIGRATION_LOCK_KEY = 0x6C6F7261  # "lora"
 
 
 def _database_url() -> str:
@@ -41,7 +44,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     # make_engine gives SQLite its BEGIN IMMEDIATE transactions, which make DDL transactional:
     # tell Alembic so (its SQLite default assumes the driver's autocommitting DDL), and a
-    # failed migration leaves the database as it was.
+    # failed migration leaves the database as it was. PostgreSQL's DDL is transactional anyway.
     engine = make_engine(_database_url())
     try:
         with engine.connect() as connection:
@@ -54,6 +57,13 @@ def run_migrations_online() -> None:
                 transactional_ddl=True,
             )
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Replicas starting together migrate one at a time: the others wait here,
+                    # then read the version table after the first committed and find nothing
+                    # to do (on SQLite, BEGIN IMMEDIATE does the same). Released at commit.
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                    )
                 context.run_migrations()
     finally:
         engine.dispose()

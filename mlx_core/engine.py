@@ -5,8 +5,9 @@ and `call` (all thread-safe). A step launches the next batched decode before it 
 tokens of the previous one, so Python's work overlaps the accelerator's (MLX evaluates lazily).
 Rows that finished in the meantime are dropped afterwards; their extra token is discarded.
 While a row has an active output constraint (mlx_core/structured) the step splits instead: it
-launches the forward, reads back the previous tokens to advance the matchers, computes the next
-masks while the device runs, then samples; batches without one keep the pipelined path.
+launches the forward, reads back the previous tokens to advance the matchers, has the next masks
+computed on the mask thread while it detokenizes and the device runs, then samples in a small
+graph of its own; batches without one keep the pipelined path.
 
 A failure that belongs to one row (its sampler, its adapter, its constraint) ends that row alone
 with finish_reason "error" and the exception in `GenerationOutput.error`; a failing prefill ends
@@ -35,6 +36,7 @@ from mlx_core.sampling import RowSampler, SampleResult, SamplingParams, StopMatc
 from mlx_core.structured import (
     Constraint,
     HealingMatcher,
+    MaskBatch,
     MaskComputer,
     PrefixStripper,
     RowMatcher,
@@ -178,6 +180,7 @@ class Engine:
         self._pending: list[tuple[SampleResult, list[_Sequence]]] = []
         self._aborted: set[str] = set()
         self._masks: MaskComputer | None = None  # built with the first constrained row
+        self._device_is_host = mx.default_device() == mx.cpu
 
     @property
     def vocab(self) -> Vocabulary:
@@ -444,47 +447,75 @@ class Engine:
     def _constrained_decode(
         self, outs: list[GenerationOutput]
     ) -> tuple[SampleResult, list[_Sequence]] | None:
-        """A decode step that needs the previous tokens on the host before it can sample."""
-        logits = None
-        if not self._all_done():
+        """A decode step whose sampling needs masks from the previous tokens: the forward is
+        queued first (on the previous tokens still on the device), then the host reads those
+        tokens, advances the matchers and has the next masks computed on the mask thread while it
+        turns the tokens into text; the masked sampling is a small graph of its own."""
+        logits, pending = None, None
+        if not self._device_is_host and not self._all_done():
             logits = self._forward_pending()
             mx.async_eval(logits)  # the device runs the forward while the host does the rest
-        for result, seqs in self._pending:
-            outs.extend(self._resolve(result, seqs))  # advances the matchers
-        if logits is None or self._all_done():
+        taken = [t for result, seqs in self._pending for t in self._take(result, seqs, outs)]
+        if not self._all_done():
+            pending = self._submit_masks(self.running)
+            if logits is None:
+                # MLX's CPU backend computes the graph inside async_eval (it lets only a few tasks
+                # be in flight), so there the forward overlaps the masks only when they are on
+                # the mask thread first; the tokens it waits for are ready by then anyway.
+                logits = self._forward_pending()
+                mx.async_eval(logits)
+        outs.extend(self._emit(*t) for t in taken)
+        # (No future: the constrained rows just ended, the others still sample.)
+        masks = self._collect_masks(self.running, pending.result() if pending else None, outs)
+        if logits is None or self._all_done():  # stop strings, failed matchers ended every row
             return None
-        masks = self._compute_masks(self.running, outs)
         result = sample(logits, [s.sampler for s in self.running], masks)
         mx.async_eval(_arrays(result))
         return result, list(self.running)
 
-    def _compute_masks(
-        self, seqs: Sequence[_Sequence], outs: list[GenerationOutput]
-    ) -> TokenMasks | None:
+    def _submit_masks(self, seqs: Sequence[_Sequence]) -> Future[MaskBatch] | None:
+        """The next masks of `seqs`, computed on the mask thread; None when none is constrained.
+        Their constraints must not be touched until the future is done."""
         rows = [s.constraint if s.constrained else None for s in seqs]
         if not any(rows):
             return None
         if self._masks is None:
             self._masks = MaskComputer(self.vocab)
-        try:
-            return self._masks.compute(rows)
-        except Exception:  # find the rows whose matcher fails, end them, mask the others
-            for i, row in enumerate(rows):
-                if row is None:
-                    continue
-                try:
-                    self._masks.compute([row])
-                except Exception as e:
-                    outs.append(self._fail(seqs[i], e))
-                    rows[i] = None  # sampled unmasked this once; the token is discarded
-            return self._masks.compute(rows)
+        if sum(r is not None for r in rows) > 1:
+            return self._masks.submit(rows)
+        # One row's mask takes ~0.1 ms, less than handing it to the mask thread and back.
+        done: Future[MaskBatch] = Future()
+        done.set_result(self._masks.compute_isolated(rows))
+        return done
+
+    def _collect_masks(
+        self, seqs: Sequence[_Sequence], batch: MaskBatch | None, outs: list[GenerationOutput]
+    ) -> TokenMasks | None:
+        """The masks of `batch`, ending the rows whose matcher failed (they are sampled unmasked
+        this once; the token is discarded)."""
+        if batch is None:
+            return None
+        for i, error in batch.failed.items():
+            if not seqs[i].finish:
+                outs.append(self._fail(seqs[i], error))
+        return batch.masks
 
     def _resolve(self, result: SampleResult, seqs: list[_Sequence]) -> list[GenerationOutput]:
+        outs: list[GenerationOutput] = []
+        taken = self._take(result, seqs, outs)
+        outs.extend(self._emit(*t) for t in taken)
+        return outs
+
+    def _take(
+        self, result: SampleResult, seqs: list[_Sequence], outs: list[GenerationOutput]
+    ) -> list[tuple[_Sequence, int, list[TokenLogprob] | None, str | None]]:
+        """Read a step's tokens (waits for the device) and advance each live row by its token:
+        (row, token, logprobs, why it ends) for `_emit`. A row whose constraint raises ends here."""
         tokens = _host(result.tokens)
         chosen = _host(result.logprobs) if result.logprobs is not None else None
         top_ids = _host(result.top_ids) if result.top_ids is not None else None
         top_vals = _host(result.top_logprobs) if result.top_logprobs is not None else None
-        outs = []
+        taken = []
         for i, seq in enumerate(seqs):
             if seq.finish:
                 continue
@@ -497,33 +528,49 @@ class Engine:
                 )
                 lp = [TokenLogprob(tok, chosen[i], top)]
             try:
-                outs.append(self._accept(seq, tok, lp))
-            except Exception as e:  # its stop rules or constraint: end this row only
+                taken.append((seq, tok, lp, self._advance(seq, tok)))
+            except Exception as e:  # its constraint: end this row only
                 outs.append(self._fail(seq, e))
-        return outs
+        return taken
 
-    def _accept(self, seq: _Sequence, tok: int, lp: list[TokenLogprob] | None) -> GenerationOutput:
+    def _advance(self, seq: _Sequence, tok: int) -> str | None:
+        """Take `tok` into the row's state: "eos", "stop" (its matcher is done), "length", or None
+        while it goes on. A row that ends is marked finished now, so no mask is computed for it."""
         seq.generated.append(tok)
         seq.sampler.observe(tok)
         p = seq.req.params
         if tok == self.tokenizer.eos_id and not p.ignore_eos:
-            text = seq.stop.feed(self._text(seq, seq.detok.flush()))[0] + seq.stop.flush()
             seq.finish = "stop"
-            return self._output(seq, text, [tok], lp, "stop")
+            return "eos"
         # A matcher that allows nothing but EOS next has nothing more to say: end now. (It cannot
         # refuse a token sampled under its mask; if it ever did, ending beats emitting bad text.)
-        ended = False
+        end = None
         if seq.constraint is not None:
-            ended = not seq.constraint.advance(tok) or seq.constraint.is_stopped()
-            if not ended and not seq.constraint.active:
+            if not seq.constraint.advance(tok) or seq.constraint.is_stopped():
+                end = "stop"
+            elif not seq.constraint.active:
                 seq.constraint = None  # a spelled-out healing prefix: the row is free again
-        text, hit = seq.stop.feed(self._text(seq, seq.detok.add(tok)))
-        if hit:
-            seq.finish = "stop"
-        elif ended or len(seq.generated) >= p.max_tokens or seq.length >= self.max_model_len:
-            text += seq.stop.feed(self._text(seq, seq.detok.flush()))[0] + seq.stop.flush()
-            seq.finish = "stop" if ended else "length"
-        return self._output(seq, text, [tok], lp, seq.finish)
+        if end is None and (len(seq.generated) >= p.max_tokens or seq.length >= self.max_model_len):
+            end = "length"
+        seq.finish = end
+        return end
+
+    def _emit(
+        self, seq: _Sequence, tok: int, lp: list[TokenLogprob] | None, end: str | None
+    ) -> GenerationOutput:
+        """The text `tok` adds to the row (detokenized, cut at a stop string), as an output."""
+        try:
+            if end == "eos":
+                text = seq.stop.feed(self._text(seq, seq.detok.flush()))[0] + seq.stop.flush()
+                return self._output(seq, text, [tok], lp, "stop")
+            text, hit = seq.stop.feed(self._text(seq, seq.detok.add(tok)))
+            if hit:
+                seq.finish = "stop"
+            elif end is not None:
+                text += seq.stop.feed(self._text(seq, seq.detok.flush()))[0] + seq.stop.flush()
+            return self._output(seq, text, [tok], lp, seq.finish)
+        except Exception as e:  # its stop rules or detokenizer: end this row only
+            return self._fail(seq, e)
 
     @staticmethod
     def _text(seq: _Sequence, text: str) -> str:
@@ -666,7 +713,8 @@ class Engine:
         self.prefilling.pop(0)
         if any(s.constrained for s in job.seqs):
             mx.async_eval(logits)  # the device runs the prompt while the host builds masks
-        masks = self._compute_masks(job.seqs, outs)
+        pending = self._submit_masks(job.seqs)
+        masks = self._collect_masks(job.seqs, pending.result() if pending else None, outs)
         result = sample(logits[:, -1, :], [s.sampler for s in job.seqs], masks)
         mx.async_eval(_arrays(result))
         for row, seq in enumerate(job.seqs):

@@ -3,8 +3,11 @@
 An adapter is registered from a folder inside the data dir or from an uploaded archive; either
 way it is read with `mlx_core.lora.formats.load_adapter` (ours, mlx-lm, PEFT, the seed's npz),
 checked against the base model's shapes and stored once, in our format, under
-`<data_dir>/adapters/<id>/`. Requests name adapters only by registered name: a path in a
-completion request is never read. `server.adapter_sources` makes both sources safe to read (no
+`<data_dir>/adapters/<id>/`: written under a temporary name and renamed once complete
+(`server.replicas.storage`), so a replica sharing the data dir never reads half an adapter.
+Requests name adapters only by registered name: a path in a completion request is never read.
+Every change notifies the other replicas (`server.replicas.notices`), whose `AdapterSync` drops
+their resident copy of an adapter deleted or replaced here. `server.adapter_sources` makes both sources safe to read (no
 links, no escaping the data dir, no decompression bombs), in worker threads.
 
 The registry reaches the base model through a `BaseModelHost`: the server's `EngineClient`
@@ -25,6 +28,7 @@ from typing import Protocol, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mlx_core.config import load_config
@@ -36,6 +40,8 @@ from server.adapter_sources import MAX_EXPANSION, adapter_folder, client_message
 from server.db import Database
 from server.engine_client import ModelInfo
 from server.errors import BadRequestError, ConflictError, NotFoundError
+from server.replicas.notices import ADAPTERS_CHANNEL, notify
+from server.replicas.storage import publish_folder, remove_folder, temp_name
 from server.settings import Settings
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -218,12 +224,7 @@ class AdapterRegistry:
     ) -> AdapterInfo:
         _check_name(name, allow_ft=job_id is not None)
         if not replace and await self.get(name) is not None:
-            raise ConflictError(
-                f"an adapter named {name!r} is already registered: delete it first "
-                "(DELETE /v1/adapters/{name}) or pick another name",
-                param="name",
-                code="adapter_exists",
-            )
+            raise _name_taken(name)
         host = self.host
         model = host.model if host is not None else None
         if host is None or model is None:
@@ -233,7 +234,13 @@ class AdapterRegistry:
         # MLX work (reading, checking, writing the weights) runs where the model's other MLX
         # work runs: on the engine thread, when this process has one.
         base = shown or self.settings.data_dir
-        adapter = await host.run_mlx(lambda: self._store(src, dest, model, param, base))
+        # Written under a temporary name, then renamed: whoever sees adapters/<id> sees it whole.
+        tmp = temp_name(dest)
+        try:
+            adapter = await host.run_mlx(lambda: self._store(src, tmp, model, param, base))
+            await anyio.to_thread.run_sync(publish_folder, tmp, dest)
+        finally:
+            await anyio.to_thread.run_sync(shutil.rmtree, tmp, True)
         fingerprint, size = await anyio.to_thread.run_sync(_fingerprint, dest)
         row = dbm.Adapter(
             id=adapter_id,
@@ -257,11 +264,14 @@ class AdapterRegistry:
                 replaced.append(old)
                 s.flush()
             s.add(row)
+            notify(s, ADAPTERS_CHANNEL, name)
 
         try:
             await self.db.run(swap)
-        except Exception:
-            await anyio.to_thread.run_sync(shutil.rmtree, dest, True)
+        except Exception as e:
+            await anyio.to_thread.run_sync(remove_folder, dest)
+            if isinstance(e, IntegrityError):  # another replica registered the name meanwhile
+                raise _name_taken(name) from None
             raise
         for old in replaced:
             await self._forget(old)
@@ -304,7 +314,16 @@ class AdapterRegistry:
             # Requests in flight keep the resident copy until they finish (the slots count
             # them); requests that name it from now on get 404.
             await self.host.unload_adapter(row.id)
-        await anyio.to_thread.run_sync(shutil.rmtree, row.path, True)
+        await anyio.to_thread.run_sync(remove_folder, Path(row.path))
+
+
+def _name_taken(name: str) -> ConflictError:
+    return ConflictError(
+        f"an adapter named {name!r} is already registered: delete it first "
+        "(DELETE /v1/adapters/{name}) or pick another name",
+        param="name",
+        code="adapter_exists",
+    )
 
 
 def _deleted() -> EngineError:
@@ -324,6 +343,7 @@ def _delete_by_name(s: Session, name: str) -> dbm.Adapter | None:
     row = _by_name(s, name)
     if row is not None:
         s.delete(row)
+        notify(s, ADAPTERS_CHANNEL, name)
     return row
 
 

@@ -36,10 +36,11 @@ from server.db import Database, upgrade_database
 from server.engine_client import EngineClient
 from server.errors import AuthenticationError, ServiceUnavailableError, exception_handlers
 from server.metrics import Metrics, method_label
+from server.replicas.storage import check_writable
 from server.routes import route_handlers
 from server.routes.dependencies import Injected
 from server.routes.openapi import ClosedStructSchemaPlugin, errors
-from server.schemas.common import BlasStatus, HealthStatus
+from server.schemas.common import BlasStatus, DatabaseStatus, HealthStatus, StorageStatus
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the app only passes the registry through to the routes
@@ -154,8 +155,11 @@ def health() -> HealthStatus:
 
 
 @get("/ready", tags=["service"], responses=errors(503))
-async def ready(engine: Injected[EngineClient | None]) -> HealthStatus:
-    """200 once the model is loaded and requests can be served, else 503 (readiness)."""
+async def ready(
+    engine: Injected[EngineClient | None], db: Injected[Database], settings: Injected[Settings]
+) -> HealthStatus:
+    """200 once the model is loaded, the database answers and the data dir takes writes, so
+    requests can be served; else 503 saying which (readiness)."""
     if engine is None:
         raise ServiceUnavailableError(
             "This server runs without a model engine, so it cannot serve completions. Start it "
@@ -163,10 +167,17 @@ async def ready(engine: Injected[EngineClient | None]) -> HealthStatus:
             code="engine_not_started",
         )
     engine.require_ready()  # the same 503 (failed, or still loading) requests get
-    if (blas := engine.blas) is None:
-        return HealthStatus("ready")
+    # What every replica shares: a replica that lost either must leave the load balancer.
+    if (problem := await anyio.to_thread.run_sync(db.ping)) is not None:
+        raise ServiceUnavailableError(problem, retry_after_s=5, code="database_unreachable")
+    if (problem := await anyio.to_thread.run_sync(check_writable, settings.data_dir)) is not None:
+        raise ServiceUnavailableError(problem, retry_after_s=5, code="data_dir_not_writable")
+    blas = engine.blas
     return HealthStatus(
-        "ready", BlasStatus(blas.device, blas.library, round(blas.gflops, 1), blas.slow)
+        "ready",
+        BlasStatus(blas.device, blas.library, round(blas.gflops, 1), blas.slow) if blas else None,
+        DatabaseStatus(db.dialect, reachable=True),
+        StorageStatus(writable=True),
     )
 
 

@@ -23,6 +23,7 @@ The schema changes only through the Alembic migrations in `migrations/` (`upgrad
 from __future__ import annotations
 
 import importlib
+import logging
 import secrets
 import sqlite3
 import threading
@@ -37,25 +38,40 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     Engine,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     UniqueConstraint,
     create_engine,
     event,
     make_url,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 T = TypeVar("T")
+log = logging.getLogger("loraforge.db")
 
 SQLITE_BUSY_TIMEOUT_S = 30
+PSYCOPG_CONNECT_ARGS = {
+    # A database that went away must fail /ready in seconds, not hang it (libpq's default is to
+    # wait forever).
+    "connect_timeout": 10,
+    # psycopg hands back bytes, not str, for text from a SQL_ASCII database (what initdb makes
+    # under the C locale unless told -E UTF8): ask for UTF-8 and every value is a str.
+    "client_encoding": "utf8",
+}
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 JOB_APIS = ("fine_tuning", "fine-tunes")
 EVENT_LEVELS = ("info", "warn", "error")
+# Byte and token counts: 64 bits on PostgreSQL (INTEGER there stops at 2 GiB); SQLite's INTEGER
+# already has 64 (and the migrations leave it as it is).
+BigCount = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def now() -> int:
@@ -96,7 +112,7 @@ class UploadedFile(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("file"))
     filename: Mapped[str]
     purpose: Mapped[str] = mapped_column(String(32))
-    bytes: Mapped[int]
+    bytes: Mapped[int] = mapped_column(BigCount)
     path: Mapped[str]
     created_at: Mapped[int] = mapped_column(default=now)
     status: Mapped[str] = mapped_column(String(16), default="processed")
@@ -124,7 +140,7 @@ class FineTuningJob(Base):
     seed: Mapped[int]
     status: Mapped[str] = mapped_column(String(32), default="queued")
     fine_tuned_model: Mapped[str | None]
-    trained_tokens: Mapped[int | None]
+    trained_tokens: Mapped[int | None] = mapped_column(BigCount)
     # {"code", "message", "param"} as in OpenAI's job.error; None while nothing failed.
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[int] = mapped_column(default=now)
@@ -197,7 +213,7 @@ class Adapter(Base):
     targets: Mapped[list[str]]
     # sha256 of the weights: re-registering identical weights is a no-op, changed ones are not.
     fingerprint: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int]
+    size_bytes: Mapped[int] = mapped_column(BigCount)
     created_at: Mapped[int] = mapped_column(default=now)
     fine_tuning_job_id: Mapped[str | None] = mapped_column(
         ForeignKey("fine_tuning_jobs.id", ondelete="SET NULL")
@@ -207,6 +223,8 @@ class Adapter(Base):
 def make_engine(url: str) -> Engine:
     """An Engine for `url`; SQLite files get WAL, busy_timeout, foreign keys, BEGIN IMMEDIATE."""
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
+        return create_engine(url, pool_pre_ping=True, connect_args=PSYCOPG_CONNECT_ARGS)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
@@ -299,6 +317,26 @@ class Database:
     def open(cls, url: str) -> Database:
         engine = make_engine(url)
         return cls(engine, sessionmaker(engine, expire_on_commit=False))
+
+    @property
+    def dialect(self) -> str:
+        """ "sqlite" or "postgresql" (the two databases the migrations are tested on)."""
+        return self.engine.dialect.name
+
+    def ping(self) -> str | None:
+        """None when a query reaches the database; else what failed and what to check (for
+        /ready). Blocking: call it in a worker thread."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+        except Exception as e:
+            log.warning("the database cannot be reached: %s", e)
+            return (
+                f"the {self.dialect} database cannot be reached ({type(e).__name__}): check "
+                "that it is running and that --database-url points at it (the server log has "
+                "the details)"
+            )
+        return None
 
     def run_sync(self, fn: Callable[[Session], T]) -> T:
         """`fn(session)` in one transaction: committed if it returns, rolled back if it raises."""

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 from litestar.types import ASGIApp
 
@@ -94,3 +95,17 @@ def start_model_server(
     ) as base_url:
         anyio.run(engine.wait_ready, ready_timeout_s)
         yield base_url, engine
+
+
+def sse_lines(response: httpx.Response) -> Iterator[str]:
+    """The stream's lines as SSE defines them (ended by a newline, a carriage return before it dropped). Not
+    httpx's iter_lines: str.splitlines also breaks at U+2028 and other separators, which the random
+    test model writes and JSON leaves unescaped inside a data line."""
+    pending = ""
+    for text in response.iter_text():
+        pending += text
+        *done, pending = pending.split("\n")
+        for line in done:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending

@@ -8,7 +8,7 @@ token and constrains the first generated ones to spell it again.
 
 from .constraints import Constraint, ConstraintError, compile_grammar, lark_grammar, with_prefix
 from .healing import Healing, HealingMatcher, PrefixStripper, heal_prompt
-from .matcher import MaskComputer, RowMatcher, TokenConstraint, TokenMasks, apply_masks
+from .matcher import MaskBatch, MaskComputer, RowMatcher, TokenConstraint, TokenMasks, apply_masks
 from .vocab import Vocabulary, vocabulary
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ConstraintError",
     "Healing",
     "HealingMatcher",
+    "MaskBatch",
     "MaskComputer",
     "PrefixStripper",
     "RowMatcher",

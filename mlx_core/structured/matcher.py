@@ -3,8 +3,10 @@
 Per decode step the engine, for a batch of rows some of which are constrained:
 1. advances each row's constraint with the token it just sampled (`advance`),
 2. computes the next masks for all rows, `MaskComputer.submit` on a worker thread (llguidance
-   computes them in Rust, in parallel, without the GIL) while the device runs the forward,
-3. applies them to the logits, `apply_masks`, and samples: a disallowed token gets -inf.
+   computes them in Rust, in parallel, without the GIL) while the device runs the forward and
+   the engine's thread turns the previous tokens into text,
+3. applies them to the logits, `apply_masks`, and samples: a disallowed token gets -inf (the
+   packed words go to the device and are unpacked there).
 A stopped constraint allows only EOS, and the engine ends that row with finish_reason "stop".
 """
 
@@ -107,6 +109,14 @@ class TokenMasks:
     vocab_size: int  # ids at or above are padding columns of the logits: masked in constrained rows
 
 
+@dataclass
+class MaskBatch:
+    """A batch's masks, and the rows whose constraint failed to give one (sampled unmasked)."""
+
+    masks: TokenMasks | None
+    failed: dict[int, Exception]  # row index -> the constraint's error: end that row
+
+
 class MaskComputer:
     """Computes a batch's masks, inline (`compute`) or on its worker thread (`submit`).
 
@@ -136,9 +146,26 @@ class MaskComputer:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, grammar_rows, bitmask)
         return TokenMasks(bitmask, constrained, self.vocab.size)
 
-    def submit(self, rows: Sequence[TokenConstraint | None]) -> Future[TokenMasks | None]:
-        """compute(rows) on the worker thread."""
-        return self._thread.submit(self.compute, list(rows))
+    def compute_isolated(self, rows: Sequence[TokenConstraint | None]) -> MaskBatch:
+        """compute(rows), but a row whose constraint raises is left unmasked and named in
+        `failed` instead of failing the batch."""
+        try:
+            return MaskBatch(self.compute(rows), {})
+        except Exception:  # find the rows whose matcher fails; mask the others
+            failed: dict[int, Exception] = {}
+            for i, row in enumerate(rows):
+                if row is not None:
+                    try:
+                        self.compute([row])
+                    except Exception as e:
+                        failed[i] = e
+            rest = [None if i in failed else row for i, row in enumerate(rows)]
+            return MaskBatch(self.compute(rest), failed)
+
+    def submit(self, rows: Sequence[TokenConstraint | None]) -> Future[MaskBatch]:
+        """compute_isolated(rows) on the worker thread (llguidance releases the GIL while it
+        computes, so the caller's Python runs meanwhile)."""
+        return self._thread.submit(self.compute_isolated, list(rows))
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -152,14 +179,41 @@ def apply_masks(logits: mx.array, masks: TokenMasks | None) -> mx.array:
     B, V = logits.shape
     if masks.bitmask.shape[0] != B:
         raise ValueError(f"masks for {masks.bitmask.shape[0]} rows applied to {B} rows of logits")
-    # Unpacking on the host takes 0.1 ms for 32 x 32k tokens and leaves one elementwise op on the
-    # device; unpacking there took a gather and four ops (12 ms on the CPU backend at batch 32).
+    words = mx.array(_words_for(masks, V))
+    return _masked(logits, words, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+def _words_for(masks: TokenMasks, V: int) -> np.ndarray:
+    """The packed bitmask as uint32 (B, ceil(V / 32)) covering every logit column: what goes to the
+    device (32 x 1000 words are 128 KB, the bool mask they stand for 1 MB)."""
+    bits = masks.bitmask.view(np.uint32)
+    B, W = bits.shape
+    need = -(-V // 32)
     size = min(masks.vocab_size, V)
-    allowed = np.empty((B, V), dtype=bool)
-    bits = np.unpackbits(masks.bitmask.view(np.uint8), axis=1, bitorder="little")
-    allowed[:, :size] = bits[:, :size]
-    allowed[:, size:] = ~masks.constrained[:, None]
-    return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
+    if need == W and size == 32 * W:  # Mistral's 32,000 tokens: the mask as llguidance wrote it
+        return bits
+    words = np.full((B, max(need, W)), 0xFFFFFFFF, dtype=np.uint32)
+    words[:, :W] = bits
+    # Columns at or past the vocabulary (a padded head) are never allowed in a constrained row.
+    c = masks.constrained
+    full, rem = divmod(size, 32)
+    if rem:
+        words[c, full] &= np.uint32((1 << rem) - 1)
+        full += 1
+    words[np.ix_(c, np.arange(full, words.shape[1]))] = 0
+    return words[:, :need]
+
+
+@mx.compile
+def _masked(logits: mx.array, words: mx.array, neg_inf: mx.array) -> mx.array:
+    # Unpacked on the device, fused into one kernel by mx.compile: 0.05 ms at batch 1 and 0.85 ms
+    # at batch 32 on the CPU backend, against 0.13 and 4.5 ms for unpacking with numpy and
+    # uploading the bool array (the host side of a step is what a constrained batch waits on).
+    B, V = logits.shape
+    shifts = mx.arange(32, dtype=mx.uint32)
+    bits = (words[:, :, None] >> shifts) & 1
+    allowed = bits.reshape(B, -1)[:, :V].astype(mx.bool_)
+    return mx.where(allowed, logits, neg_inf)
 
 
 def unpack_bitmask(row: np.ndarray, size: int) -> np.ndarray:

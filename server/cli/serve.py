@@ -36,6 +36,7 @@ def build_services(
     from server.db import Database
     from server.engine_client import EngineClient
     from server.metrics import Metrics
+    from server.replicas.adapter_sync import AdapterSync
 
     metrics = Metrics()
     registry = AdapterRegistry(settings, Database.open(settings.database_url))
@@ -43,7 +44,8 @@ def build_services(
     # the engine's model: construct one, then point the other at it.
     engine = EngineClient(settings, metrics, adapter_loader=registry.load_for_engine)
     registry.host = engine
-    services: list[Service] = []
+    # Other replicas sharing the database may delete or replace adapters resident here.
+    services: list[Service] = [AdapterSync(registry.db, settings.database_url, engine)]
     if settings.start_worker and settings.max_concurrent_jobs > 0:
         from server.jobs.worker import JobWorker
 

@@ -6,6 +6,12 @@
   into the trainer's `TrainConfig`), so the job object shows the numbers that will be used.
 - **Claim** (`claim_next_job`): one `UPDATE ... WHERE id = (oldest queued) AND status = 'queued'
   RETURNING id`. Two workers can never both win: the second UPDATE finds the row no longer queued.
+  On PostgreSQL the subquery is `SELECT ... FOR UPDATE SKIP LOCKED`, so workers on several
+  replicas claiming at once each take a different job instead of queueing on the same row (on
+  SQLite, BEGIN IMMEDIATE already runs claims one after another; the clause renders as nothing).
+- **Row locks**: everything that reads a job and then changes it (cancel, recovery, and the
+  worker's heartbeat and finish) reads it `FOR UPDATE`, so on PostgreSQL's READ COMMITTED a cancel
+  on one replica and a success on another cannot both win.
 - **Run**: `server.jobs.worker.JobWorker` trains each claimed job in a child process and renews
   its lease while it trains.
 - **Cancel** (`cancel_job`): the row is marked cancelled at once; the worker sees it at its next
@@ -220,8 +226,10 @@ def add_event(
     )
 
 
-def get_job(session: Session, any_id: str) -> FineTuningJob:
-    job = session.get(FineTuningJob, job_id_from(any_id))
+def get_job(session: Session, any_id: str, *, for_update: bool = False) -> FineTuningJob:
+    """The job `any_id` (either API's id form); 404 naming the id when there is none. With
+    `for_update` the row stays locked until the transaction ends (callers about to change it)."""
+    job = session.get(FineTuningJob, job_id_from(any_id), with_for_update=for_update)
     if job is None:
         raise NotFoundError(
             f"No such fine-tuning job: {any_id}. List jobs with GET /v1/fine_tuning/jobs.",
@@ -234,7 +242,7 @@ def get_job(session: Session, any_id: str) -> FineTuningJob:
 def cancel_job(session: Session, any_id: str) -> FineTuningJob:
     """Mark a job cancelled at once; a worker training it sees that at its next heartbeat and
     stops the trainer. A finished job is a 409."""
-    job = get_job(session, any_id)
+    job = get_job(session, any_id, for_update=True)
     if job.status in FINISHED:
         done = "been cancelled" if job.status == "cancelled" else job.status
         raise ConflictError(
@@ -262,6 +270,7 @@ def claim_next_job(session: Session, worker_id: str, base_model: str) -> FineTun
         )
         .order_by(FineTuningJob.created_at, FineTuningJob.id)
         .limit(1)
+        .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
     claimed = session.execute(
@@ -395,7 +404,10 @@ def recover_lost_jobs(
     """
     t = now()
     recovered = []
-    for job in session.scalars(select(FineTuningJob).where(FineTuningJob.status == "running")):
+    # SKIP LOCKED (PostgreSQL): a job another replica is recovering, or whose worker is renewing
+    # its lease right now, is left to that transaction; the next round looks again.
+    running = select(FineTuningJob).where(FineTuningJob.status == "running")
+    for job in session.scalars(running.with_for_update(skip_locked=True)):
         expired = job.lease_expires_at is None or job.lease_expires_at < t
         if not (expired or _worker_gone(job.worker_id)):
             continue

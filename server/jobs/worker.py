@@ -70,6 +70,7 @@ from server.jobs.queue import (
     retry_stopped_run,
 )
 from server.jobs.spec import train_config, training_steps
+from server.replicas.storage import publish_file, temp_name, write_text_atomic
 from server.settings import Settings
 
 if TYPE_CHECKING:  # the engine side, loaded only by the worker
@@ -183,7 +184,7 @@ class JobWorker:
 
         recovered = self.db.run_sync(lambda s: recover_lost_jobs(s, self.retry, ingest))
         for path, end in offsets:  # after the commit, as in _JobRun._follow
-            path.write_text(str(end))
+            write_text_atomic(path, str(end))
         return recovered
 
     def memory_limit_gb(self) -> float | None:
@@ -353,8 +354,8 @@ class _JobRun(threading.Thread):
         events, offset = read_events(self.events, self._offset())
 
         def tick(session: Session) -> bool:
-            job = session.get(FineTuningJob, self.job.id)
-            if job is None or job.status != "running" or job.worker_id != self.worker.worker_id:
+            job = self._ours(session)
+            if job is None:
                 return False
             job.lease_expires_at, job.pid = now() + LEASE_S, pid
             for event in events:
@@ -364,7 +365,7 @@ class _JobRun(threading.Thread):
         ours = self.db.run_sync(tick)
         if ours:
             # After the commit: a crash in between replays these events, never loses them.
-            self.offset_file.write_text(str(offset))
+            write_text_atomic(self.offset_file, str(offset))
         return ours
 
     def _offset(self) -> int:
@@ -412,7 +413,8 @@ class _JobRun(threading.Thread):
             )
 
     def _ours(self, session: Session) -> FineTuningJob | None:
-        job = session.get(FineTuningJob, self.job.id)
+        """The job, locked for this transaction, while it is still running under this worker."""
+        job = session.get(FineTuningJob, self.job.id, with_for_update=True)
         ours = job and job.status == "running" and job.worker_id == self.worker.worker_id
         return job if ours else None
 
@@ -479,10 +481,13 @@ class _JobRun(threading.Thread):
             return existing
         file_id = new_id("file")
         path = self.worker.settings.files_dir / f"{file_id}.tar.gz"
-        # Packed before the transaction, which then holds the database's write lock only briefly.
-        with tarfile.open(path, "w:gz") as tar:  # the layout POST /v1/adapters accepts back
+        # Packed before the transaction, which then holds the database's write lock only briefly;
+        # under a temporary name, so a replica serving the file never sends half of it.
+        tmp = temp_name(path)
+        with tarfile.open(tmp, "w:gz") as tar:  # the layout POST /v1/adapters accepts back
             for name in ("adapters.safetensors", "adapter_config.json"):
                 tar.add(self.dir / "adapter" / name, arcname=name)
+        publish_file(tmp, path)
         row = UploadedFile(
             id=file_id,
             filename=filename,

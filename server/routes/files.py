@@ -8,7 +8,6 @@ a refused or interrupted upload leaves nothing behind.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +39,7 @@ from server.errors import (
     NotFoundError,
     ServerError,
 )
+from server.replicas.storage import publish_file
 from server.routes.dependencies import Injected
 from server.routes.openapi import JSON_BODY, api_errors
 from server.schemas.files import DeletedObject, FileList, FileObject
@@ -145,7 +145,9 @@ async def create_file(
                 param="file",
                 code="invalid_file_format",
             )
-        os.replace(part_path, final_path)
+        # Renamed only once complete and on disk: a replica sharing the data dir that sees
+        # files/<id>.jsonl sees all of it.
+        await anyio.to_thread.run_sync(publish_file, part_path, final_path)
         row = UploadedFile(
             id=file_id,
             filename=upload.filename,

@@ -64,9 +64,25 @@ class BlasStatus(Struct):
     slow: bool
 
 
+class DatabaseStatus(Struct):
+    """The database every replica shares (/ready): "sqlite" or "postgresql", and whether this
+    server just reached it."""
+
+    dialect: str
+    reachable: bool
+
+
+class StorageStatus(Struct):
+    """The data dir every replica shares (/ready): whether this server just wrote a file there."""
+
+    writable: bool
+
+
 class HealthStatus(Struct, omit_defaults=True):
     status: str
     blas: BlasStatus | None = None  # /ready: measured when the model loaded
+    database: DatabaseStatus | None = None  # /ready
+    storage: StorageStatus | None = None  # /ready
 
 
 # -- /v1/completions ----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def generate(rows, vocab, masks, *, seed, max_tokens, bias=None, extra_columns=0
         live = [c if finish[i] is None else None for i, c in enumerate(rows)]
         future = masks.submit(live)  # on the worker thread, as while the device runs a forward
         logits = draw(normal)
-        masked = apply_masks(logits, future.result())
+        masked = apply_masks(logits, future.result().masks)
         tokens = mx.argmax(masked / 0.8 + draw(gumbel), axis=-1).tolist()
         for i, tok in enumerate(tokens):
             if finish[i] is not None:

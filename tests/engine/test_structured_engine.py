@@ -3,6 +3,7 @@ prompts, and refuse a bad constraint before anything is queued."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -76,3 +77,74 @@ def test_a_bad_constraint_fails_on_the_callers_thread(tiny_model):
         engine.add_request(req)
     assert isinstance(e.value, LoraforgeError) and "regex" in str(e.value)
     assert not engine.has_work()
+
+
+def tokens_of(engine: Engine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+    """The generated token ids per request id, all run in one batch."""
+    for r in requests:
+        engine.add_request(r)
+    ids: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    while engine.has_work():
+        for out in engine.step():
+            assert out.finish_reason != "error", out.error
+            ids[out.request_id] += out.tokens
+    return ids
+
+
+PICK = {
+    "type": "object",
+    "properties": {"colour": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}},
+    "required": ["colour", "ok"],
+    "additionalProperties": False,
+}
+
+
+def test_free_rows_get_their_own_tokens_beside_sampled_constrained_rows(tiny_model):
+    tok = tiny_model.tokenizer
+    engine = Engine(tiny_model.model, tok, prefix_cache_tokens=0)
+    free = SamplingParams(max_tokens=24, temperature=0.0, logprobs=2)
+    prompts = [tok.encode(t) for t in ("Hello there", "Once upon a time", "A list:", "Q: 2+2?")]
+    alone = [tokens_of(engine, [GenerationRequest("x", p, free)])["x"] for p in prompts]
+    constraints = [
+        Constraint("json", PICK),
+        Constraint("regex", "[a-z]{3,40}"),
+        Constraint("grammar", 'start: N ("," N)*\nN: /[0-9]{1,3}/\n'),
+    ]
+    hot = SamplingParams(max_tokens=16, temperature=1.0)
+    # Free and constrained rows interleaved, constrained ones ending at different steps, so the
+    # batch runs constrained steps, pipelined ones and the change between them.
+    mixed = []
+    for i, p in enumerate(prompts):
+        mixed.append(GenerationRequest(f"free{i}", p, free))
+        c = constraints[i % len(constraints)]
+        mixed.append(GenerationRequest(f"c{i}", tok.encode("Go:"), hot, constraint=c))
+    got = tokens_of(engine, mixed)
+    for i in range(len(prompts)):
+        assert got[f"free{i}"] == alone[i]
+
+
+def test_many_sampled_constrained_requests_all_match(tiny_model):
+    tok = tiny_model.tokenizer
+    engine = Engine(tiny_model.model, tok, prefix_cache_tokens=0)
+    kinds = [
+        (Constraint("json", PICK, compact=True), None),
+        (Constraint("regex", "(yes|no)-[0-9]{2,4}"), re.compile("(yes|no)-[0-9]{2,4}")),
+        (Constraint("choice", ["alpha", "beta gamma"]), re.compile("alpha|beta gamma")),
+    ]
+    requests, want = [], {}
+    for i in range(30):
+        c, pattern = kinds[i % len(kinds)]
+        params = SamplingParams(max_tokens=40, temperature=1.0, seed=i, top_p=0.95 if i % 2 else 1)
+        requests.append(GenerationRequest(f"r{i}", tok.encode(f"Item {i}:"), params, constraint=c))
+        want[f"r{i}"] = pattern
+    requests.insert(7, GenerationRequest("free", tok.encode("Hi"), SamplingParams(max_tokens=40)))
+    done = run(engine, requests)
+    for rid, pattern in want.items():
+        text, finish, _ = done[rid]
+        assert finish == "stop", (rid, text)
+        if pattern is None:
+            value = json.loads(text)
+            assert value["colour"] in ("red", "green", "blue") and isinstance(value["ok"], bool)
+        else:
+            assert pattern.fullmatch(text), (rid, text)
+    assert done["free"][1] == "length"

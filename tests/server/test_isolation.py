@@ -19,7 +19,7 @@ import pytest
 from mlx_core.lora.formats import save_adapter
 from server.settings import Settings
 from tests.engine.test_lora import random_adapter
-from tests.serving import start_model_server
+from tests.serving import sse_lines, start_model_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,7 +46,7 @@ def events(url: str, body: dict, route: str = "completions") -> list[str]:
     """The `data:` payloads of one streamed answer (the last is [DONE] when it ended well)."""
     with httpx.stream("POST", f"{url}/v1/{route}", json={**body, "stream": True}, timeout=120) as r:
         assert r.status_code == 200, r.read()
-        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        return [line[6:] for line in sse_lines(r) if line.startswith("data: ")]
 
 
 def assert_finished(payloads: list[str]) -> None:
@@ -164,7 +164,7 @@ def test_an_adapter_deleted_mid_stream_finishes_and_new_requests_get_404(server)
     with httpx.stream(
         "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120
     ) as stream:
-        lines = stream.iter_lines()
+        lines = sse_lines(stream)
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"]
         assert httpx.delete(f"{url}/v1/adapters/doomed").status_code == 200

@@ -93,8 +93,29 @@ def test_ready_follows_the_engine_and_lifespan_starts_and_stops_it(tmp_path):
         assert_openai_error(r, 503)
         assert r.headers["retry-after"] == "5"
         engine.finish_loading()
-        assert httpx.get(f"{url}/ready").json() == {"status": "ready"}
+        assert httpx.get(f"{url}/ready").json() == {
+            "status": "ready",
+            "database": {"dialect": "sqlite", "reachable": True},
+            "storage": {"writable": True},
+        }
     assert engine.stopped
+
+
+def test_ready_says_when_the_shared_data_dir_takes_no_writes(tmp_path):
+    engine = FakeLoadingEngine()
+    engine.finish_loading()
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db'}")
+    with start_server(settings, engine) as url:
+        assert httpx.get(f"{url}/ready").status_code == 200
+        # The shared folder unmounted under the replica: stand in for it with a file.
+        (tmp_path / "data").rename(tmp_path / "gone")
+        (tmp_path / "data").write_text("not a folder")
+        error = assert_openai_error(httpx.get(f"{url}/ready"), 503)
+        assert error["code"] == "data_dir_not_writable"
+        assert "--data-dir" in error["message"]
+        (tmp_path / "data").unlink()
+        (tmp_path / "gone").rename(tmp_path / "data")
+        assert httpx.get(f"{url}/ready").status_code == 200
 
 
 def test_startup_creates_data_dirs_and_database(tmp_path):

@@ -11,22 +11,9 @@ import httpx
 import pytest
 
 from tests.jobs.test_jobs_crash import free_port, loraforge
+from tests.serving import sse_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _sse_lines(response: httpx.Response):
-    """The stream's lines as SSE defines them (ended by a newline, a carriage return before it dropped). Not
-    httpx's iter_lines: str.splitlines also breaks at U+2028 and other separators, which the random
-    test model writes and JSON leaves unescaped inside a data line."""
-    pending = ""
-    for text in response.iter_text():
-        pending += text
-        *done, pending = pending.split("\n")
-        for line in done:
-            yield line.removesuffix("\r")
-    if pending:
-        yield pending
 
 
 @pytest.mark.parametrize("grace_s", [0, 60])
@@ -71,7 +58,7 @@ def test_sigterm_mid_stream(tiny_hf_model, tmp_path, grace_s):
         }
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
-            lines = _sse_lines(r)
+            lines = sse_lines(r)
             first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first[6:])["choices"]
             proc.send_signal(signal.SIGTERM)

@@ -69,7 +69,7 @@ def complete(
 
 def chat_prompt(tokenizer: Tokenizer, example: str) -> list[int]:
     """A WikiSQL-format example's question as /v1/chat/completions renders it: one user turn
-    (table, columns and question, as `corpus.to_chat` writes it)."""
+    (table, columns and question, as `schema_corpus.to_chat` writes it)."""
     user = to_chat(example)["messages"][0]["content"]
     return tokenizer.encode_chat([ChatMessage("user", user)])
 

@@ -1,12 +1,15 @@
 """Build the embedded demo model from nothing: `python -m mlx_core.demo.build`.
 
-corpus (seeded, one domain held out) -> sentencepiece tokenizer -> full-parameter pretraining
--> weights cast to the shipped dtype -> evaluation of the saved folder as `load_model` reads it
--> `<out>/{config.json, model.safetensors, tokenizer.model, build.json}`.
+corpus (seeded schema-reading tables, held-out words and phrasings kept out; WikiSQL's train
+split mixed in, values copied) -> sentencepiece tokenizer -> full-parameter pretraining ->
+weights cast to the shipped dtype -> evaluation of the saved folder as `load_model` reads it ->
+`<out>/{config.json, model.safetensors, tokenizer.model, build.json}`.
 
-The defaults below are the settings that produced the shipped assets; a rebuild with them
-reaches the same metrics (not the same bits: float sums on another machine round differently).
-Intermediate files (corpus, tokenizer, checkpoints) live in --work-dir, never in the assets.
+The defaults are the recipe for one GPU (batch 192, 6,000 steps: minutes on an H200); the same
+command runs on a CPU, only slower, and `--smoke` is a small model and run for checking a CPU
+build in minutes. Seeded throughout: a rebuild reaches the same metrics (not the same bits on
+another machine: float sums round differently). Intermediate files (corpus, tokenizer,
+checkpoints) live in --work-dir, never in the assets.
 """
 
 from __future__ import annotations
@@ -22,36 +25,40 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
 from mlx_core.config import ModelArgs
 from mlx_core.cpu_blas import OPENBLAS, openblas_loaded, set_openblas_threads
-from mlx_core.data.batches import TokenizedExample, tokenize_examples
-from mlx_core.data.formats import TextExample, parse_example, read_jsonl
+from mlx_core.data.formats import TextExample, read_jsonl
 from mlx_core.demo import ASSET_FILES, assets_dir
-from mlx_core.demo.augment import augment
-from mlx_core.demo.corpus import DOMAINS, generate_examples, to_chat, write_dataset
-from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, latest_checkpoint, pretrain
+from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, pretrain
 from mlx_core.demo.quality import SqlQuality, sql_quality
+from mlx_core.demo.schema_corpus import HELD_OUT_FRACTION, generate_examples, write_dataset
 from mlx_core.demo.tokenizer_train import TokenizerConfig, train_tokenizer
+from mlx_core.demo.training_set import training_examples
+from mlx_core.demo.wikisql_mix import wikisql_train
 from mlx_core.model import Mistral
 from mlx_core.tokenizer import Tokenizer
 from mlx_core.weights import DTYPES, load_model, save_model
 
-MAX_ASSET_BYTES = 20 * 2**20  # the package ships the weights: keep the wheel small
-WIKISQL_TEST = Path("/work/shared/data/wikisql/test.jsonl")  # evaluation only, never trained on
+MAX_ASSET_BYTES = 32 * 2**20  # the package ships the weights: keep the wheel small
+# train.jsonl is mixed into the corpus, test.jsonl only measured; valid.jsonl is never read.
+WIKISQL_DIR = Path("/work/shared/data/wikisql")
 
 
 @dataclass(frozen=True)
 class ModelShape:
+    # Depth over width: copying a column or a value is attention's work (a head that finds the
+    # span, one that moves it), and 8 layers of 256 fit 32 MB of fp32 with a 4,096-piece vocab.
     dim: int = 256
-    n_layers: int = 4
+    n_layers: int = 8
     n_heads: int = 4
     n_kv_heads: int = 2
-    hidden_dim: int = 640
+    hidden_dim: int = 768
     max_position_embeddings: int = 1024  # corpus examples are < 200 tokens; WikiSQL's < 300
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = True  # a 4,096 x 256 table once, not twice: 4 MB more layers
 
     def args(self, vocab_size: int) -> ModelArgs:
         return ModelArgs(
@@ -71,32 +78,52 @@ class ModelShape:
 @dataclass(frozen=True)
 class BuildConfig:
     seed: int = 0
-    held_out_domain: str = "mountains"  # never in pretraining: the LoRA fine-tuning showcase
-    n_train: int = 200_000
+    n_train: int = 300_000  # synthetic training examples (the "train" part of schema_corpus)
     n_valid: int = 500
-    n_test: int = 1_000  # synthetic held-out tables (write_dataset keeps splits table-disjoint)
-    n_held_out_domain: int = 500
-    n_probe: int = 200  # test examples generated at every evaluation during training
-    fresh_value_rate: float = 0.5  # training conditions whose text value is made up (augment.py)
+    n_test: int = 1_000  # synthetic tables of training words and phrasings, none trained on
+    n_held_out: int = 500  # per held-out part: new words, new phrasings, French questions
+    n_probe: int = 200  # held-out-vocabulary examples generated at every evaluation in training
+    wikisql_copies: int = 10  # WikiSQL's 1,000 train examples, repeated (values copied)
+    # Shares of the training examples written as a chat (the Mistral template, so
+    # /v1/chat/completions works) and with the prompt ending "A: " (as many clients send it).
+    chat_fraction: float = 0.25
+    space_fraction: float = 0.25
+    question_loss: bool = True  # the "A:" examples learn their question too (training_set.py)
     dtype: str = (
         "f32"  # shipped in fp32: on a Linux CPU only fp32 matmuls get a fast BLAS (cpu_blas.py)
     )
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    eval_batch_size: int = 128
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=4096))
     model: ModelShape = field(default_factory=ModelShape)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    # Stage 2: the stage-1 model goes on learning with this share of its examples wrapped in the
-    # Mistral chat template, so /v1/chat/completions works on the demo as well as completions.
-    chat_fraction: float = 0.5
-    chat_stage: PretrainConfig = field(
+    pretrain: PretrainConfig = field(
         default_factory=lambda: PretrainConfig(
-            steps=1000,
-            learning_rate=3e-4,
-            warmup_steps=50,
-            min_lr_ratio=0.1,
-            eval_every=250,
-            checkpoint_every=250,
+            steps=6000,
+            batch_size=192,
+            learning_rate=1e-3,
+            warmup_steps=300,
+            eval_every=1500,
+            checkpoint_every=1500,
+            parallel_streams=1,
         )
     )
+
+
+# A CPU check of the whole build, ~35 minutes on 2 busy cores: a 1.3M-parameter model whose
+# copying sets in after ~800 steps (answer loss 2.7 -> 0.9 from step 500 to 1,000).
+SMOKE = {
+    "n_train": 100_000,
+    "n_test": 300,
+    "n_held_out": 300,
+    "n_probe": 100,
+    "wikisql_copies": 5,
+    "steps": 4000,
+    "batch_size": 32,
+    "learning_rate": 2e-3,
+    "dim": 128,
+    "hidden_dim": 384,
+    "layers": 4,
+    "eval_every": 500,
+}
 
 
 def log(message: str) -> None:
@@ -132,34 +159,6 @@ def _texts(path: Path) -> list[str]:
     return [e.text for e in read_jsonl(path) if isinstance(e, TextExample)]
 
 
-def _tokenized(
-    texts: list[str],
-    tokenizer: Tokenizer,
-    max_seq_len: int,
-    chat_fraction: float = 0.0,
-    seed: int = 0,
-) -> list[TokenizedExample]:
-    # Loss on the SQL answer and its EOS only: predicting random table ids and values in the
-    # prompt teaches nothing, and the answer is what the model is for. A `chat_fraction` share
-    # of the examples (chosen by `seed`) is wrapped in the chat template, answer = assistant turn.
-    chooser = random.Random(f"chat-stage:{seed}")
-    examples, report = tokenize_examples(
-        [
-            parse_example(to_chat(t), "demo corpus")
-            if chooser.random() < chat_fraction
-            else TextExample(t)
-            for t in texts
-        ],
-        tokenizer,
-        max_seq_len,
-        mask_prompt=True,
-        completion_after="A:",
-    )
-    if report.n_dropped:
-        raise ValueError(report.warning())
-    return examples
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -167,54 +166,56 @@ def _sha256(path: Path) -> str:
 def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Path | None) -> dict:
     """Run the whole build; return what build.json holds."""
     started = time.perf_counter()
-    if config.held_out_domain not in DOMAINS:
-        raise ValueError(f"held-out domain {config.held_out_domain!r}: choose from {DOMAINS}")
     gflops = matmul_gflops()
     log(f"device {mx.default_device()}; fp32 matmul {gflops:.0f} GFLOP/s")
     if hint := speed_hint(gflops):
         log(f"hint: {hint}")
-    if config.pretrain.parallel_streams > 1 and set_openblas_threads(1):
+    on_cpu = mx.default_device() == mx.cpu
+    if on_cpu and config.pretrain.parallel_streams > 1 and set_openblas_threads(1):
         # each stream a core of its own, not two streams' BLAS threads fighting over the cores
         log(f"OpenBLAS set to one thread per stream ({config.pretrain.parallel_streams} streams)")
 
     data = work / "data"
-    log(
-        f"corpus: {config.n_train}/{config.n_valid}/{config.n_test} examples, seed {config.seed}, "
-        f"without domain {config.held_out_domain!r} -> {data}"
-    )
-    write_dataset(
-        data,
-        config.n_train,
-        config.n_valid,
-        config.n_test,
-        config.seed,
-        exclude_domains=(config.held_out_domain,),
-    )
+    log(f"corpus: {config.n_train}/{config.n_valid}/{config.n_test} examples, seed {config.seed}")
+    write_dataset(data, config.n_train, config.n_valid, config.n_test, config.seed)
     train_texts, valid_texts, test_texts = (
         _texts(data / f"{s}.jsonl") for s in ("train", "valid", "test")
     )
+    wikisql_note = "none"
+    if wikisql is not None and (wikisql / "train.jsonl").is_file():
+        mixed = wikisql_train(wikisql / "train.jsonl", config.wikisql_copies)
+        train_texts += mixed
+        wikisql_note = f"{wikisql / 'train.jsonl'} x {config.wikisql_copies}"
+        log(f"WikiSQL: {len(mixed)} training examples from {wikisql_note}")
+    else:
+        log(f"WikiSQL: no train.jsonl in {wikisql}: building without it (--wikisql-dir DIR)")
+    # One order for the tokenizer and the model: WikiSQL's lines then shape the vocabulary too.
+    random.Random(f"order:{config.seed}").shuffle(train_texts)
     tok_path = train_tokenizer(train_texts, work / "tokenizer.model", config.tokenizer)
     tokenizer = Tokenizer.from_file(tok_path)
     log(f"tokenizer: {tokenizer.vocab_size} pieces -> {tok_path}")
 
     max_len = config.pretrain.max_seq_len
-    # The tokenizer learns from the corpus as it is; the model from it with some values made up.
-    train_texts = augment(train_texts, config.seed, config.fresh_value_rate)
-    train_set = _tokenized(train_texts, tokenizer, max_len)
-    valid_set = _tokenized(valid_texts, tokenizer, max_len)
+    shapes = (config.chat_fraction, config.space_fraction)
+    train_set = training_examples(
+        train_texts, tokenizer, max_len, *shapes, config.seed, config.question_loss
+    )
+    # valid loss: the answers alone, the number that says how well SQL is written
+    valid_set = training_examples(valid_texts, tokenizer, max_len, *shapes, config.seed + 1)
     n_tokens = sum(len(e.tokens) for e in train_set)
     log(f"tokenized: {n_tokens} training tokens ({n_tokens / len(train_set):.1f} per example)")
 
     args = config.model.args(tokenizer.vocab_size)
     # What the checkpoints depend on (pretrain() adds its own config and the model's shape).
     identity = {
-        "corpus": [config.seed, config.held_out_domain, config.n_train, config.fresh_value_rate],
+        "corpus": [config.seed, config.n_train, wikisql_note, *shapes, config.question_loss],
         "tokenizer_sha256": _sha256(tok_path),
     }
-    probe_texts = test_texts[: config.n_probe]
+    held = config.seed + 1  # held-out sets: other tables than the training stream's
+    probe_texts = generate_examples(config.n_probe, held, "vocabulary")
 
-    def probe(model: Mistral) -> str:  # generation quality during training, on a few test tables
-        return "probe: " + sql_quality(model, tokenizer, probe_texts).line()
+    def probe(model: Mistral) -> str:  # generation on tables of words never trained on
+        return "probe (held-out words): " + sql_quality(model, tokenizer, probe_texts).line()
 
     model, result = pretrain(
         args,
@@ -227,36 +228,6 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
         log=log,
         probe=probe if config.n_probe else None,
     )
-    if config.chat_stage.steps:
-        stage1 = latest_checkpoint(work)
-        assert stage1 is not None  # pretrain() always saves its last step
-        log(f"stage 2: {config.chat_fraction:.0%} of the examples as chats, from {stage1}")
-        chat_train = _tokenized(train_texts, tokenizer, max_len, config.chat_fraction, config.seed)
-        chat_valid = _tokenized(valid_texts, tokenizer, max_len, config.chat_fraction, config.seed)
-        chat_identity = {
-            **identity,
-            "stage1": asdict(config.pretrain),
-            "chat_fraction": config.chat_fraction,
-        }
-
-        def probe_chat(model: Mistral) -> str:
-            return (
-                f"{probe(model)} | chat "
-                + sql_quality(model, tokenizer, probe_texts, chat=True).line()
-            )
-
-        model, result = pretrain(
-            args,
-            chat_train,
-            chat_valid,
-            config.chat_stage,
-            work / "chat",
-            chat_identity,
-            resume=resume,
-            log=log,
-            probe=probe_chat if config.n_probe else None,
-            init=stage1 / "model.safetensors",
-        )
 
     # Save in the shipped precision, then evaluate exactly what ships, loaded the way users load it.
     cast_parameters(model, DTYPES[config.dtype])
@@ -272,21 +243,28 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
     loaded = load_model(staged)
     log("evaluating the saved model (greedy, no stop sequences)")
     metrics: dict[str, dict] = {}
-    evals = {
-        "synthetic_test": test_texts,
-        "held_out_domain": generate_examples(
-            config.n_held_out_domain, config.seed + 1, domains=(config.held_out_domain,)
-        ),
-    }
-    if wikisql is not None and wikisql.is_file():
-        evals["wikisql_test"] = _texts(wikisql)
-    runs = [(name, texts, False) for name, texts in evals.items()]
-    runs.append(
-        ("synthetic_test_chat", test_texts, True)
-    )  # the same tables through the chat template
-    for name, texts, chat in runs:
+    vocabulary = generate_examples(config.n_held_out, held, "vocabulary")
+    runs: list[tuple[str, list[str], bool, bool]] = [  # name, examples, chat, prompt "A: "
+        ("synthetic_test", test_texts, False, False),
+        ("held_out_vocabulary", vocabulary, False, False),
+        ("held_out_vocabulary_space", vocabulary, False, True),
+        ("held_out_phrasing", generate_examples(config.n_held_out, held, "phrasing"), False, False),
+        # the fine-tuning showcase's set: a question style the model never saw
+        ("french", generate_examples(config.n_held_out, held, "french"), False, False),
+        ("synthetic_test_chat", test_texts, True, False),
+    ]
+    if wikisql is not None and (wikisql / "test.jsonl").is_file():
+        runs.append(("wikisql_test", _texts(wikisql / "test.jsonl"), False, False))
+    for name, texts, chat, space in runs:
         t = time.perf_counter()
-        quality: SqlQuality = sql_quality(loaded.model, loaded.tokenizer, texts, chat=chat)
+        quality: SqlQuality = sql_quality(
+            loaded.model,
+            loaded.tokenizer,
+            texts,
+            batch_size=config.eval_batch_size,
+            chat=chat,
+            prompt_suffix=" " if space else "",
+        )
         metrics[name] = asdict(quality)
         log(f"{name}: {quality.line()} in {time.perf_counter() - t:.0f} s")
 
@@ -295,8 +273,12 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m mlx_core.demo.build " + " ".join(sys.argv[1:]),
         "seed": config.seed,
-        "held_out_domain": config.held_out_domain,
-        "steps": config.pretrain.steps + config.chat_stage.steps,  # stage 1 + the chat stage
+        "held_out": {
+            "fraction_of_words": HELD_OUT_FRACTION,
+            "parts": ["vocabulary", "phrasing", "french"],
+        },
+        "wikisql_train": wikisql_note,
+        "steps": config.pretrain.steps,
         "config": asdict(config),
         "model_args": asdict(args),
         "parameters": int(sum(v.size for v in _leaves(loaded.model.parameters()))),
@@ -352,61 +334,91 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("build/demo-model"),
         help="corpus, tokenizer and checkpoints (default: build/demo-model)",
     )
-    p.add_argument("--steps", type=int, default=d.pretrain.steps)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a small model and run for checking the build on a CPU in ~35 minutes "
+        "(explicit flags still win); never ship its assets",
+    )
+    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --work-dir"
     )
     p.add_argument(
-        "--wikisql",
+        "--wikisql-dir",
         type=Path,
-        default=WIKISQL_TEST,
-        help="WikiSQL-format JSONL to report accuracy on, if present (never trained on)",
+        default=WIKISQL_DIR,
+        help="folder with WikiSQL-format train.jsonl (mixed into the corpus) and test.jsonl "
+        f"(measured, never trained on); default {WIKISQL_DIR}, skipped if absent",
     )
-    # Knobs for experiments; the defaults are the shipped build's.
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--batch-size", type=int, default=d.pretrain.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.pretrain.learning_rate)
-    p.add_argument("--dim", type=int, default=d.model.dim)
-    p.add_argument("--layers", type=int, default=d.model.n_layers)
-    p.add_argument("--hidden-dim", type=int, default=d.model.hidden_dim)
-    p.add_argument("--heads", type=int, default=d.model.n_heads)
-    p.add_argument("--kv-heads", type=int, default=d.model.n_kv_heads)
-    p.add_argument("--warmup-steps", type=int, default=d.pretrain.warmup_steps)
-    p.add_argument("--eval-every", type=int, default=d.pretrain.eval_every)
+    # Knobs for experiments; the defaults are the shipped build's (or --smoke's).
+    for flag in (
+        "n-train",
+        "n-test",
+        "n-held-out",
+        "wikisql-copies",
+        "batch-size",
+        "dim",
+        "layers",
+        "hidden-dim",
+        "heads",
+        "kv-heads",
+        "warmup-steps",
+        "eval-every",
+        "vocab-size",
+    ):
+        p.add_argument(f"--{flag}", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument(
         "--streams",
         type=int,
-        default=d.pretrain.parallel_streams,
-        help="CPU streams (cores) a step's rows are split over",
+        default=None,
+        help="device streams a step's rows are split over (default: 2 on a CPU, one core "
+        "each; 1 on a GPU)",
     )
-    p.add_argument("--vocab-size", type=int, default=d.tokenizer.vocab_size)
     ns = p.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if v is not None}
+    o: dict[str, Any] = {**(SMOKE if ns.smoke else {}), **given}  # explicit flags over the preset
+
+    def get(key: str, default: Any) -> Any:
+        return o.get(key, default)
+
+    steps = int(get("steps", d.pretrain.steps))
+    on_cpu = mx.default_device() == mx.cpu
     config = replace(
         d,
         seed=ns.seed,
-        n_train=ns.n_train,
-        tokenizer=replace(d.tokenizer, vocab_size=ns.vocab_size),
+        n_train=get("n_train", d.n_train),
+        n_test=get("n_test", d.n_test),
+        n_held_out=get("n_held_out", d.n_held_out),
+        n_probe=get("n_probe", d.n_probe),
+        wikisql_copies=get("wikisql_copies", d.wikisql_copies),
+        tokenizer=replace(d.tokenizer, vocab_size=get("vocab_size", d.tokenizer.vocab_size)),
         model=replace(
             d.model,
-            dim=ns.dim,
-            n_layers=ns.layers,
-            hidden_dim=ns.hidden_dim,
-            n_heads=ns.heads,
-            n_kv_heads=ns.kv_heads,
+            dim=get("dim", d.model.dim),
+            n_layers=get("layers", d.model.n_layers),
+            hidden_dim=get("hidden_dim", d.model.hidden_dim),
+            n_heads=get("heads", d.model.n_heads),
+            n_kv_heads=get("kv_heads", d.model.n_kv_heads),
         ),
         pretrain=replace(
             d.pretrain,
-            steps=ns.steps,
+            steps=steps,
             seed=ns.seed,
-            batch_size=ns.batch_size,
-            learning_rate=ns.learning_rate,
-            eval_every=ns.eval_every,
-            parallel_streams=ns.streams,
-            warmup_steps=min(ns.warmup_steps, max(ns.steps // 10, 1)),
+            batch_size=get("batch_size", d.pretrain.batch_size),
+            learning_rate=get("learning_rate", d.pretrain.learning_rate),
+            eval_every=get("eval_every", d.pretrain.eval_every),
+            checkpoint_every=get("eval_every", d.pretrain.checkpoint_every),
+            parallel_streams=get("streams", 2 if on_cpu else 1),
+            warmup_steps=min(
+                int(get("warmup_steps", d.pretrain.warmup_steps)),
+                max(steps // 10, 1),
+            ),
         ),
     )
-    build(config, ns.out.resolve(), ns.work_dir.resolve(), ns.resume, ns.wikisql)
+    build(config, ns.out.resolve(), ns.work_dir.resolve(), ns.resume, ns.wikisql_dir)
     return 0
 
 

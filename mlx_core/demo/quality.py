@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mlx_core.demo.corpus import to_chat
+from mlx_core.demo.schema_corpus import to_chat
 from mlx_core.engine import Engine, GenerationRequest
 from mlx_core.eval.sql_scoring import execution_match
 from mlx_core.eval.wikisql import exact_match, parse_example, prompt_of
@@ -69,7 +69,7 @@ def complete(
 
 def chat_prompt(tokenizer: Tokenizer, example: str) -> list[int]:
     """A WikiSQL-format example's question as /v1/chat/completions renders it: one user turn
-    (table, columns and question, as `corpus.to_chat` writes it)."""
+    (table, columns and question, as `schema_corpus.to_chat` writes it)."""
     user = to_chat(example)["messages"][0]["content"]
     return tokenizer.encode_chat([ChatMessage("user", user)])
 
@@ -80,12 +80,16 @@ def sql_quality(
     examples: Sequence[str],
     batch_size: int = 64,
     chat: bool = False,
+    prompt_suffix: str = "",
 ) -> SqlQuality:
     """Execution/exact accuracy and stop rate of greedy SQL for WikiSQL-format examples,
-    prompted as text ("...\nA:") or, with `chat`, through the chat template."""
+    prompted as text ("...\nA:" + `prompt_suffix`, say " ") or, with `chat`, through the chat
+    template."""
     if not examples:
         raise ValueError("no examples to evaluate: pass WikiSQL-format texts with their answers")
-    prompts = [chat_prompt(tokenizer, e) if chat else prompt_of(e) for e in examples]
+    prompts = [
+        chat_prompt(tokenizer, e) if chat else prompt_of(e) + prompt_suffix for e in examples
+    ]
     completions = complete(model, tokenizer, prompts, batch_size=batch_size)
     executed = exact = 0
     for text, done in zip(examples, completions, strict=True):

@@ -136,32 +136,64 @@ def sqlite_grammar(tables: Mapping[str, Sequence[str]]) -> str:
     _check_names("table", list(tables))
     for columns in tables.values():
         _check_names("column", list(columns))
-    table_names = _alternatives([_quoted(t) for t in tables])
-    # A column as `"table"."column"` or a bare `"column"`.
-    qualified = [f"{_quoted(t)}.{_quoted(c)}" for t, cs in tables.items() for c in cs]
-    bare = [_quoted(c) for cs in tables.values() for c in cs]
+    # A column as `"table"."column"` or a bare `"column"`. A query over one table may name only
+    # that table's columns (SQLite refuses `"concert"."year"` in `... FROM "singer"`), so each
+    # table has its own copy of the rules below; a join may name the columns of every table.
+    scopes = (
+        {"": dict(tables)}
+        if len(tables) == 1
+        else {
+            "": dict(tables),
+            **{f"_{i}": {t: tables[t]} for i, t in enumerate(tables)},
+        }
+    )
+    rules = ['start: " "? query ";"?']
+    if len(scopes) == 1:
+        rules.append(
+            'query: "SELECT " distinct? items " FROM " source join* where? group? order? limit?'
+        )
+    else:
+        single = [f"query{s}" for s in scopes if s]
+        rules.append(f"query: {' | '.join(single)} | query_join")
+        rules.append(
+            'query_join: "SELECT " distinct? items " FROM " source join+ where? group? order? limit?'
+        )
+        for s, scope in scopes.items():
+            if s:
+                [name] = scope
+                rules.append(
+                    f'query{s}: "SELECT " distinct? items{s} " FROM " {_alternatives([_quoted(name)])}'
+                    f' (" AS " ALIAS)? where{s}? group{s}? order{s}? limit?'
+                )
+    for s, scope in scopes.items():
+        qualified = [f"{_quoted(t)}.{_quoted(c)}" for t, cs in scope.items() for c in cs]
+        bare = [_quoted(c) for cs in scope.values() for c in cs]
+        rules += [
+            f'items{s}: "*" | item{s} (", " item{s})*',
+            f'item{s}: operand{s} (" AS " ALIAS)?',
+            f'where{s}: " WHERE " condition{s}',
+            f'condition{s}: comparison{s} ((" AND " | " OR ") comparison{s})*',
+            # Aggregates in HAVING only: SQLite refuses them in WHERE.
+            f'comparison{s}: column{s} " " OP " " (literal | column{s})'
+            f' | column{s} " IS " "NOT "? "NULL" | column{s} " LIKE " STRING'
+            f' | column{s} " IN (" literal (", " literal)* ")"',
+            f'group{s}: " GROUP BY " column{s} (", " column{s})*'
+            f' (" HAVING " aggregate{s} " " OP " " literal)?',
+            f'order{s}: " ORDER BY " operand{s} (" ASC" | " DESC")?'
+            f' (", " operand{s} (" ASC" | " DESC")?)*',
+            f"operand{s}: column{s} | aggregate{s}",
+            f'aggregate{s}: "COUNT(*)" | AGG "(" "DISTINCT "? column{s} ")"',
+            f"column{s}: {_alternatives(qualified + bare)}",
+        ]
     return "\n".join(
         [
-            'start: " "? query ";"?',
-            'query: "SELECT " distinct? items " FROM " source join* where? group? order? limit?',
+            *rules,
             'distinct: "DISTINCT "',
-            'items: "*" | item (", " item)*',
-            'item: operand (" AS " ALIAS)?',
             'source: table (" AS " ALIAS)?',
             'join: (" JOIN " | " LEFT JOIN ") source " ON " column " = " column',
-            'where: " WHERE " condition',
-            'condition: comparison ((" AND " | " OR ") comparison)*',
-            # Aggregates in HAVING only: SQLite refuses them in WHERE.
-            'comparison: column " " OP " " (literal | column) | column " IS " "NOT "? "NULL"'
-            ' | column " LIKE " STRING | column " IN (" literal (", " literal)* ")"',
-            'group: " GROUP BY " column (", " column)* (" HAVING " aggregate " " OP " " literal)?',
-            'order: " ORDER BY " operand (" ASC" | " DESC")? (", " operand (" ASC" | " DESC")?)*',
             'limit: " LIMIT " INT',
-            "operand: column | aggregate",
-            'aggregate: "COUNT(*)" | AGG "(" "DISTINCT "? column ")"',
             "literal: STRING | NUMBER",
-            f"table: {table_names}",
-            f"column: {_alternatives(qualified + bare)}",
+            f"table: {_alternatives([_quoted(t) for t in tables])}",
             'AGG: "COUNT" | "SUM" | "AVG" | "MIN" | "MAX"',
             'OP: "=" | "!=" | "<>" | ">=" | "<=" | ">" | "<"',
             "ALIAS: /[a-z][a-z0-9_]{0,15}/",

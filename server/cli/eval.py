@@ -71,22 +71,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(run=run_eval)
 
-    from mlx_core.demo.corpus import DOMAINS
+    from mlx_core.demo.schema_corpus import PARTS
 
     d = sub.add_parser(
         "demo-data",
         help="write a synthetic text-to-SQL data set (train/valid/test.jsonl)",
-        description="Synthetic table/columns/Q/A examples in WikiSQL notation; no table appears "
-        "in two splits. Chat lines (--chat-fraction) go to DIR/chat/, since a JSONL file holds "
-        "one format.",
+        description="Synthetic table/columns/Q/A examples in WikiSQL notation, on tables with "
+        "random columns; no table appears in two splits. --part picks what the embedded model "
+        "was trained on (train) or one of its held-out sets: vocabulary (words it never saw), "
+        "phrasing (question templates it never saw), french (French questions, a style it "
+        "never saw: the fine-tuning showcase). Chat lines (--chat-fraction) go to DIR/chat/, "
+        "since a JSONL file holds one format.",
     )
     d.add_argument("--out", required=True, help="folder to write")
     d.add_argument("--n-train", type=int, default=2000)
     d.add_argument("--n-valid", type=int, default=200)
     d.add_argument("--n-test", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--domains", default=None, help=f"comma-separated, from: {','.join(DOMAINS)}")
-    d.add_argument("--exclude-domains", default=None, help="comma-separated domains to leave out")
+    d.add_argument("--part", choices=list(PARTS), default="train", help="default: train")
     d.add_argument(
         "--chat-fraction",
         type=float,
@@ -233,7 +235,7 @@ def _print_sql(r: SqlEvalReport) -> None:
 
 # -- demo-data ----------------------------------------------------------------------------------
 def run_demo_data(ns: argparse.Namespace) -> int:
-    from mlx_core.demo.corpus import write_dataset
+    from mlx_core.demo.schema_corpus import write_dataset
 
     out = Path(ns.out)
     if out.exists() and not out.is_dir():
@@ -251,19 +253,14 @@ def run_demo_data(ns: argparse.Namespace) -> int:
             ns.n_valid,
             ns.n_test,
             ns.seed,
-            domains=_names(ns.domains),
-            exclude_domains=_names(ns.exclude_domains) or (),
+            part=ns.part,
             chat_fraction=ns.chat_fraction,
         )
-    except ValueError as e:  # unknown domain, negative size: the message names the fix
-        raise LoraforgeError(f"{e} (flags --domains/--exclude-domains/--n-*)") from e
+    except ValueError as e:  # a negative size: the message names the fix
+        raise LoraforgeError(f"{e} (flags --n-*)") from e
     for line in split_formats(out):
         print(line)
     return 0
-
-
-def _names(csv: str | None) -> list[str] | None:
-    return [n.strip() for n in csv.split(",") if n.strip()] if csv else None
 
 
 def split_formats(out: Path) -> list[str]:

@@ -264,8 +264,9 @@ print("\\n".join(claimed))
 """
 
 
-def test_claims_under_contention_never_hand_out_a_job_twice(tmp_path):
-    url = f"sqlite:///{tmp_path / 'loraforge.db'}"
+def assert_claims_never_collide(url: str, env: dict[str, str]) -> None:
+    """200 queued jobs claimed by 2 processes x 4 threads on the database at `url`: each job is
+    handed out once, none twice (the SQLite and the PostgreSQL queue tests share this)."""
     upgrade_database(url)
     db = Database.open(url)
     jobs = [
@@ -273,7 +274,6 @@ def test_claims_under_contention_never_hand_out_a_job_twice(tmp_path):
         for _ in range(200)
     ]
     db.run_sync(lambda s: s.add_all(jobs))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CLAIMER, url, f"p{i}"],
@@ -290,6 +290,12 @@ def test_claims_under_contention_never_hand_out_a_job_twice(tmp_path):
     rows = db.run_sync(lambda s: s.scalars(select(FineTuningJob)).all())
     assert {(r.status, r.attempts) for r in rows} == {("running", 1)}
     db.close()
+
+
+def test_claims_under_contention_never_hand_out_a_job_twice(tmp_path):
+    assert_claims_never_collide(
+        f"sqlite:///{tmp_path / 'loraforge.db'}", {**os.environ, "PYTHONPATH": str(REPO)}
+    )
 
 
 def test_standalone_worker_killed_or_stopped_leaves_no_trainer(tiny_hf_model, tmp_path):

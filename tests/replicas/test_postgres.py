@@ -22,7 +22,7 @@ from server.db import (
     upgrade_database,
 )
 from server.jobs.queue import RetryPolicy, cancel_job, claim_next_job, recover_lost_jobs
-from tests.jobs.test_jobs_crash import CLAIMER, REPO
+from tests.jobs.test_jobs_crash import REPO, assert_claims_never_collide
 
 MIGRATE = "import sys; from server.db import upgrade_database; upgrade_database(sys.argv[1])"
 
@@ -85,26 +85,7 @@ def _queued(n: int) -> list[FineTuningJob]:
 
 
 def test_claims_under_contention_never_hand_out_a_job_twice(pg_url):
-    upgrade_database(pg_url)
-    db = Database.open(pg_url)
-    jobs = _queued(200)
-    db.run_sync(lambda s: s.add_all(jobs))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CLAIMER, pg_url, f"p{i}"],
-            env=_env(),
-            text=True,
-            stdout=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    claimed = [line for p in procs for line in p.communicate(timeout=120)[0].split()]
-    assert all(p.returncode == 0 for p in procs)
-    assert sorted(claimed) == sorted(j.id for j in jobs)  # every job once, none twice
-    assert db.run_sync(lambda s: claim_next_job(s, "late", "tiny")) is None
-    rows = db.run_sync(lambda s: s.scalars(select(FineTuningJob)).all())
-    assert {(r.status, r.attempts) for r in rows} == {("running", 1)}
-    db.close()
+    assert_claims_never_collide(pg_url, _env())
 
 
 def test_a_locked_job_is_skipped_not_waited_for(pg_url):

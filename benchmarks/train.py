@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="random model dtype"
     )
+    p.add_argument(
+        "--tokenizer", help="tokenizer.model for a random model (default: mistral-common's)"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lora-layers", type=int, default=16)
@@ -75,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the model folder ---------------------------------------------------------------------------
-def random_model(shapes: str, dtype: str, out: Path) -> Path:
+def random_model(shapes: str, dtype: str, out: Path, tokenizer: Path | None = None) -> Path:
     """A random Mistral of the given shapes saved in HF format (config.json + safetensors)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -113,9 +116,13 @@ def random_model(shapes: str, dtype: str, out: Path) -> Path:
     weights = split_projections(dict(tree_flatten(model.parameters())), args)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(args.to_hf(), indent=2))
-    tok = _tokenizer_file()
-    if tok is not None:
-        (out / "tokenizer.model").write_bytes(tok.read_bytes())
+    tok = tokenizer or _tokenizer_file()
+    if tok is None:
+        sys.exit(
+            "no tokenizer.model for the random model (mistral-common is not installed): "
+            "pass --tokenizer PATH, e.g. a copy of mistral-common's tokenizer.model.v1"
+        )
+    (out / "tokenizer.model").write_bytes(tok.read_bytes())
     return out
 
 
@@ -289,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = Path(ns.model)
         else:
             shapes = SHAPES_7B if ns.random_7b else (ns.random_shapes or "512,4,8,2,1408,32000")
-            model_dir = random_model(shapes, ns.dtype, Path(tmp) / "model")
+            model_dir = random_model(
+                shapes, ns.dtype, Path(tmp) / "model", Path(ns.tokenizer) if ns.tokenizer else None
+            )
         rows = token_lists(ns, model_dir)
         spec = {
             "model": str(model_dir),

@@ -195,16 +195,7 @@ def test_two_workers_on_one_database_run_each_job_exactly_once(tiny_hf_model, tm
             for i in range(6)
         ]
     workers = [
-        loraforge(
-            "worker",
-            "--model",
-            str(tiny_hf_model),
-            "--served-model-name",
-            "tiny",
-            "--data-dir",
-            str(data),
-            log=tmp_path / f"worker{i}.log",
-        )
+        loraforge(*worker_args(tiny_hf_model, data), log=tmp_path / f"worker{i}.log")
         for i in range(2)
     ]
     db = Database.open(settings.database_url)
@@ -246,6 +237,11 @@ def _events(data: Path, job_id: str) -> list[dict]:
     path = data / "jobs" / job_id / "events.jsonl"
     text = path.read_text() if path.exists() else ""
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def worker_args(model: Path, data: Path) -> tuple[str, ...]:
+    """`loraforge worker` on the tiny model, served as "tiny", over the data dir `data`."""
+    return ("worker", "--model", str(model), "--served-model-name", "tiny", "--data-dir", str(data))
 
 
 CLAIMER = """
@@ -322,16 +318,7 @@ def test_standalone_worker_killed_or_stopped_leaves_no_trainer(tiny_hf_model, tm
             wait_until(lambda: job_row(db, job.id).pid, 5, "pid")
             return trainer_pid(db, job.id)
 
-        worker_args = (
-            "worker",
-            "--model",
-            str(tiny_hf_model),
-            "--served-model-name",
-            "tiny",
-            "--data-dir",
-            str(data),
-        )
-        workers = [loraforge(*worker_args, log=tmp_path / "worker1.log")]
+        workers = [loraforge(*worker_args(tiny_hf_model, data), log=tmp_path / "worker1.log")]
         try:
             # kill -9: the trainer goes with its worker.
             trainer = training_in_run(1)
@@ -341,7 +328,9 @@ def test_standalone_worker_killed_or_stopped_leaves_no_trainer(tiny_hf_model, tm
 
             # The next worker takes the job over; SIGTERM stops it cleanly and queues the job
             # again without counting the run as a failure.
-            workers.append(loraforge(*worker_args, log=tmp_path / "worker2.log"))
+            workers.append(
+                loraforge(*worker_args(tiny_hf_model, data), log=tmp_path / "worker2.log")
+            )
             trainer = training_in_run(2)
             workers[1].send_signal(signal.SIGTERM)
             assert workers[1].wait(30) == 0

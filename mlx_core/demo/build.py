@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, astuple, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from mlx_core.config import ModelArgs
 from mlx_core.cpu_blas import OPENBLAS, openblas_loaded, set_openblas_threads
 from mlx_core.data.formats import TextExample, read_jsonl
 from mlx_core.demo import ASSET_FILES, assets_dir
+from mlx_core.demo.columns import MadeUp
 from mlx_core.demo.pretrain import PretrainConfig, cast_parameters, pretrain
 from mlx_core.demo.quality import SqlQuality, sql_quality
 from mlx_core.demo.schema_corpus import HELD_OUT_FRACTION, generate_examples, write_dataset
@@ -89,6 +90,10 @@ class BuildConfig:
     chat_fraction: float = 0.25
     space_fraction: float = 0.25
     question_loss: bool = True  # the "A:" examples learn their question too (training_set.py)
+    # How often the training tables' column words and names are made up (the measured sets keep
+    # the default). More made-up words trade in-distribution and WikiSQL accuracy for copying
+    # held-out words at the same compute (benchmarks/NOTES.md section 6).
+    made_up: MadeUp = field(default_factory=MadeUp)
     dtype: str = (
         "f32"  # shipped in fp32: on a Linux CPU only fp32 matmuls get a fast BLAS (cpu_blas.py)
     )
@@ -177,7 +182,9 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
 
     data = work / "data"
     log(f"corpus: {config.n_train}/{config.n_valid}/{config.n_test} examples, seed {config.seed}")
-    write_dataset(data, config.n_train, config.n_valid, config.n_test, config.seed)
+    write_dataset(
+        data, config.n_train, config.n_valid, config.n_test, config.seed, made_up=config.made_up
+    )
     train_texts, valid_texts, test_texts = (
         _texts(data / f"{s}.jsonl") for s in ("train", "valid", "test")
     )
@@ -208,7 +215,14 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
     args = config.model.args(tokenizer.vocab_size)
     # What the checkpoints depend on (pretrain() adds its own config and the model's shape).
     identity = {
-        "corpus": [config.seed, config.n_train, wikisql_note, *shapes, config.question_loss],
+        "corpus": [
+            config.seed,
+            config.n_train,
+            wikisql_note,
+            *shapes,
+            config.question_loss,
+            *(() if config.made_up == MadeUp() else astuple(config.made_up)),
+        ],
         "tokenizer_sha256": _sha256(tok_path),
     }
     held = config.seed + 1  # held-out sets: other tables than the training stream's
@@ -371,6 +385,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{flag}", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument(
+        "--made-up-columns",
+        type=float,
+        default=None,
+        help=f"share of training column words that are made up (default {d.made_up.column_word})",
+    )
+    p.add_argument(
+        "--made-up-names",
+        type=float,
+        default=None,
+        help=f"share of training first/last names that are made up (default {d.made_up.name_part})",
+    )
+    p.add_argument(
         "--streams",
         type=int,
         default=None,
@@ -394,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         n_held_out=get("n_held_out", d.n_held_out),
         n_probe=get("n_probe", d.n_probe),
         wikisql_copies=get("wikisql_copies", d.wikisql_copies),
+        made_up=MadeUp(
+            get("made_up_columns", d.made_up.column_word), get("made_up_names", d.made_up.name_part)
+        ),
         tokenizer=replace(d.tokenizer, vocab_size=get("vocab_size", d.tokenizer.vocab_size)),
         model=replace(
             d.model,

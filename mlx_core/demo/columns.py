@@ -33,21 +33,36 @@ MONTHS = (
 
 
 @dataclass(frozen=True)
+class MadeUp:
+    """How often a column word or a person's name is a made-up word instead of a listed one.
+
+    A listed word seen in thousands of tables can be learned by heart; a made-up word is new in
+    every table and can only be copied. The training part uses more of them than the measured
+    parts so the model learns to copy any spelling, while the measured sets stay the same.
+    """
+
+    column_word: float = 0.12
+    name_part: float = 0.25
+
+
+@dataclass(frozen=True)
 class Vocabulary:
     """The words one part of the corpus (training or held out) builds its tables from."""
 
     words: tuple[str, ...]  # topic entries, lower case, some of several words
     people: tuple[str, ...]  # first and last names, lower case
     places: tuple[str, ...]
+    made_up: MadeUp
 
     @classmethod
-    def part(cls, held_out: bool, fraction: float) -> Vocabulary:
+    def part(cls, held_out: bool, fraction: float, made_up: MadeUp) -> Vocabulary:
         """The training part (`held_out` False) or the held-out part of every word list."""
         pick = lambda ws: tuple(split_words(ws, fraction, held_out))  # noqa: E731
         return cls(
             pick(topic_words()),
             pick(names(FIRST_NAMES + LAST_NAMES)),
             pick(names(PLACES + COUNTRIES)),
+            made_up,
         )
 
 
@@ -114,7 +129,7 @@ def table_id(rng: random.Random, v: Vocabulary) -> str:
 
 # -- column names -------------------------------------------------------------------------------
 def _word(rng: random.Random, v: Vocabulary) -> str:
-    return pseudo_word(rng) if rng.random() < 0.12 else rng.choice(v.words)
+    return pseudo_word(rng) if rng.random() < v.made_up.column_word else rng.choice(v.words)
 
 
 def column_name(rng: random.Random, v: Vocabulary) -> str:
@@ -182,8 +197,9 @@ def _cap(word: str) -> str:
 
 
 def person(rng: random.Random, v: Vocabulary) -> str:
-    first = pseudo_word(rng) if rng.random() < 0.25 else rng.choice(v.people)
-    last = pseudo_word(rng) if rng.random() < 0.25 else rng.choice(v.people)
+    share = v.made_up.name_part
+    first = pseudo_word(rng) if rng.random() < share else rng.choice(v.people)
+    last = pseudo_word(rng) if rng.random() < share else rng.choice(v.people)
     name = f"{_cap(first)} {_cap(last)}"
     if rng.random() < 0.1:
         name = f"{_cap(first)[0]}. {_cap(last)}"

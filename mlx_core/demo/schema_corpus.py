@@ -24,6 +24,7 @@ from pathlib import Path
 from mlx_core.demo.columns import (
     NUMBER,
     Column,
+    MadeUp,
     Vocabulary,
     number,
     show,
@@ -164,12 +165,14 @@ def _tables(rng: random.Random, v: Vocabulary) -> Iterator[Table]:
         yield Table(tid, tuple(table_columns(rng, v)))
 
 
-def _stream(seed: int, part: str) -> Iterator[list[str]]:
-    """The examples of one table after another, forever."""
+def _stream(seed: int, part: str, made_up: MadeUp | None = None) -> Iterator[list[str]]:
+    """The examples of one table after another, forever. `made_up` changes the "train" part
+    alone: the measured parts always use `MadeUp()`, so their sets stay comparable."""
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; choose from: {', '.join(PARTS)}")
     held_vocabulary, style_name = PARTS[part]
-    v = Vocabulary.part(held_vocabulary, HELD_OUT_FRACTION)
+    share = made_up if made_up is not None and part == "train" else MadeUp()
+    v = Vocabulary.part(held_vocabulary, HELD_OUT_FRACTION, share)
     style = STYLES[style_name]
     rng = random.Random(f"schema-corpus:{part}:{seed}")
     for table in _tables(rng, v):
@@ -188,9 +191,11 @@ def _take(tables: Iterator[list[str]], n: int) -> list[str]:
     return taken
 
 
-def generate_examples(n: int, seed: int, part: str = "train") -> list[str]:
+def generate_examples(
+    n: int, seed: int, part: str = "train", made_up: MadeUp | None = None
+) -> list[str]:
     """`n` examples of `part` in the seed format ``table: ...\\ncolumns: ...\\nQ: ...\\nA: ...``."""
-    return _take(_stream(seed, part), n)
+    return _take(_stream(seed, part, made_up), n)
 
 
 def to_chat(example: str) -> dict[str, list[dict[str, str]]]:
@@ -212,6 +217,7 @@ def write_dataset(
     seed: int,
     part: str = "train",
     chat_fraction: float = 0.0,
+    made_up: MadeUp | None = None,
 ) -> None:
     """Write train/valid/test.jsonl of `part`; no table appears in two splits.
 
@@ -221,7 +227,7 @@ def write_dataset(
         raise ValueError(f"chat_fraction must be between 0 and 1, got {chat_fraction}")
     if min(n_train, n_valid, n_test) < 0:
         raise ValueError("split sizes must be zero or more examples")
-    tables = _stream(seed, part)
+    tables = _stream(seed, part, made_up)
     chooser = random.Random(f"chat:{seed}")  # own stream: chat_fraction leaves the SQL unchanged
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):

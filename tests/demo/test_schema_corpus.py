@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_core.demo.columns import TYPED, Vocabulary, show
+from mlx_core.demo.columns import TYPED, MadeUp, Vocabulary, show
 from mlx_core.demo.phrasings import HELD_OUT, TRAIN
 from mlx_core.demo.schema_corpus import HELD_OUT_FRACTION, PARTS, generate_examples, write_dataset
 from mlx_core.demo.wikisql_mix import copy_values
@@ -72,7 +72,7 @@ def test_query_kinds_all_show_up(part: tuple[str, list[str]]) -> None:
 
 
 def test_held_out_words_never_reach_the_training_part() -> None:
-    train, held = (Vocabulary.part(h, HELD_OUT_FRACTION) for h in (False, True))
+    train, held = (Vocabulary.part(h, HELD_OUT_FRACTION, MadeUp()) for h in (False, True))
     assert not set(train.words) & set(held.words)
     assert 0.05 < len(held.words) / (len(train.words) + len(held.words)) < 0.2
 
@@ -88,6 +88,30 @@ def test_held_out_words_never_reach_the_training_part() -> None:
     }
     for name in train_names:
         assert not held_words & words([name]), name
+
+
+def test_made_up_share_changes_the_training_tables_alone() -> None:
+    more = MadeUp(column_word=0.6, name_part=0.6)
+    for part in ("vocabulary", "phrasing", "french"):  # the measured sets do not move
+        assert generate_examples(100, 3, part, more) == generate_examples(100, 3, part)
+    listed = {
+        w
+        for entry in Vocabulary.part(False, HELD_OUT_FRACTION, MadeUp()).words
+        for w in re.split(r"[ /]", entry)
+    }
+
+    def unlisted_share(texts: list[str]) -> float:
+        words = [
+            w
+            for t in texts
+            for c in parse_example(t).columns
+            for w in re.findall(r"[a-z]+", c.lower())
+            if len(w) > 2
+        ]
+        return sum(w not in listed for w in words) / len(words)
+
+    default, made_up = (unlisted_share(generate_examples(N, 3, "train", m)) for m in (None, more))
+    assert made_up > default + 0.2, (default, made_up)
 
 
 def test_held_out_phrasings_are_not_training_phrasings() -> None:

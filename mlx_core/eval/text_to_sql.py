@@ -171,7 +171,8 @@ def generate_all(
 ) -> list[Generation]:
     """One generation per case, all queued at once: the engine batches up to its max_num_seqs.
 
-    `constrain="sql"` holds each answer to WikiSQL notation over its own table's columns.
+    `constrain="sql"` holds each answer to WikiSQL notation over its own table's columns, its
+    string values to spans of the question.
     """
     requests = [
         GenerationRequest(
@@ -328,7 +329,8 @@ def _parses(sql: str, ex: SqlExample) -> bool:
 
 def _sql_constraint(case: SqlCase) -> Constraint:
     ex = case.example
-    return Constraint("grammar", wikisql_grammar(ex.table, ex.columns))
+    # values copied from the question, as /v1/sql constrains them by default
+    return Constraint("grammar", wikisql_grammar(ex.table, ex.columns, values_from=ex.question))
 
 
 def evaluate_sql(
@@ -348,7 +350,8 @@ def evaluate_sql(
 
     No stop sequence by default, so `stop_rate` shows whether the model ends with EOS; pass
     stop=("\\n",) to see what a stop sequence rescues. `constrain="sql"` scores the model under
-    the SQL constraint (answers hold to each table's columns), as /v1/sql serves it.
+    the SQL constraint (answers hold to each table's columns, string values to spans of the
+    question), as /v1/sql serves it by default.
     """
     if max_tokens < 1:
         raise EvalError(f"--max-tokens {max_tokens}: use 1 or more (64 fits any WikiSQL answer)")

@@ -57,15 +57,33 @@ def _check_names(kind: str, names: Sequence[str]) -> None:
 
 
 def question_spans(question: str, max_words: int = MAX_VALUE_WORDS) -> list[str]:
-    """Every run of up to `max_words` consecutive words of the question, punctuation trimmed."""
-    words = [w.strip('?.,!"') for w in question.split()]
-    words = [w for w in words if w]
-    spans = {
-        " ".join(words[i:j])
-        for i in range(len(words))
-        for j in range(i + 1, min(len(words), i + max_words) + 1)
-    }
-    return sorted(s for s in spans if "'" not in s and "\n" not in s)
+    """Every run of up to `max_words` consecutive words of the question, as a value may copy it.
+
+    Punctuation is trimmed at a run's ends only, so "May 7, 1995" and "E. Dybais" keep their
+    inner comma and period; a run ending "'s" or "." also gives the run without it ("Anneck's"
+    -> "Anneck", "Jr.." -> "Jr.").
+    """
+    words = question.split()
+    spans: set[str] = set()
+    for i in range(len(words)):
+        for j in range(i + 1, min(len(words), i + max_words) + 1):
+            spans.update(_value_forms(" ".join(words[i:j])))
+    # A quote between two letters ("O'Brien") is part of a value; any other would read as the
+    # value's closing quote.
+    return sorted(s for s in spans if s and not _LONE_QUOTE.search(s))
+
+
+_LONE_QUOTE = re.compile(r"(?<![A-Za-z])'|'(?![A-Za-z])")
+
+
+def _value_forms(span: str) -> set[str]:
+    trimmed = span.strip("?!,;:\"'")
+    forms = {trimmed}
+    if trimmed.endswith("'s"):
+        forms.add(trimmed[:-2])
+    if trimmed.endswith("."):
+        forms.update((trimmed[:-1], trimmed.rstrip(".")))
+    return {f.strip("?!,;:\"'") for f in forms}
 
 
 def wikisql_grammar(table: str, columns: Sequence[str], values_from: str | None = None) -> str:
@@ -76,17 +94,23 @@ def wikisql_grammar(table: str, columns: Sequence[str], values_from: str | None 
         spans = question_spans(values_from)
         text = f'"\'" ({_alternatives(spans)}) "\'"' if spans else "NUMBER"
     else:
-        text = "/'[^'\\n]{1,60}'/"  # WikiSQL's values are short; a bound ends runaway rows
+        # WikiSQL's values are short (a bound ends runaway rows); a quote before a letter is
+        # inside the value ("O'Brien"), any other ends it
+        text = "/'([^'\\n]|'[A-Za-z]){1,60}'/"
     aggregates = " | ".join(f'"{a} "' for a in AGGREGATES)
     operators = " | ".join(f'"{o}"' for o in OPERATORS)
     more = ' (" AND " cond)?' * (MAX_CONDITIONS - 1)
+    # Each column is one lexeme with the space after it: the lexer ends a lexeme only where the
+    # next byte cannot extend any other, so with "Winner" and "Winner 1413" as lexemes and the
+    # space apart, "Winner =" could never be written (at "Winner " it had committed to the
+    # longer name and does not back up).
     return "\n".join(
         [
-            f'start: " "? "SELECT " agg? column " FROM " {_literal(table)} where?',
+            f'start: " "? "SELECT " agg? column "FROM " {_literal(table)} where?',
             f"agg: {aggregates}",
-            f"column: {_alternatives(columns)}",
+            f"column: {_alternatives([c + ' ' for c in columns])}",
             f'where: " WHERE " cond{more}',
-            'cond: column " " op " " value',
+            'cond: column op " " value',
             f"op: {operators}",
             "value: string | NUMBER",
             f"string: {text}",

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--constrain",
         choices=["sql"],
         default=None,
-        help="generate under the SQL constraint (answers hold to each table's columns)",
+        help="generate under the SQL constraint, as /v1/sql does by default (answers hold to "
+        "each table's columns, string values to spans of the question)",
     )
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(run=run_eval)

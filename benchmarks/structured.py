@@ -9,7 +9,10 @@ the unconstrained run. Every row samples at temperature 0.8 for exactly --gen-to
 ignored; each constraint is built so it cannot be finished sooner), so the counts compare. Also
 the compile time of each constraint (grammar text -> llguidance grammar, then the first matcher
 built against the vocabulary, then its first mask, when llguidance builds the lexer), and the
-vocabulary's build time. mlx-lm has no structured outputs (its server neither rejects nor
+vocabulary's build time. Each constrained cell also has `per_step_ms`: the engine thread's
+time per constrained step, the part spent waiting for the previous tokens (the device), advancing
+the matchers, the part
+blocked waiting for the mask thread, and the masks' own compute time. mlx-lm has no structured outputs (its server neither rejects nor
 applies a constraint), so there is no mlx-lm column.
 """
 
@@ -71,6 +74,18 @@ def run_batch(engine, prompt, params, constraint, n: int) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def per_step_ms(times) -> dict[str, float]:
+    """A run's ConstrainedStepTimes as milliseconds per constrained step."""
+    steps = max(times.steps, 1)
+    return {
+        "step": times.step_s / steps * 1e3,
+        "read_tokens": times.read_s / steps * 1e3,
+        "advance": times.take_s / steps * 1e3,
+        "wait_for_masks": times.wait_s / steps * 1e3,
+        "masks": times.mask_s / steps * 1e3,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(p)
@@ -79,7 +94,7 @@ def main() -> None:
     ns = p.parse_args()
     path, tmp = prepare_model(ns)
 
-    from mlx_core.engine import Engine
+    from mlx_core.engine import ConstrainedStepTimes, Engine
     from mlx_core.sampling import SamplingParams
     from mlx_core.structured import Constraint, RowMatcher, compile_grammar, vocabulary
     from mlx_core.structured.vocab import build_vocabulary
@@ -117,14 +132,27 @@ def main() -> None:
     for n in CONCURRENCY:
         # Kinds take turns within each round, so a noisy neighbour on the host hits all alike.
         tps: dict[str, list[float]] = {name: [] for name in kinds}
+        step_ms: dict[str, list[dict[str, float]]] = {name: [] for name in SPECS}
         for _ in range(ns.runs):
             for name, constraint in kinds.items():
+                engine.constrained_times = ConstrainedStepTimes()
                 seconds, tokens = run_batch(engine, prompt, params, constraint, n)
                 assert tokens == n * ns.gen_tokens, (name, tokens)
                 tps[name].append(tokens / seconds)
-        row = {name: {"tokens_per_s": round(statistics.median(v), 1)} for name, v in tps.items()}
+                if name in step_ms:
+                    step_ms[name].append(per_step_ms(engine.constrained_times))
+        row: dict[str, dict[str, object]] = {
+            name: {"tokens_per_s": round(statistics.median(v), 1)} for name, v in tps.items()
+        }
         for name in SPECS:
-            row[name]["vs_none"] = round(row[name]["tokens_per_s"] / row["none"]["tokens_per_s"], 3)
+            row[name]["vs_none"] = round(
+                statistics.median(tps[name]) / statistics.median(tps["none"]), 3
+            )
+            # host time of a constrained step: where to look when a kind costs more than it should
+            row[name]["per_step_ms"] = {
+                k: round(statistics.median(r[k] for r in step_ms[name]), 3)
+                for k in step_ms[name][0]
+            }
         results[f"concurrent_{n}"] = row
         mx.clear_cache()
     results["compile"] = {k: {m: round(v, 2) for m, v in d.items()} for k, d in compile_ms.items()}

@@ -87,6 +87,19 @@ class GenerationOutput:
 
 
 @dataclass
+class ConstrainedStepTimes:
+    """Where the host time of constrained decode steps goes, summed since the last reset
+    (benchmarks/structured.py reports it per step; nothing else reads it)."""
+
+    steps: int = 0
+    step_s: float = 0.0  # whole constrained steps, engine thread
+    read_s: float = 0.0  # waiting for the previous step's tokens (the device)
+    take_s: float = 0.0  # turning them into row state: advancing the matchers
+    wait_s: float = 0.0  # blocked on the mask thread after the text was done
+    mask_s: float = 0.0  # computing masks (mask thread, or inline for a lone row)
+
+
+@dataclass
 class _Row:
     """What a request runs as, built on the caller's thread so a bad constraint fails there."""
 
@@ -180,6 +193,7 @@ class Engine:
         self._pending: list[tuple[SampleResult, list[_Sequence]]] = []
         self._aborted: set[str] = set()
         self._masks: MaskComputer | None = None  # built with the first constrained row
+        self.constrained_times = ConstrainedStepTimes()
         self._device_is_host = mx.default_device() == mx.cpu
 
     @property
@@ -451,11 +465,17 @@ class Engine:
         queued first (on the previous tokens still on the device), then the host reads those
         tokens, advances the matchers and has the next masks computed on the mask thread while it
         turns the tokens into text; the masked sampling is a small graph of its own."""
+        times, started = self.constrained_times, time.perf_counter()
         logits, pending = None, None
         if not self._device_is_host and not self._all_done():
             logits = self._forward_pending()
             mx.async_eval(logits)  # the device runs the forward while the host does the rest
+        took = time.perf_counter()
+        mx.eval([result.tokens for result, _ in self._pending])  # the wait for the device
+        read = time.perf_counter()
         taken = [t for result, seqs in self._pending for t in self._take(result, seqs, outs)]
+        times.read_s += read - took
+        times.take_s += time.perf_counter() - read
         if not self._all_done():
             pending = self._submit_masks(self.running)
             if logits is None:
@@ -466,11 +486,18 @@ class Engine:
                 mx.async_eval(logits)
         outs.extend(self._emit(*t) for t in taken)
         # (No future: the constrained rows just ended, the others still sample.)
-        masks = self._collect_masks(self.running, pending.result() if pending else None, outs)
+        waited = time.perf_counter()
+        batch = pending.result() if pending else None
+        times.wait_s += time.perf_counter() - waited
+        if batch is not None:
+            times.mask_s += batch.seconds
+        masks = self._collect_masks(self.running, batch, outs)
         if logits is None or self._all_done():  # stop strings, failed matchers ended every row
             return None
         result = sample(logits, [s.sampler for s in self.running], masks)
         mx.async_eval(_arrays(result))
+        times.steps += 1
+        times.step_s += time.perf_counter() - started
         return result, list(self.running)
 
     def _submit_masks(self, seqs: Sequence[_Sequence]) -> Future[MaskBatch] | None:

@@ -13,6 +13,7 @@ A stopped constraint allows only EOS, and the engine ends that row with finish_r
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -115,6 +116,7 @@ class MaskBatch:
 
     masks: TokenMasks | None
     failed: dict[int, Exception]  # row index -> the constraint's error: end that row
+    seconds: float = 0.0  # how long computing them took
 
 
 class MaskComputer:
@@ -149,8 +151,9 @@ class MaskComputer:
     def compute_isolated(self, rows: Sequence[TokenConstraint | None]) -> MaskBatch:
         """compute(rows), but a row whose constraint raises is left unmasked and named in
         `failed` instead of failing the batch."""
+        started = time.perf_counter()
         try:
-            return MaskBatch(self.compute(rows), {})
+            return MaskBatch(self.compute(rows), {}, time.perf_counter() - started)
         except Exception:  # find the rows whose matcher fails; mask the others
             failed: dict[int, Exception] = {}
             for i, row in enumerate(rows):
@@ -160,7 +163,7 @@ class MaskComputer:
                     except Exception as e:
                         failed[i] = e
             rest = [None if i in failed else row for i, row in enumerate(rows)]
-            return MaskBatch(self.compute(rest), failed)
+            return MaskBatch(self.compute(rest), failed, time.perf_counter() - started)
 
     def submit(self, rows: Sequence[TokenConstraint | None]) -> Future[MaskBatch]:
         """compute_isolated(rows) on the worker thread (llguidance releases the GIL while it

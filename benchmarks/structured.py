@@ -10,10 +10,10 @@ ignored; each constraint is built so it cannot be finished sooner), so the count
 the compile time of each constraint (grammar text -> llguidance grammar, then the first matcher
 built against the vocabulary, then its first mask, when llguidance builds the lexer), and the
 vocabulary's build time. Each constrained cell also has `per_step_ms`: the engine thread's
-time per constrained step, the part spent waiting for the previous tokens (the device), advancing
-the matchers, the part
-blocked waiting for the mask thread, and the masks' own compute time. mlx-lm has no structured outputs (its server neither rejects nor
-applies a constraint), so there is no mlx-lm column.
+time per constrained step, and within it the wait for the previous tokens (the device), advancing
+the matchers and the wait for the mask thread, beside the masks' own compute time. mlx-lm has no
+structured outputs (its server neither rejects nor applies a constraint), so there is no mlx-lm
+column.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def per_step_ms(times) -> dict[str, float]:
     return {
         "step": times.step_s / steps * 1e3,
         "read_tokens": times.read_s / steps * 1e3,
-        "advance": times.take_s / steps * 1e3,
+        "advance": times.advance_s / steps * 1e3,
         "wait_for_masks": times.wait_s / steps * 1e3,
         "masks": times.mask_s / steps * 1e3,
     }

@@ -94,7 +94,7 @@ class ConstrainedStepTimes:
     steps: int = 0
     step_s: float = 0.0  # whole constrained steps, engine thread
     read_s: float = 0.0  # waiting for the previous step's tokens (the device)
-    take_s: float = 0.0  # turning them into row state: advancing the matchers
+    advance_s: float = 0.0  # turning them into row state: advancing the matchers
     wait_s: float = 0.0  # blocked on the mask thread after the text was done
     mask_s: float = 0.0  # computing masks (mask thread, or inline for a lone row)
 
@@ -475,7 +475,7 @@ class Engine:
         read = time.perf_counter()
         taken = [t for result, seqs in self._pending for t in self._take(result, seqs, outs)]
         times.read_s += read - took
-        times.take_s += time.perf_counter() - read
+        times.advance_s += time.perf_counter() - read
         if not self._all_done():
             pending = self._submit_masks(self.running)
             if logits is None:

@@ -221,6 +221,7 @@ def build(config: BuildConfig, out: Path, work: Path, resume: bool, wikisql: Pat
             wikisql_note,
             *shapes,
             config.question_loss,
+            # only when changed: checkpoints of the shipped recipe keep their identity
             *(() if config.made_up == MadeUp() else astuple(config.made_up)),
         ],
         "tokenizer_sha256": _sha256(tok_path),

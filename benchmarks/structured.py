@@ -79,6 +79,7 @@ def per_step_ms(times) -> dict[str, float]:
     steps = max(times.steps, 1)
     return {
         "step": times.step_s / steps * 1e3,
+        "forward": times.forward_s / steps * 1e3,
         "read_tokens": times.read_s / steps * 1e3,
         "advance": times.advance_s / steps * 1e3,
         "wait_for_masks": times.wait_s / steps * 1e3,

@@ -5,9 +5,9 @@ and `call` (all thread-safe). A step launches the next batched decode before it 
 tokens of the previous one, so Python's work overlaps the accelerator's (MLX evaluates lazily).
 Rows that finished in the meantime are dropped afterwards; their extra token is discarded.
 While a row has an active output constraint (mlx_core/structured) the step splits instead: it
-launches the forward, reads back the previous tokens to advance the matchers, has the next masks
-computed on the mask thread while it detokenizes and the device runs, then samples in a small
-graph of its own; batches without one keep the pipelined path.
+builds the forward, reads back the previous tokens to advance the matchers, hands the next masks
+to the mask thread, then queues the forward and detokenizes while they are computed, and samples
+in a small graph of its own; batches without one keep the pipelined path.
 
 A failure that belongs to one row (its sampler, its adapter, its constraint) ends that row alone
 with finish_reason "error" and the exception in `GenerationOutput.error`; a failing prefill ends
@@ -93,6 +93,7 @@ class ConstrainedStepTimes:
 
     steps: int = 0
     step_s: float = 0.0  # whole constrained steps, engine thread
+    forward_s: float = 0.0  # building the forward's graph and queueing it (encoding it on a GPU)
     read_s: float = 0.0  # waiting for the previous step's tokens (the device)
     advance_s: float = 0.0  # turning them into row state: advancing the matchers
     wait_s: float = 0.0  # blocked on the mask thread after the text was done
@@ -194,7 +195,6 @@ class Engine:
         self._aborted: set[str] = set()
         self._masks: MaskComputer | None = None  # built with the first constrained row
         self.constrained_times = ConstrainedStepTimes()
-        self._device_is_host = mx.default_device() == mx.cpu
 
     @property
     def vocab(self) -> Vocabulary:
@@ -461,29 +461,31 @@ class Engine:
     def _constrained_decode(
         self, outs: list[GenerationOutput]
     ) -> tuple[SampleResult, list[_Sequence]] | None:
-        """A decode step whose sampling needs masks from the previous tokens: the forward is
-        queued first (on the previous tokens still on the device), then the host reads those
-        tokens, advances the matchers and has the next masks computed on the mask thread while it
-        turns the tokens into text; the masked sampling is a small graph of its own."""
+        """A decode step whose sampling needs masks from the previous tokens. The forward's graph
+        is built first (on the previous tokens, still lazy on the device); then the host reads
+        those tokens, advances the matchers and hands the next masks to the mask thread before
+        it queues the forward, so the masks are computed while MLX encodes and runs the forward
+        (eval drops the GIL) and while the host turns the tokens into text; the masked sampling
+        is a small graph of its own."""
         times, started = self.constrained_times, time.perf_counter()
         logits, pending = None, None
-        if not self._device_is_host and not self._all_done():
-            logits = self._forward_pending()
-            mx.async_eval(logits)  # the device runs the forward while the host does the rest
-        took = time.perf_counter()
+        if not self._all_done():
+            logits = self._forward_pending()  # Python builds the graph; nothing runs yet
+        built = time.perf_counter()
         mx.eval([result.tokens for result, _ in self._pending])  # the wait for the device
         read = time.perf_counter()
         taken = [t for result, seqs in self._pending for t in self._take(result, seqs, outs)]
-        times.read_s += read - took
+        times.forward_s += built - started
+        times.read_s += read - built
         times.advance_s += time.perf_counter() - read
         if not self._all_done():
             pending = self._submit_masks(self.running)
-            if logits is None:
-                # MLX's CPU backend computes the graph inside async_eval (it lets only a few tasks
-                # be in flight), so there the forward overlaps the masks only when they are on
-                # the mask thread first; the tokens it waits for are ready by then anyway.
-                logits = self._forward_pending()
-                mx.async_eval(logits)
+            # Queued only now: encoding a 7B forward takes milliseconds of host time (computing
+            # it, on MLX's CPU backend), which is when the masks are computed beside it. Queued
+            # before the masks, its encoding and the masks would take their sum, not their max.
+            queued = time.perf_counter()
+            mx.async_eval(logits)
+            times.forward_s += time.perf_counter() - queued
         outs.extend(self._emit(*t) for t in taken)
         # (No future: the constrained rows just ended, the others still sample.)
         waited = time.perf_counter()
@@ -738,9 +740,9 @@ class Engine:
             mx.eval(job.cache.keys + job.cache.values)
             return budget
         self.prefilling.pop(0)
-        if any(s.constrained for s in job.seqs):
-            mx.async_eval(logits)  # the device runs the prompt while the host builds masks
         pending = self._submit_masks(job.seqs)
+        if pending is not None:
+            mx.async_eval(logits)  # the prompt's last chunk is encoded and run beside the masks
         masks = self._collect_masks(job.seqs, pending.result() if pending else None, outs)
         result = sample(logits[:, -1, :], [s.sampler for s in job.seqs], masks)
         mx.async_eval(_arrays(result))

@@ -186,6 +186,7 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.adapter_slots = adapter_slots
         use_fast_kernels(model)
+        tokenizer.appended_texts()  # the detokenizer's table (~0.2 s), not the first request's
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[_Sequence] = deque()
         self.prefilling: list[_Prefill] = []

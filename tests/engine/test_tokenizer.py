@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -451,3 +452,39 @@ def test_empty_system_message_is_ignored_like_mistral_common(tok: Tokenizer) -> 
 def test_chat_rejects_malformed_conversations(tok, messages, add_generation_prompt, match) -> None:
     with pytest.raises(ValueError, match=match):
         tok.encode_chat(_chat(messages), add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streaming_table_path_matches_the_window_path(tok: Tokenizer, sp, seed: int, monkeypatch):
+    """Random ids of every kind (plain pieces, "▁", byte fallback that does and does not make a
+    character, control ids, unknown) after random prompts: the per-token table lookup must emit
+    exactly what decoding the window emits."""
+    rng = random.Random(seed)
+    table = tok.appended_texts()
+    plain = [i for i in range(tok.vocab_size) if table[i] is not None]
+    parrot = tok.encode("🦜", add_bos=False)[-4:]
+    kinds = [
+        lambda: [rng.choice(plain)],
+        lambda: [sp.piece_to_id("▁")],
+        lambda: [sp.piece_to_id(f"<0x{rng.randrange(256):02X}>")],
+        lambda: list(parrot),
+        lambda: [rng.choice([tok.bos_id, tok.eos_id, tok.unk_id])],
+    ]
+    weights = [70, 6, 8, 8, 8]
+    for _ in range(20):
+        ids = [i for _ in range(60) for i in rng.choices(kinds, weights)[0]()]
+        prompt = [i for _ in range(rng.randrange(3)) for i in rng.choices(kinds, weights)[0]()]
+        fast = _stream(tok, ids, prompt)
+        with monkeypatch.context() as m:
+            m.setattr(tok, "appended_texts", lambda: ())
+            assert _stream(tok, ids, prompt) == fast
+
+
+def test_streaming_looks_up_most_tokens_without_decoding(tok: Tokenizer, monkeypatch) -> None:
+    text = "Select the name of every player whose team won more than 3 games in 2019, sorted. " * 20
+    ids = tok.encode(text, add_bos=False)
+    calls = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda window: calls.append(1) or decode(window))
+    _stream(tok, ids)
+    assert len(calls) < len(ids) / 10  # the window path only around byte-fallback characters

@@ -73,7 +73,9 @@ class MultiLoRALinear(nn.Module):
         if self._ctx.ids is None or self._a is None or self._b is None:
             return y
         z = (x @ self._a) * self._ctx.mask(self._width, x.dtype)
-        return y + z @ self._b
+        # addmm: the second product and the sum in one kernel (one launch of four per projection
+        # fewer each step, where launches bound a GPU decode; and the sum is rounded once)
+        return mx.addmm(y, z, self._b)
 
     def set_slot(self, slot: int, ab: tuple[mx.array, mx.array] | None, dtype: mx.Dtype) -> None:
         """Write one slot's A (in, r) and B (r, out) (None clears the slot)."""

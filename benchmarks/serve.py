@@ -6,7 +6,9 @@
 Each client sends one streaming completion (a ~100-token prompt of its own, 128 new tokens,
 greedy). Prints JSON per server and client count: aggregate generated tokens/s, median and p99
 time to first token. With --adapters K, loraforge is also measured with K distinct LoRA adapters
-in the mix (client i uses adapter i % K) against its single-model figure.
+in the mix (client i uses adapter i % K) against its single-model figure. --engine-alone first
+hands the same clients to an in-process Engine (no HTTP), which splits the server's TTFT and
+tok/s into the engine's part and the HTTP layer's; --repeats N reports the median of N rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import add_model_arguments, prepare_model, report
+from benchmarks.common import add_model_arguments, free_memory, prepare_model, report
 
 WORDS = (
     "table player team score season goals coach city stadium year round match points "
@@ -152,6 +154,76 @@ def measure(
     }
 
 
+def engine_alone(path: Path, texts: list[str], client_counts: list[int], ns) -> list[dict]:
+    """The same clients (prompts, arriving 2 ms apart, greedy, ignore_eos, a warm-up round
+    first) handed straight to an in-process `Engine` with the server's prefix cache, no HTTP:
+    the part of the server's TTFT and tok/s that is the engine's own. (mlx-lm has no engine to
+    compare here; its server is measured below.)"""
+    import threading
+
+    from mlx_core.engine import Engine, GenerationRequest
+    from mlx_core.sampling import SamplingParams
+    from mlx_core.weights import load_model
+
+    loaded = load_model(path)
+    tok = loaded.tokenizer
+    engine = Engine(
+        loaded.model,
+        tok,
+        max_num_seqs=max(32, max(client_counts)),
+        prefix_cache_tokens=loaded.kv_tokens_in(512 * 2**20),  # the server's --prefix-cache-mb
+    )
+    ids = [tok.encode(t) for t in texts]
+    rounds_run = 0
+
+    def one_round(clients: int, max_tokens: int) -> dict:
+        nonlocal rounds_run
+        rounds_run += 1
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        sent: dict[str, float] = {}
+        first: dict[str, float] = {}
+
+        def arrive() -> None:
+            for i in range(clients):
+                rid = f"{rounds_run}-{i}"
+                sent[rid] = time.perf_counter()
+                engine.add_request(GenerationRequest(rid, ids[i], params))
+                time.sleep(0.002)
+
+        feeder = threading.Thread(target=arrive)
+        start = time.perf_counter()
+        feeder.start()
+        tokens = 0
+        while feeder.is_alive() or engine.has_work():
+            for out in engine.step():
+                tokens += len(out.tokens)
+                if out.tokens and out.request_id not in first:
+                    first[out.request_id] = time.perf_counter()
+        wall = time.perf_counter() - start
+        ttft = sorted(first[r] - sent[r] for r in first)
+        return {
+            "clients": clients,
+            "generated_tokens": tokens,
+            "aggregate_tps": round(tokens / wall, 1),
+            "ttft_median_s": round(statistics.median(ttft), 3),
+            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
+            "wall_s": round(wall, 2),
+        }
+
+    rows = []
+    for clients in client_counts:
+        one_round(clients, 16)
+        rounds = sorted(
+            (one_round(clients, ns.max_tokens) for _ in range(ns.repeats)),
+            key=lambda r: r["aggregate_tps"],
+        )
+        row = rounds[len(rounds) // 2]
+        if ns.repeats > 1:
+            row["aggregate_tps_rounds"] = [r["aggregate_tps"] for r in rounds]
+        rows.append(row)
+    return rows
+
+
 def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -215,6 +287,11 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=0)
     p.add_argument("--skip-mlx-lm", action="store_true")
     p.add_argument(
+        "--engine-alone",
+        action="store_true",
+        help="also run the clients against an in-process Engine (no HTTP) first",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -226,6 +303,9 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     max_clients = max(ns.clients)
     texts = prompts(max_clients, ns.prompt_words)
+    if ns.engine_alone:
+        results["loraforge_engine_alone"] = engine_alone(path, texts, ns.clients, ns)
+        free_memory()  # its model is gone with the call; the server about to start needs the room
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
         url = f"http://127.0.0.1:{port}"

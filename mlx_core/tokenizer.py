@@ -24,7 +24,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 _ANCHOR_PIECE = "▁a"  # a plain piece with a leading space: what tells whether text has begun
 
 # Tokenizer.appended_texts by the sentencepiece model's bytes: many Tokenizer objects (one per
-# loaded model, several in a test run) share one model, and building the table takes ~0.1 s.
+# loaded model, several in a test run) share one model, and building the table takes ~0.2 s for 32,000 ids.
 _APPENDED_TEXTS: dict[bytes, tuple[str | None, ...]] = {}
 _APPENDED_LOCK = threading.Lock()
 
@@ -202,11 +202,11 @@ class Tokenizer:
     def appended_texts(self) -> tuple[str | None, ...]:
         """Per id, the text the token adds after text that has begun: its piece with "▁" read as a
         space (an ASCII byte-fallback id: its character); None for control and unknown ids, the
-        bytes of longer characters, and for any id that fails the check
-        below, which the streaming detokenizer then decodes in a window (all of them when the
-        table is empty: a vocabulary without the piece "▁a" to check with). Each id is checked
-        against sentencepiece itself: after a plain piece it must add exactly that text, and a
-        leading-space piece after it must keep its space (so the id alone begins the text)."""
+        bytes of longer characters and any id that fails the check below, which the streaming
+        detokenizer then decodes in a window (all ids, when the table is empty: a vocabulary
+        without the piece "▁a" to check with). Each id is checked against sentencepiece itself:
+        after a plain piece it must add exactly that text, and a leading-space piece after it
+        must keep its space (so the id alone begins the text)."""
         if self._appended is None:
             key = hashlib.sha256(self._sp.serialized_model_proto()).digest()
             with _APPENDED_LOCK:

@@ -24,7 +24,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 _ANCHOR_PIECE = "▁a"  # a plain piece with a leading space: what tells whether text has begun
 
 # Tokenizer.appended_texts by the sentencepiece model's bytes: many Tokenizer objects (one per
-# loaded model, several in a test run) share one model, and building the table takes ~0.2 s for 32,000 ids.
+# loaded model, several in a test run) share one model; the table takes ~0.2 s for 32,000 ids.
 _APPENDED_TEXTS: dict[bytes, tuple[str | None, ...]] = {}
 _APPENDED_LOCK = threading.Lock()
 
@@ -104,6 +104,7 @@ class Tokenizer:
         }
         longest_first = sorted(self._special_ids, key=len, reverse=True)
         self._appended: tuple[str | None, ...] | None = None  # appended_texts(), built on first use
+        self._anchor = processor.piece_to_id(_ANCHOR_PIECE)  # unknown in a vocabulary without it
         self._special_split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     @classmethod
@@ -215,13 +216,16 @@ class Tokenizer:
             self._appended = texts
         return self._appended
 
+    def begins_text(self, ids: Sequence[int]) -> bool:
+        """Whether `ids` decode as text that has begun: a leading-space piece after them keeps its
+        space (after nothing, or only control ids, decode drops it)."""
+        return bool(ids) and self.decode([*ids, self._anchor]) == self.decode(ids) + " a"
+
     def _appended_texts(self) -> tuple[str | None, ...]:
-        sp = self._sp
-        anchor = sp.piece_to_id(_ANCHOR_PIECE)
+        sp, anchor = self._sp, self._anchor
         if sp.is_unknown(anchor):  # a vocabulary without it: every token takes the window path
             return ()
         base = sp.decode([anchor])
-        after = " a"  # what the anchor adds once text has begun
         texts: list[str | None] = []
         for i in range(self.vocab_size):
             byte = self._byte_of.get(i)
@@ -235,8 +239,7 @@ class Tokenizer:
                 text = chr(byte)
             else:
                 text = sp.id_to_piece(i).replace("▁", " ")
-            alone = sp.decode([i])
-            ok = sp.decode([anchor, i]) == base + text and sp.decode([i, anchor]) == alone + after
+            ok = sp.decode([anchor, i]) == base + text and self.begins_text([i])
             texts.append(text if ok else None)
         return tuple(texts)
 
@@ -342,12 +345,7 @@ class StreamingDetokenizer:
     def _has_begun(self) -> bool:
         """Whether the emitted window has begun the text, so that a piece's leading "▁" after it
         reads as a space (after nothing, or only control tokens, decode drops it)."""
-        window = self._window[: self._read]
-        if not window or not self._appended:
-            return False
-        decode = self._tokenizer.decode
-        anchor = self._tokenizer._sp.piece_to_id(_ANCHOR_PIECE)
-        return decode([*window, anchor]) == decode(window) + " a"
+        return bool(self._appended) and self._tokenizer.begins_text(self._window[: self._read])
 
 
 def _ends_mid_character(tokenizer: Tokenizer, ids: list[int]) -> bool:

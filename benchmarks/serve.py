@@ -122,10 +122,29 @@ async def load(
         "per_client_tps": round(
             statistics.median(r[1] / max(r[2] - r[0], 1e-9) for r in results), 1
         ),
-        "ttft_median_s": round(statistics.median(ttft), 3),
-        "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
+        **ttft_figures(ttft),
         "wall_s": round(wall, 2),
         "failed": clients - len(results),
+    }
+
+
+def ttft_figures(ttft: list[float]) -> dict[str, float]:
+    """Median and p99 of sorted times to first token."""
+    return {
+        "ttft_median_s": round(statistics.median(ttft), 3),
+        "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
+    }
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median aggregate tok/s, every round's figure beside it (one round:
+    that round as it is)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    rounds = sorted(rounds, key=lambda r: r.get("aggregate_tps", 0.0))
+    return {
+        **rounds[len(rounds) // 2],
+        "aggregate_tps_rounds": [r.get("aggregate_tps") for r in rounds],
     }
 
 
@@ -142,16 +161,9 @@ def measure(
     is not what we measure), then `repeats` measured rounds; the same for every server. The
     round with the median aggregate tok/s is reported, with every round's figure beside it."""
     asyncio.run(load(url, models, texts, clients, 16, extra))
-    rounds = [
-        asyncio.run(load(url, models, texts, clients, max_tokens, extra)) for _ in range(repeats)
-    ]
-    if repeats == 1:
-        return rounds[0]
-    rounds.sort(key=lambda r: r.get("aggregate_tps", 0.0))
-    return {
-        **rounds[len(rounds) // 2],
-        "aggregate_tps_rounds": [r.get("aggregate_tps") for r in rounds],
-    }
+    return median_round(
+        [asyncio.run(load(url, models, texts, clients, max_tokens, extra)) for _ in range(repeats)]
+    )
 
 
 def engine_alone(path: Path, texts: list[str], client_counts: list[int], ns) -> list[dict]:
@@ -205,22 +217,14 @@ def engine_alone(path: Path, texts: list[str], client_counts: list[int], ns) -> 
             "clients": clients,
             "generated_tokens": tokens,
             "aggregate_tps": round(tokens / wall, 1),
-            "ttft_median_s": round(statistics.median(ttft), 3),
-            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 3),
+            **ttft_figures(ttft),
             "wall_s": round(wall, 2),
         }
 
     rows = []
     for clients in client_counts:
         one_round(clients, 16)
-        rounds = sorted(
-            (one_round(clients, ns.max_tokens) for _ in range(ns.repeats)),
-            key=lambda r: r["aggregate_tps"],
-        )
-        row = rounds[len(rounds) // 2]
-        if ns.repeats > 1:
-            row["aggregate_tps_rounds"] = [r["aggregate_tps"] for r in rounds]
-        rows.append(row)
+        rows.append(median_round([one_round(clients, ns.max_tokens) for _ in range(ns.repeats)]))
     return rows
 
 

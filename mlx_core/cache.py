@@ -195,6 +195,16 @@ class KVCache:
             for k, v in self._held()
         ]
 
+    def truncated(self, length: int) -> KVCache:
+        """The first `length` positions of a one-row cache made by `from_prefix` (views, no
+        copy)."""
+        if self.batch_size != 1 or self.pad != [0] or self.start != 0:
+            raise ValueError("only a one-row cache that starts at its first token can be truncated")
+        if not 0 < length <= self.offset:
+            raise ValueError(f"cannot keep {length} of the {self.offset} positions held")
+        layers = [(k[..., :length, :], v[..., :length, :]) for k, v in self._held()]
+        return KVCache.from_prefix(layers, self.window, self.step)
+
     @classmethod
     def from_prefix(
         cls, layers: Sequence[tuple[mx.array, mx.array]], window: int | None, step: int = 256

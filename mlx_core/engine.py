@@ -654,7 +654,8 @@ class Engine:
         return sum(len(s.prompt) + s.req.params.max_tokens for s in seqs)
 
     def _admit(self, outs: list[GenerationOutput]) -> None:
-        group: list[_Sequence] = []
+        group: list[_Sequence] = []  # rows with nothing cached: prefilled together
+        hits: list[tuple[_Sequence, KVCache]] = []  # rows with a cached prefix
         used = self._kv_tokens_in_use()
         while self.waiting and self.num_running + len(group) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -688,11 +689,11 @@ class Engine:
                 self._release(seq)
                 continue
             if prefix is not None:
-                seq.cached_tokens = prefix.offset
-                rest = np.array([seq.prompt[prefix.offset :]], dtype=np.int32)
-                self.prefilling.append(_Prefill([seq], prefix, rest))
+                hits.append((seq, prefix))
             else:
                 group.append(seq)
+        for hit_group in _hit_groups(hits):
+            self._queue_hits(hit_group, outs)
         if group:
             longest = max(len(s.prompt) for s in group)
             pad = [longest - len(s.prompt) for s in group]
@@ -707,6 +708,34 @@ class Engine:
                     self._release(s)
                 return
             self.prefilling.append(_Prefill(group, cache, tokens))
+
+    def _queue_hits(
+        self, hits: list[tuple[_Sequence, KVCache]], outs: list[GenerationOutput]
+    ) -> None:
+        """One prefill job for rows whose prompts start with cached prefixes: every row feeds the
+        group's longest remainder, recomputing a few cached tokens where its own is shorter, so
+        no row has a hole between its prefix and the rest (the cache knows only left padding)."""
+        if len(hits) == 1:
+            seq, prefix = hits[0]
+            seq.cached_tokens = prefix.offset
+            rest = np.array([seq.prompt[prefix.offset :]], dtype=np.int32)
+            self.prefilling.append(_Prefill([seq], prefix, rest))
+            return
+        feed = max(len(seq.prompt) - prefix.offset for seq, prefix in hits)
+        seqs = [seq for seq, _ in hits]
+        try:
+            cache = KVCache.merge(
+                [prefix.truncated(len(seq.prompt) - feed) for seq, prefix in hits]
+            )
+        except Exception as e:  # no memory for this group's cache: it alone ends
+            for s in seqs:
+                outs.append(self._fail(s, e))
+                self._release(s)
+            return
+        for s in seqs:
+            s.cached_tokens = len(s.prompt) - feed
+        tokens = np.array([s.prompt[len(s.prompt) - feed :] for s in seqs], dtype=np.int32)
+        self.prefilling.append(_Prefill(seqs, cache, tokens))
 
     def _advance_prefills(self, outs: list[GenerationOutput]) -> None:
         budget = self.prefill_budget
@@ -759,6 +788,35 @@ class Engine:
             self.cache = KVCache.merge([self.cache, job.cache])
         self.running += job.seqs
         self._pending.append((result, list(job.seqs)))
+
+
+# How many cached tokens a row may recompute to join a group of prefix hits. One forward for
+# many rows instead of one each is the point: on a GPU a batch-1 forward of a 7B model costs as
+# much as ~200 tokens of a batched one, and 32 hits were 32 forwards before the first token of
+# the last (0.35-0.42 s of TTFT at 32 clients on the H200, benchmarks/NOTES.md section 10).
+HIT_GROUP_SLACK = 64
+
+
+def _hit_groups(
+    hits: list[tuple[_Sequence, KVCache]],
+) -> list[list[tuple[_Sequence, KVCache]]]:
+    """Prefix hits grouped so that each row of a group feeds at most HIT_GROUP_SLACK tokens more
+    than its own remainder, and keeps at least one cached token (a cache holds some)."""
+    groups: list[list[tuple[_Sequence, KVCache]]] = []
+    first_rest = shortest = 0
+    for seq, prefix in sorted(hits, key=lambda h: len(h[0].prompt) - h[1].offset):
+        rest = len(seq.prompt) - prefix.offset
+        if (
+            groups
+            and rest - first_rest <= HIT_GROUP_SLACK
+            and min(shortest, len(seq.prompt)) > rest
+        ):
+            groups[-1].append((seq, prefix))
+            shortest = min(shortest, len(seq.prompt))
+        else:
+            groups.append([(seq, prefix)])
+            first_rest, shortest = rest, len(seq.prompt)
+    return groups
 
 
 def _arrays(r: SampleResult) -> list[mx.array]:

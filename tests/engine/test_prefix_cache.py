@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlx_core.engine import Engine
+from mlx_core.engine import Engine, GenerationRequest
 from mlx_core.sampling import SamplingParams
 
 
@@ -21,3 +21,31 @@ def test_reused_prefixes_give_the_same_tokens(tiny_model):
         got = [t for out in warm.generate(prompt, params, request_id=f"w{i}") for t in out.tokens]
         assert got == want
     assert warm.prefix_cache.hits == 3
+
+
+def test_prefix_hits_admitted_together_prefill_as_one_batch(tiny_model):
+    """Rows whose prompts start with cached prefixes of different lengths, arriving together,
+    are prefilled in one job (one forward per chunk, not one per row) and still give the tokens
+    each prompt gives when computed from nothing."""
+    rng = np.random.RandomState(5)
+    a = rng.randint(3, 32000, size=70).tolist()
+    b = rng.randint(3, 32000, size=40).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    warm = Engine(tiny_model.model, tiny_model.tokenizer, prefill_budget=8)
+    for i, prompt in enumerate([a, b]):  # stores their blocks
+        list(warm.generate(prompt, params, request_id=f"seed{i}"))
+    prompts = [a, a + [5, 6, 7], b + rng.randint(3, 32000, size=20).tolist(), b[:35]]
+    for i, prompt in enumerate(prompts):
+        warm.add_request(GenerationRequest(f"r{i}", prompt, params))
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    for out in warm.step():
+        got[out.request_id] += out.tokens
+    assert sorted(len(job.seqs) for job in warm.prefilling) == [4]
+    while warm.has_work():
+        for out in warm.step():
+            got[out.request_id] += out.tokens
+    assert warm.prefix_cache.hits == len(prompts)  # the seeds were misses; all four hit
+    cold = Engine(tiny_model.model, tiny_model.tokenizer, prefix_cache_tokens=0)
+    for i, prompt in enumerate(prompts):
+        want = [t for out in cold.generate(prompt, params, request_id=f"c{i}") for t in out.tokens]
+        assert got[f"r{i}"] == want, i

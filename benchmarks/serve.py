@@ -8,7 +8,11 @@ greedy). Prints JSON per server and client count: aggregate generated tokens/s, 
 time to first token. With --adapters K, loraforge is also measured with K distinct LoRA adapters
 in the mix (client i uses adapter i % K) against its single-model figure. --engine-alone first
 hands the same clients to an in-process Engine (no HTTP), which splits the server's TTFT and
-tok/s into the engine's part and the HTTP layer's; --repeats N reports the median of N rounds.
+tok/s into the engine's part and the HTTP layer's (`server_ttft_mean_s`, from loraforge's
+/metrics, splits it once more: the time from the request reaching the engine client to its first
+token); --repeats N reports the median of N rounds. Every round sends the same prompts, so after
+the warm-up each is a prefix-cache hit (a client resending its header); --fresh-prompts gives
+each round new ones, every prompt then computed from nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -46,6 +51,20 @@ def free_port() -> int:
 def prompts(n: int, words: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [f"Q{i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts of each round: the same every round (after the warm-up every prompt is a
+    prefix-cache hit, like clients resending a shared header), or with `fresh` new ones each
+    round (every prompt computed from nothing). Round k is the same list for every server."""
+
+    n: int
+    words: int
+    fresh: bool = False
+
+    def round(self, k: int) -> list[str]:
+        return prompts(self.n, self.words, seed=k if self.fresh else 0)
 
 
 async def one_request(
@@ -151,22 +170,47 @@ def median_round(rounds: list[dict]) -> dict:
 def measure(
     url: str,
     models: list[str],
-    texts: list[str],
+    texts: Prompts,
     clients: int,
     max_tokens: int,
     extra: dict,
     repeats: int = 1,
+    server_ttft: bool = False,
 ) -> dict:
     """One warm-up round at this concurrency (first-time kernel compilation for new batch shapes
     is not what we measure), then `repeats` measured rounds; the same for every server. The
-    round with the median aggregate tok/s is reported, with every round's figure beside it."""
-    asyncio.run(load(url, models, texts, clients, 16, extra))
-    return median_round(
-        [asyncio.run(load(url, models, texts, clients, max_tokens, extra)) for _ in range(repeats)]
-    )
+    round with the median aggregate tok/s is reported, with every round's figure beside it.
+    `server_ttft`: also the server's own mean time to first token over each round (loraforge's
+    /metrics, from the request reaching the engine client to its first token leaving the
+    engine), so that the client's TTFT splits into the server's part and HTTP's."""
+    asyncio.run(load(url, models, texts.round(0), clients, 16, extra))
+    rounds = []
+    for k in range(1, repeats + 1):
+        before = server_ttft_totals(url) if server_ttft else None
+        row = asyncio.run(load(url, models, texts.round(k), clients, max_tokens, extra))
+        if before is not None:
+            after = server_ttft_totals(url)
+            if after[1] > before[1]:
+                row["server_ttft_mean_s"] = round(
+                    (after[0] - before[0]) / (after[1] - before[1]), 3
+                )
+        rounds.append(row)
+    return median_round(rounds)
 
 
-def engine_alone(path: Path, texts: list[str], client_counts: list[int], ns) -> list[dict]:
+def server_ttft_totals(url: str) -> tuple[float, int]:
+    """(sum, count) of loraforge's time-to-first-token histogram, all models together."""
+    total, count = 0.0, 0
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("loraforge_time_to_first_token_seconds_sum"):
+            total += float(value)
+        elif name.startswith("loraforge_time_to_first_token_seconds_count"):
+            count += int(float(value))
+    return total, count
+
+
+def engine_alone(path: Path, texts: Prompts, client_counts: list[int], ns) -> list[dict]:
     """The same clients (prompts, arriving 2 ms apart, greedy, ignore_eos, a warm-up round
     first) handed straight to an in-process `Engine` with the server's prefix cache, no HTTP:
     the part of the server's TTFT and tok/s that is the engine's own. (mlx-lm has no engine to
@@ -185,12 +229,12 @@ def engine_alone(path: Path, texts: list[str], client_counts: list[int], ns) -> 
         max_num_seqs=max(32, max(client_counts)),
         prefix_cache_tokens=loaded.kv_tokens_in(512 * 2**20),  # the server's --prefix-cache-mb
     )
-    ids = [tok.encode(t) for t in texts]
     rounds_run = 0
 
-    def one_round(clients: int, max_tokens: int) -> dict:
+    def one_round(clients: int, max_tokens: int, k: int) -> dict:
         nonlocal rounds_run
         rounds_run += 1
+        ids = [tok.encode(t) for t in texts.round(k)]
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         sent: dict[str, float] = {}
         first: dict[str, float] = {}
@@ -223,8 +267,10 @@ def engine_alone(path: Path, texts: list[str], client_counts: list[int], ns) -> 
 
     rows = []
     for clients in client_counts:
-        one_round(clients, 16)
-        rows.append(median_round([one_round(clients, ns.max_tokens) for _ in range(ns.repeats)]))
+        one_round(clients, 16, 0)
+        rows.append(
+            median_round([one_round(clients, ns.max_tokens, k) for k in range(1, ns.repeats + 1)])
+        )
     return rows
 
 
@@ -301,12 +347,18 @@ def main() -> None:
         default=1,
         help="measured rounds per client count (the median one is reported; on a noisy host, 3)",
     )
+    p.add_argument(
+        "--fresh-prompts",
+        action="store_true",
+        help="new prompts every round (none is a prefix-cache hit); default: the same prompts "
+        "every round, so after the warm-up each is a hit",
+    )
     ns = p.parse_args()
     path, tmp = prepare_model(ns)
     results: dict = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     max_clients = max(ns.clients)
-    texts = prompts(max_clients, ns.prompt_words)
+    texts = Prompts(max_clients, ns.prompt_words, ns.fresh_prompts)
     if ns.engine_alone:
         results["loraforge_engine_alone"] = engine_alone(path, texts, ns.clients, ns)
         free_memory()  # its model is gone with the call; the server about to start needs the room
@@ -336,7 +388,9 @@ def main() -> None:
         try:
             wait_ready(url, proc, "/ready")
             results["loraforge"] = [
-                measure(url, ["bench"], texts, c, ns.max_tokens, {"ignore_eos": True}, ns.repeats)
+                measure(
+                    url, ["bench"], texts, c, ns.max_tokens, {"ignore_eos": True}, ns.repeats, True
+                )
                 for c in ns.clients
             ]
             if ns.adapters:
@@ -348,7 +402,9 @@ def main() -> None:
                         timeout=120,
                     ).raise_for_status()
                 results[f"loraforge_{ns.adapters}_adapters"] = [
-                    measure(url, names, texts, c, ns.max_tokens, {"ignore_eos": True}, ns.repeats)
+                    measure(
+                        url, names, texts, c, ns.max_tokens, {"ignore_eos": True}, ns.repeats, True
+                    )
                     for c in ns.clients
                     if c >= ns.adapters
                 ]
@@ -393,6 +449,7 @@ def main() -> None:
             "quantize": ns.quantize,
             "max_tokens": ns.max_tokens,
             "prompt_words": ns.prompt_words,
+            "fresh_prompts": ns.fresh_prompts,
         },
         results,
     )

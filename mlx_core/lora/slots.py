@@ -72,10 +72,14 @@ class MultiLoRALinear(nn.Module):
         y = self.base(x)
         if self._ctx.ids is None or self._a is None or self._b is None:
             return y
-        z = (x @ self._a) * self._ctx.mask(self._width, x.dtype)
+        # Both products on 2-D operands, (B*L, in) rows: a decode step's x is (B, 1, in), which a
+        # batched product may treat as B matrix-vector products each reading all of A and B.
+        rows = x.reshape(-1, x.shape[-1])
+        z = (rows @ self._a).reshape(*x.shape[:-1], -1) * self._ctx.mask(self._width, x.dtype)
         # addmm: the second product and the sum in one kernel (one launch of four per projection
         # fewer each step, where launches bound a GPU decode; and the sum is rounded once)
-        return mx.addmm(y, z, self._b)
+        out = mx.addmm(y.reshape(rows.shape[0], -1), z.reshape(rows.shape[0], -1), self._b)
+        return out.reshape(y.shape)
 
     def set_slot(self, slot: int, ab: tuple[mx.array, mx.array] | None, dtype: mx.Dtype) -> None:
         """Write one slot's A (in, r) and B (r, out) (None clears the slot)."""

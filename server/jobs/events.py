@@ -9,7 +9,8 @@ by `ingest_dead_run` when its job is recovered.
 A resumed run trains again the steps between its checkpoint and the crash, and a replay repeats
 a few events: metrics for a step the job already reported are not added again
 (`RunProgress.reported_train_step` / `reported_valid_step`, from `reported_steps`), so a job's
-metrics have one event per step, in step order.
+metrics have one event per step, in step order; nor is a run's start message
+(`RunProgress.reported_starts`, from `reported_starts`), so each run says it started once.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class RunProgress:
     # The last step whose training / validation metrics the job reported (-1: none).
     reported_train_step: int = -1
     reported_valid_step: int = -1
+    reported_starts: int = 0  # runs whose start message the job has (a replay must not repeat it)
 
 
 def reported_steps(session: Session, job_id: str) -> tuple[int, int]:
@@ -74,6 +76,14 @@ def reported_steps(session: Session, job_id: str) -> tuple[int, int]:
         if "valid_loss" in (data or {}):
             valid = max(valid, step)
     return train, valid
+
+
+def reported_starts(session: Session, job_id: str) -> int:
+    """How many runs of the job have their start message ("started", "restarted", "resumed"):
+    the rows that carry a run's `train_examples`. Read back from the rows like `reported_steps`:
+    a worker killed between its commit and its offset write replays the run's start event."""
+    rows = session.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id))
+    return sum(1 for data in rows if "train_examples" in (data or {}))
 
 
 def _checkpoint_at(session: Session, job_id: str, step: int) -> JobCheckpoint | None:
@@ -135,6 +145,7 @@ def ingest_dead_run(session: Session, job: FineTuningJob, folder: Path) -> int |
         starts=sum(isinstance(e, StartEvent) for e in earlier),
     )
     p.reported_train_step, p.reported_valid_step = reported_steps(session, job.id)
+    p.reported_starts = reported_starts(session, job.id)
     if starts and starts[-1].resumed_from:
         p.tokens_before = tokens_at(session, job.id, starts[-1].step)
     for event in events:
@@ -147,6 +158,9 @@ def ingest_event(session: Session, job: FineTuningJob, event: TrainerEvent, p: R
     at = f"Step {step}/{p.iters}"
     if isinstance(event, StartEvent):
         p.iters, p.starts = event.iters, p.starts + 1
+        if p.starts <= p.reported_starts:
+            return  # replayed after a crash: this run's start is reported already
+        p.reported_starts = p.starts
         info = {
             "train_examples": event.train_examples,
             "valid_examples": event.valid_examples,

@@ -55,6 +55,7 @@ from server.jobs.events import (
     ingest_event,
     ingested_bytes,
     read_events,
+    reported_starts,
     reported_steps,
     tokens_at,
 )
@@ -258,6 +259,7 @@ class _JobRun(threading.Thread):
         progress.reported_train_step, progress.reported_valid_step = self.db.run_sync(
             lambda s: reported_steps(s, job.id)
         )
+        progress.reported_starts = self.db.run_sync(lambda s: reported_starts(s, job.id))
         config = train_config(job, n_examples, self.dir, checkpoint, self.worker.memory_limit_gb())
         spec = TrainSpec(_model_path(settings), str(self.dir / "data"), config)
         spec.write(self.dir / "spec.json")

@@ -255,3 +255,51 @@ def test_retry_settings_come_from_flags_or_env_and_are_checked(tmp_path):
         Settings(data_dir=tmp_path, job_max_attempts=0)
     with pytest.raises(SettingsError, match="--job-retry-backoff-s"):
         Settings(data_dir=tmp_path, job_retry_backoff_s=-1)
+
+
+def test_a_start_replayed_after_a_crash_is_reported_once(tmp_path):
+    # The worker committed run 1's events but was killed before writing events.offset: the
+    # recovery reads them again. Run 1 still says it started once, and run 2 that it restarted.
+    url = f"sqlite:///{tmp_path / 'loraforge.db'}"
+    upgrade_database(url)
+    db = Database.open(url)
+    policy = RetryPolicy(max_attempts=3, backoff_s=0)  # run 2 at once
+    job = FineTuningJob(model="tiny", training_file="file-x", hyperparameters={}, lora={}, seed=0)
+    db.run_sync(lambda s: s.add(job))
+    folder = tmp_path / "jobs" / job.id
+    folder.mkdir(parents=True)
+
+    def run(lines: list[TrainerEvent], ingested_before_the_crash: bool) -> None:
+        assert db.run_sync(lambda s: claim_next_job(s, "elsewhere:1:a", "tiny")) is not None
+        with (folder / "events.jsonl").open("a") as f:
+            f.write("".join(encode_event(e) + "\n" for e in lines))
+        if ingested_before_the_crash:  # the live worker's tick, its offset write lost
+            db.run_sync(lambda s: ingest_dead_run(s, s.get(FineTuningJob, job.id), folder))
+
+        def lose(s) -> None:
+            s.get(FineTuningJob, job.id).lease_expires_at = now() - 1
+
+        db.run_sync(lose)
+
+        def recover(s) -> list[str]:
+            def ingest(s, lost) -> None:
+                end = ingest_dead_run(s, lost, folder)
+                if end is not None:
+                    (folder / "events.offset").write_text(str(end))
+
+            return recover_lost_jobs(s, policy, ingest)
+
+        assert db.run_sync(recover) == [job.id]
+
+    run([_start(0), _train(1)], ingested_before_the_crash=True)
+    run([_start(0), _train(1)], ingested_before_the_crash=False)
+    log = db.run_sync(
+        lambda s: list(
+            s.scalars(
+                select(JobEvent.message).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
+            )
+        )
+    )
+    assert log.count("Fine-tuning job started") == 1
+    assert len([m for m in log if m.startswith("Fine-tuning restarted from step 0 (run 2)")]) == 1
+    db.close()

@@ -182,6 +182,29 @@ def _train(step: int) -> TrainEvent:
     )
 
 
+def lose(db: Database, job_id: str) -> None:
+    """The job's worker goes silent: its lease has run out."""
+
+    def expire(s) -> None:
+        s.get(FineTuningJob, job_id).lease_expires_at = now() - 1
+
+    db.run_sync(expire)
+
+
+def recover(db: Database, policy: RetryPolicy, folder: Path) -> list[str]:
+    """What a worker's recovery does: ingest each lost run's events, then write the offset."""
+
+    def run(s) -> list[str]:
+        def ingest(s, lost) -> None:
+            end = ingest_dead_run(s, lost, folder)
+            if end is not None:
+                (folder / "events.offset").write_text(str(end))
+
+        return recover_lost_jobs(s, policy, ingest)
+
+    return db.run_sync(run)
+
+
 def test_runs_lost_after_a_resume_report_each_step_once_and_count_only_without_progress(tmp_path):
     # Three runs of one job, each lost (its worker went silent) and recovered from what it wrote.
     url = f"sqlite:///{tmp_path / 'loraforge.db'}"
@@ -198,23 +221,11 @@ def test_runs_lost_after_a_resume_report_each_step_once_and_count_only_without_p
         claimed = db.run_sync(lambda s: claim_next_job(s, "elsewhere:1:a", "tiny"))
         assert claimed is not None and claimed.id == job.id
 
-        def lose(s) -> None:
-            row = s.get(FineTuningJob, job.id)
-            row.lease_expires_at = now() - 1
-
-        db.run_sync(lose)
+        lose(db, job.id)
         with (folder / "events.jsonl").open("a") as f:
             f.write("".join(encode_event(e) + "\n" for e in lines))
 
-        def recover(s) -> list[str]:
-            def ingest(s, lost) -> None:
-                end = ingest_dead_run(s, lost, folder)
-                if end is not None:
-                    (folder / "events.offset").write_text(str(end))
-
-            return recover_lost_jobs(s, policy, ingest)
-
-        assert db.run_sync(recover) == [job.id]
+        assert recover(db, policy, folder) == [job.id]
         row = db.run_sync(lambda s: s.get(FineTuningJob, job.id))
         assert row is not None
         return row
@@ -276,20 +287,9 @@ def test_a_start_replayed_after_a_crash_is_reported_once(tmp_path):
         if ingested_before_the_crash:  # the live worker's tick, its offset write lost
             db.run_sync(lambda s: ingest_dead_run(s, s.get(FineTuningJob, job.id), folder))
 
-        def lose(s) -> None:
-            s.get(FineTuningJob, job.id).lease_expires_at = now() - 1
+        lose(db, job.id)
 
-        db.run_sync(lose)
-
-        def recover(s) -> list[str]:
-            def ingest(s, lost) -> None:
-                end = ingest_dead_run(s, lost, folder)
-                if end is not None:
-                    (folder / "events.offset").write_text(str(end))
-
-            return recover_lost_jobs(s, policy, ingest)
-
-        assert db.run_sync(recover) == [job.id]
+        assert recover(db, policy, folder) == [job.id]
 
     run([_start(0), _train(1)], ingested_before_the_crash=True)
     run([_start(0), _train(1)], ingested_before_the_crash=False)

@@ -10,7 +10,9 @@ tokens (left-padded rows where `padded`, as the engine's groups are), timed the 
 process sees that shape and again (median of 3, each on a fresh cache in the same state). mlx-lm's
 model is timed the same way on one row of a new prompt length, its own prefill path: the
 reference for the first-sight cost. `first_extra_ms` = first - again; tens of milliseconds there
-is per-shape setup (kernel builds, attention plans), not compute. Prints JSON.
+is per-shape setup (kernel builds, attention plans), not compute. Then the engine end to end:
+the time to every row's first token when 8 or 32 prompts arrive at once, new ones against the
+same ones again (prefix-cache hits). Prints JSON.
 """
 
 from __future__ import annotations
@@ -72,6 +74,42 @@ def ours_case(model, rows: int, cached: int, q: int, padded: bool) -> dict:
     }
 
 
+def engine_first_tokens(model, tokenizer, rows: int, length: int, rounds: int = 3) -> dict:
+    """Seconds from submitting `rows` prompts at once to the last row's first token, in an
+    Engine with the server's prefix cache: each round's prompts new (computed from nothing),
+    then the same prompts again (every row a prefix hit: the path `benchmarks.serve` takes
+    after its warm-up)."""
+    from mlx_core.engine import Engine, GenerationRequest
+    from mlx_core.sampling import SamplingParams
+
+    engine = Engine(model, tokenizer, max_num_seqs=rows, prefix_cache_tokens=rows * length * 4)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    vocab = model.args.vocab_size
+
+    def first_tokens(prompts: list[list[int]], tag: str) -> float:
+        start = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            engine.add_request(GenerationRequest(f"{tag}-{i}", prompt, params))
+        waiting = {f"{tag}-{i}" for i in range(len(prompts))}
+        while waiting:
+            for out in engine.step():
+                if out.tokens:
+                    waiting.discard(out.request_id)
+        took = time.perf_counter() - start
+        while engine.has_work():
+            engine.step()
+        return took
+
+    cold, hit = [], []
+    for k in range(rounds + 1):  # round 0 warms up both paths
+        prompts = [mx.random.randint(3, vocab, (length + (i % 5),)).tolist() for i in range(rows)]
+        c, h = first_tokens(prompts, f"c{k}"), first_tokens(prompts, f"h{k}")
+        if k:
+            cold.append(ms(c))
+            hit.append(ms(h))
+    return {"rows": rows, "prompt_tokens": length, "cold_ms": cold, "prefix_hit_ms": hit}
+
+
 def mlx_lm_case(model, length: int, vocab: int) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -102,11 +140,15 @@ def main() -> None:
     from mlx_core.kernels import use_fast_kernels
     from mlx_core.weights import load_model
 
-    ours = load_model(path).model
+    loaded = load_model(path)
+    ours = loaded.model
     use_fast_kernels(ours)
     # Warm-up on a shape no case uses: one-time initialisation is not a shape's cost.
     mx.eval(ours(mx.array([[5] * 7]), cache=ours.new_cache(1), last_only=True))
     results: dict = {"loraforge": [ours_case(ours, *case) for case in CASES]}
+    results["loraforge_engine_first_tokens"] = [
+        engine_first_tokens(ours, loaded.tokenizer, rows, 100) for rows in (8, 32)
+    ]
     if not ns.skip_mlx_lm:
         from pathlib import Path
 

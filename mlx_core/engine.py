@@ -793,7 +793,8 @@ class Engine:
 # How many cached tokens a row may recompute to join a group of prefix hits. One forward for
 # many rows instead of one each is the point: on a GPU a batch-1 forward of a 7B model costs as
 # much as ~200 tokens of a batched one, and 32 hits were 32 forwards before the first token of
-# the last (0.35-0.42 s of TTFT at 32 clients on the H200, benchmarks/NOTES.md section 10).
+# the last (0.35-0.42 s of TTFT at 32 clients on the H200). Measured: a third less TTFT on the
+# CPU; on the H200 hits stay slow for another reason (benchmarks/NOTES.md section 10).
 HIT_GROUP_SLACK = 64
 
 

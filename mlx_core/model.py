@@ -31,6 +31,36 @@ def rope_at_positions(x: mx.array, positions: mx.array, base: float) -> mx.array
     return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+# A few query rows over a longer cached key sequence (a prefix-hit group, the short last chunk
+# of a prefill) are computed as plain products instead of with mx.fast's attention: on CUDA,
+# MLX gives such masked multi-row calls to cuDNN, which builds and caches an execution plan per
+# exact (rows, query length, key length, mask) shape, and those shapes are new almost every
+# serving step (benchmarks/NOTES.md section 10). The bounds keep long prefill chunks on the
+# flash kernels and the score matrix small (B x heads x queries x keys float32: 32M is 128 MB).
+SHORT_QUERY_ROWS = 128
+SHORT_QUERY_SCORES = 2**25
+
+
+def attention_short_query(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask
+) -> mx.array:
+    """softmax(q k^T * scale + mask) v for q (B, H, L, D) over k, v (B, Hkv, K, D), L < K, with
+    grouped-query heads; `mask` is a boolean array broadcasting to (B, 1, L, K) or (L, K),
+    "causal" (the last L keys are the queries' own positions) or None."""
+    B, H, L, D = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, H // Hkv, L, D) * scale
+    scores = (qg @ mx.swapaxes(k, -1, -2)[:, :, None]).astype(mx.float32)  # (B, Hkv, rep, L, K)
+    if isinstance(mask, str):  # "causal", aligned at the end: query i sits at key K - L + i
+        mask = mx.arange(K - L, K)[:, None] >= mx.arange(K)[None, :]
+    if mask is not None:
+        if mask.ndim == 4:  # (B, 1, L, K): one row's mask for all its heads
+            mask = mask[:, :, None]
+        scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
+    weights = mx.softmax(scores, axis=-1).astype(v.dtype)
+    return (weights @ v[:, :, None]).reshape(B, H, L, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -70,7 +100,14 @@ class Attention(nn.Module):
         q, k = mx.split(qk, [H], axis=1)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if (
+            1 < L <= SHORT_QUERY_ROWS
+            and L < k.shape[2]
+            and B * H * L * k.shape[2] <= SHORT_QUERY_SCORES
+        ):
+            out = attention_short_query(q, k, v, self.scale, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         if L == 1:
             return self.o_proj(out.reshape(B, 1, H * D))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, H * D))

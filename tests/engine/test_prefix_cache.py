@@ -1,10 +1,14 @@
-"""Prompts that reuse stored prefixes give the same tokens as prompts computed from nothing."""
+"""Prompts that reuse stored prefixes give the same tokens as prompts computed from nothing, and
+the attention path such prompts take computes what mx.fast's does."""
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
+import pytest
 
 from mlx_core.engine import Engine, GenerationRequest
+from mlx_core.model import attention_short_query
 from mlx_core.sampling import SamplingParams
 
 
@@ -49,3 +53,30 @@ def test_prefix_hits_admitted_together_prefill_as_one_batch(tiny_model):
     for i, prompt in enumerate(prompts):
         want = [t for out in cold.generate(prompt, params, request_id=f"c{i}") for t in out.tokens]
         assert got[f"r{i}"] == want, i
+
+
+@pytest.mark.parametrize("mask_kind", ["padded", "window", "causal", "none"])
+def test_short_query_attention_matches_mx_fast(mask_kind):
+    """The path prefix-hit groups take (a few queries over longer cached keys) computes what
+    mx.fast's attention computes, with grouped-query heads and every kind of mask the cache
+    hands it."""
+    B, H, Hkv, L, K, D = 3, 4, 2, 5, 19, 16
+    q, k, v = (
+        mx.random.normal(shape, key=mx.random.key(i))
+        for i, shape in enumerate([(B, H, L, D), (B, Hkv, K, D), (B, Hkv, K, D)])
+    )
+    query_at = mx.arange(K - L, K)[:, None]
+    key_at = mx.arange(K)[None, :]
+    masks = {
+        "padded": ((key_at <= query_at)[None] & (key_at >= mx.array([0, 2, 7])[:, None, None]))[
+            :, None
+        ],
+        "window": (key_at <= query_at) & (query_at - key_at < 8),
+        "causal": "causal",
+        "none": None,
+    }
+    mask = masks[mask_kind]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    got = attention_short_query(q, k, v, 0.25, mask)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=1e-5).item()

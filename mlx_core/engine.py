@@ -703,9 +703,7 @@ class Engine:
             try:
                 cache = self.model.new_cache(len(group), pad)
             except Exception as e:  # no memory for this group's cache: it alone ends
-                for s in group:
-                    outs.append(self._fail(s, e))
-                    self._release(s)
+                self._end_rows(group, e, outs)
                 return
             self.prefilling.append(_Prefill(group, cache, tokens))
 
@@ -715,22 +713,13 @@ class Engine:
         """One prefill job for rows whose prompts start with cached prefixes: every row feeds the
         group's longest remainder, recomputing a few cached tokens where its own is shorter, so
         no row has a hole between its prefix and the rest (the cache knows only left padding)."""
-        if len(hits) == 1:
-            seq, prefix = hits[0]
-            seq.cached_tokens = prefix.offset
-            rest = np.array([seq.prompt[prefix.offset :]], dtype=np.int32)
-            self.prefilling.append(_Prefill([seq], prefix, rest))
-            return
         feed = max(len(seq.prompt) - prefix.offset for seq, prefix in hits)
         seqs = [seq for seq, _ in hits]
-        try:
-            cache = KVCache.merge(
-                [prefix.truncated(len(seq.prompt) - feed) for seq, prefix in hits]
-            )
+        caches = [prefix.truncated(len(seq.prompt) - feed) for seq, prefix in hits]
+        try:  # a lone hit keeps its prefix's views: nothing to copy
+            cache = caches[0] if len(caches) == 1 else KVCache.merge(caches)
         except Exception as e:  # no memory for this group's cache: it alone ends
-            for s in seqs:
-                outs.append(self._fail(s, e))
-                self._release(s)
+            self._end_rows(seqs, e, outs)
             return
         for s in seqs:
             s.cached_tokens = len(s.prompt) - feed
@@ -751,10 +740,17 @@ class Engine:
             except Exception as e:  # this group's prompts: the running batch is untouched
                 if job in self.prefilling:
                     self.prefilling.remove(job)
-                for s in job.seqs:
-                    if not s.finish:
-                        outs.append(self._fail(s, e))
-                    self._release(s)
+                self._end_rows(job.seqs, e, outs)
+
+    def _end_rows(
+        self, seqs: Sequence[_Sequence], error: Exception, outs: list[GenerationOutput]
+    ) -> None:
+        """End rows that never joined the running batch with `error` (those aborted meanwhile
+        have had their output) and free their slots."""
+        for s in seqs:
+            if not s.finish:
+                outs.append(self._fail(s, error))
+            self._release(s)
 
     def _prefill_chunk(self, job: _Prefill, budget: int, outs: list[GenerationOutput]) -> int:
         """Feed `job` its next chunk (joining the batch after its last); the budget left."""

@@ -20,10 +20,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import mlx.core as mx
 
 from benchmarks.common import add_model_arguments, prepare_model, report
+
+T = TypeVar("T")
 
 # (rows, cached, q, padded): each shape distinct, so every case's first run is a first sight.
 CASES = [
@@ -41,6 +45,24 @@ def ms(seconds: float) -> float:
     return round(seconds * 1e3, 2)
 
 
+def first_and_again(prepare: Callable[[], T], run: Callable[[T], None]) -> tuple[dict, float]:
+    """`run` timed 4 times, each on a fresh `prepare()` (untimed): the figures of the first time,
+    the median of the other three and what the first cost beyond them; and that median in s."""
+    times = []
+    for _ in range(4):
+        state = prepare()
+        start = time.perf_counter()
+        run(state)
+        times.append(time.perf_counter() - start)
+    again = statistics.median(times[1:])
+    figures = {
+        "first_ms": ms(times[0]),
+        "again_ms": ms(again),
+        "first_extra_ms": ms(times[0] - again),
+    }
+    return figures, again
+
+
 def ours_case(model, rows: int, cached: int, q: int, padded: bool) -> dict:
     vocab = model.args.vocab_size
     # Shorter rows are left-padded: up to 3 columns, inside the part before the timed forward
@@ -56,21 +78,17 @@ def ours_case(model, rows: int, cached: int, q: int, padded: bool) -> dict:
 
     x = mx.random.randint(3, vocab, (rows, q)).astype(mx.int32)
     mx.eval(x)
-    times = []
-    for _ in range(4):
-        cache = fresh_cache()
-        start = time.perf_counter()
-        mx.eval(model(x, cache=cache, last_only=True), cache.keys, cache.values)
-        times.append(time.perf_counter() - start)
+    timed, again = first_and_again(
+        fresh_cache,
+        lambda cache: mx.eval(model(x, cache=cache, last_only=True), cache.keys, cache.values),
+    )
     return {
         "rows": rows,
         "cached": cached,
         "q": q,
         "padded": padded,
-        "first_ms": ms(times[0]),
-        "again_ms": ms(statistics.median(times[1:])),
-        "first_extra_ms": ms(times[0] - statistics.median(times[1:])),
-        "tokens_per_s_again": round(rows * q / statistics.median(times[1:])),
+        **timed,
+        "tokens_per_s_again": round(rows * q / again),
     }
 
 
@@ -115,19 +133,11 @@ def mlx_lm_case(model, length: int, vocab: int) -> dict:
 
     x = mx.random.randint(3, vocab, (1, length)).astype(mx.int32)
     mx.eval(x)
-    times = []
-    for _ in range(4):
-        pc = make_prompt_cache(model)
-        start = time.perf_counter()
-        mx.eval(model(x, cache=pc), [c.state for c in pc])
-        times.append(time.perf_counter() - start)
-    return {
-        "rows": 1,
-        "q": length,
-        "first_ms": ms(times[0]),
-        "again_ms": ms(statistics.median(times[1:])),
-        "first_extra_ms": ms(times[0] - statistics.median(times[1:])),
-    }
+    timed, _ = first_and_again(
+        lambda: make_prompt_cache(model),
+        lambda pc: mx.eval(model(x, cache=pc), [c.state for c in pc]),
+    )
+    return {"rows": 1, "q": length, **timed}
 
 
 def main() -> None:

@@ -82,7 +82,9 @@ def reported_starts(session: Session, job_id: str) -> int:
     """How many runs of the job have their start message ("started", "restarted", "resumed"):
     the rows that carry a run's `train_examples`. Read back from the rows like `reported_steps`:
     a worker killed between its commit and its offset write replays the run's start event."""
-    rows = session.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id))
+    rows = session.scalars(
+        select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "message")
+    )
     return sum(1 for data in rows if "train_examples" in (data or {}))
 
 
